@@ -1,0 +1,38 @@
+"""Builds ``greenify._green``, the cffi module that holds libgreenify.
+
+The C lives in ``csrc/`` as ordinary ``.c``/``.h`` files that compilers and
+linters read as they are.  cffi needs two things from that folder:
+
+* ``csrc/*.cdef``: the declarations Python may use, in the subset of C that
+  cffi's parser accepts (``...`` for sizes the compiler fills in);
+* ``csrc/*.c``: the sources, compiled as extra sources of the extension.
+  The callbacks declared ``extern "Python+C"`` are defined by cffi in the
+  generated module and called from those files.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE / "csrc"
+
+ffibuilder = FFI()
+ffibuilder.cdef("\n".join(path.read_text() for path in sorted(CSRC.glob("*.cdef"))))
+
+# The generated module sees the same declarations as the .c files.
+_prelude = "\n".join(f'#include "{path.name}"' for path in sorted(CSRC.glob("*.h")))
+
+ffibuilder.set_source(
+    "greenify._green",
+    "#define _GNU_SOURCE 1\n" + _prelude,
+    # setuptools wants sources relative to setup.py's folder
+    sources=[str(path.relative_to(HERE)) for path in sorted(CSRC.glob("*.c"))],
+    include_dirs=[str(CSRC.relative_to(HERE))],
+    define_macros=[("_GNU_SOURCE", "1")],
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter", "-fno-strict-aliasing"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

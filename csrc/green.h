@@ -1,0 +1,112 @@
+/*
+ * What the green functions share: the run-time state, the one wait entry
+ * into Python, deadlines, and the prototypes of every green twin.
+ *
+ * A green twin has the exact signature and results of the libc call it
+ * replaces.  It first tries the call without blocking (one system call when
+ * the descriptor is ready); only when the caller asked to block and the call
+ * would block does it wait on the gevent hub, then retry.  Where no wait is
+ * possible (not activated, no hub in this thread, inside the hub, during
+ * interpreter shutdown) it blocks natively, exactly as libc would.
+ */
+#ifndef GREENIFY_GREEN_H
+#define GREENIFY_GREEN_H
+
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <time.h>
+
+/* Events a green function waits for; the values are libev's EV_READ/EV_WRITE,
+   which gevent's loop.io() takes as they are. */
+#define GREEN_READ 1
+#define GREEN_WRITE 2
+
+/* Results of green_wait(). */
+#define GREEN_WOKEN 0       /* something may be ready (or a spurious wake-up): probe again */
+#define GREEN_TIMED_OUT 1   /* the deadline passed */
+#define GREEN_CANNOT_WAIT 2 /* no hub to wait on here: block natively instead */
+#define GREEN_INTERRUPTED 3 /* an exception was thrown into the waiting greenlet */
+#define GREEN_NONBLOCKING 4 /* green_wait_io only: the fd is O_NONBLOCK, give the caller EAGAIN */
+
+/* The errno a data call fails with after an interruption: libraries treat it
+   as fatal for the call, unlike EINTR and EAGAIN, which they retry. */
+#define GREEN_INTERRUPTED_ERRNO ETIMEDOUT
+
+struct green_watch {
+    int fd;
+    int events; /* GREEN_READ | GREEN_WRITE */
+};
+
+struct green_state {
+    volatile int active;             /* greenify.greenify() was called */
+    volatile int finalizing;         /* the interpreter is shutting down: never enter Python */
+    volatile int interrupts_pending; /* greenlets interrupted and not yet back in Python */
+};
+extern struct green_state green_state;
+
+/* Absolute CLOCK_MONOTONIC time in nanoseconds; GREEN_NO_DEADLINE waits forever. */
+#define GREEN_NO_DEADLINE INT64_MAX
+int64_t green_now_ns(void);
+int64_t green_deadline_after_ms(int timeout_ms);
+int64_t green_deadline_after_timespec(const struct timespec *timeout);
+
+/* Wait on the hub until one of the watches is ready or the deadline passes. */
+int green_wait(const struct green_watch *watches, int nwatches, int64_t deadline_ns);
+
+/* True when the calling greenlet was interrupted and is still inside C:
+   every green call then fails at once instead of waiting or doing I/O. */
+int green_must_fail_fast(void);
+
+/* One blocking data call's wait on one fd, with what it learns on the way:
+   whether the fd is O_NONBLOCK and the socket's SO_RCVTIMEO/SO_SNDTIMEO. */
+struct green_io_wait {
+    int looked_up;
+    int64_t deadline_ns;
+};
+#define GREEN_IO_WAIT_INIT {0, GREEN_NO_DEADLINE}
+int green_wait_io(int fd, int events, struct green_io_wait *io_wait);
+
+/* Python-side control, called through cffi. */
+void green_set_active(int active);
+int green_is_active(void);
+void green_set_finalizing(void);
+void green_set_interrupts_pending(int count);
+
+/* The green twins (csrc/green_io.c). */
+int green_connect(int fd, const struct sockaddr *addr, socklen_t addrlen);
+int green_accept(int fd, struct sockaddr *addr, socklen_t *addrlen);
+int green_accept4(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags);
+ssize_t green_recv(int fd, void *buf, size_t len, int flags);
+ssize_t green_recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr, socklen_t *addrlen);
+ssize_t green_recvmsg(int fd, struct msghdr *msg, int flags);
+ssize_t green_send(int fd, const void *buf, size_t len, int flags);
+ssize_t green_sendto(int fd, const void *buf, size_t len, int flags, const struct sockaddr *addr, socklen_t addrlen);
+ssize_t green_sendmsg(int fd, const struct msghdr *msg, int flags);
+ssize_t green_read(int fd, void *buf, size_t count);
+ssize_t green_write(int fd, const void *buf, size_t count);
+ssize_t green_readv(int fd, const struct iovec *iov, int iovcnt);
+ssize_t green_writev(int fd, const struct iovec *iov, int iovcnt);
+ssize_t green___read_chk(int fd, void *buf, size_t nbytes, size_t buflen);
+ssize_t green___recv_chk(int fd, void *buf, size_t len, size_t buflen, int flags);
+ssize_t green___recvfrom_chk(int fd, void *buf, size_t len, size_t buflen, int flags,
+                             struct sockaddr *addr, socklen_t *addrlen);
+
+/* The green twins (csrc/green_poll.c). */
+int green_poll(struct pollfd *fds, nfds_t nfds, int timeout);
+int green_ppoll(struct pollfd *fds, nfds_t nfds, const struct timespec *timeout, const sigset_t *sigmask);
+int green_select(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds, struct timeval *timeout);
+int green_pselect(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds,
+                  const struct timespec *timeout, const sigset_t *sigmask);
+int green___poll_chk(struct pollfd *fds, nfds_t nfds, int timeout, size_t fdslen);
+int green___ppoll_chk(struct pollfd *fds, nfds_t nfds, const struct timespec *timeout,
+                      const sigset_t *sigmask, size_t fdslen);
+
+/* glibc reports a fortify failure through this; it never returns. */
+extern void __chk_fail(void) __attribute__((noreturn));
+
+#endif

@@ -1,0 +1,24 @@
+"""greenify: make blocking C libraries cooperative under gevent.
+
+``greenify.greenify()`` activates the green twins of libc's blocking calls;
+``greenify.patch_library(target)`` points an already-loaded library's imports
+of those calls at the twins.
+"""
+from __future__ import annotations
+
+from greenify import _bridge
+from greenify.errors import GreenifyError
+
+__all__ = ["greenify", "is_active", "GreenifyError"]
+__version__ = "0.1.0"
+
+
+def greenify() -> None:
+    """Activate the green functions (idempotent).  From now on, a patched
+    library's blocking call made in a greenlet waits on the gevent hub."""
+    _bridge.activate()
+
+
+def is_active() -> bool:
+    """Whether ``greenify()`` was called."""
+    return _bridge.is_active()

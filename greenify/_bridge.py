@@ -1,0 +1,105 @@
+"""The wait bridge: the only place where libgreenify's C enters Python.
+
+A green function that would block calls ``greenify_wait`` with the
+descriptors it needs and a timeout.  This module waits for them on the
+calling thread's gevent hub and reports what happened; it never raises into
+C, and it never creates a hub: where there is none (a plain thread, a
+thread-pool worker), or where the caller is the hub itself, it answers
+CANNOT_WAIT and the C side blocks natively, as libc would.
+
+An exception thrown into a waiting greenlet (``gevent.Timeout``,
+``Greenlet.kill``) is kept here and reported as INTERRUPTED; the C side then
+fails the call and, once the call is back in Python, raises that very
+exception in the greenlet (see csrc/green_core.c).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+from typing import Dict, Optional
+
+from gevent._hub_local import get_hub_if_exists
+from greenlet import getcurrent, greenlet
+
+from greenify._green import ffi, lib
+
+log = logging.getLogger("greenify")
+
+WOKEN: int = lib.GREEN_WOKEN
+TIMED_OUT: int = lib.GREEN_TIMED_OUT
+CANNOT_WAIT: int = lib.GREEN_CANNOT_WAIT
+INTERRUPTED: int = lib.GREEN_INTERRUPTED
+
+# Greenlets interrupted inside a C call, and what was thrown into them.
+_interrupted: Dict[greenlet, BaseException] = {}
+
+
+def _callback_failed(exc_type, exc_value, traceback) -> int:
+    # A fault in the bridge itself must not leave the C call hanging or
+    # crash the hub: report it and let the call block natively.
+    log.error("greenify: wait bridge failed; blocking natively", exc_info=(exc_type, exc_value, traceback))
+    return CANNOT_WAIT
+
+
+@ffi.def_extern(onerror=_callback_failed)
+def greenify_wait(watches, nwatches: int, timeout: float) -> int:
+    hub = get_hub_if_exists()
+    if hub is None:
+        return CANNOT_WAIT
+    current = getcurrent()
+    if current is hub:
+        return CANNOT_WAIT
+    if _interrupted and current in _interrupted:
+        return INTERRUPTED
+    loop = hub.loop
+    switch = current.switch
+    if nwatches == 1:
+        io_watchers = (loop.io(watches[0].fd, watches[0].events),)
+    else:
+        io_watchers = tuple(loop.io(watches[i].fd, watches[i].events) for i in range(nwatches))
+    timer = loop.timer(timeout) if timeout >= 0 else None
+    try:
+        for watcher in io_watchers:
+            watcher.start(switch, WOKEN)
+        if timer is not None:
+            timer.start(switch, TIMED_OUT, update=True)
+        result = hub.switch()
+        return TIMED_OUT if result == TIMED_OUT else WOKEN  # anything else: a spurious switch, probe again
+    except BaseException as exc:  # noqa: B902 - every exception thrown in must be kept, none may reach C
+        _interrupted[current] = exc
+        lib.green_set_interrupts_pending(len(_interrupted))
+        return INTERRUPTED
+    finally:
+        for watcher in io_watchers:
+            watcher.stop()
+            watcher.close()
+        if timer is not None:
+            timer.close()
+
+
+@ffi.def_extern(onerror=lambda *exc_info: 0)
+def greenify_interrupted() -> int:
+    return 1 if getcurrent() in _interrupted else 0
+
+
+def take_pending_interrupt() -> Optional[BaseException]:
+    """Called from C once an interrupted call is back in Python: the
+    exception to raise in the current greenlet, or None."""
+    exc = _interrupted.pop(getcurrent(), None)
+    for gone in [glet for glet in _interrupted if glet.dead]:
+        del _interrupted[gone]
+    lib.green_set_interrupts_pending(len(_interrupted))
+    return exc
+
+
+def activate() -> None:
+    lib.green_set_active(1)
+
+
+def is_active() -> bool:
+    return bool(lib.green_is_active())
+
+
+# After the interpreter begins to finalize, C must never enter Python again:
+# green calls from then on block natively.
+atexit.register(lib.green_set_finalizing)

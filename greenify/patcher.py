@@ -1,0 +1,1 @@
+"""Patching loaded libraries (placeholder: being written for issue 3)."""
