@@ -1,0 +1,575 @@
+"""Real servers for the driver tests, started once per test session.
+
+Each fixture starts its server on 127.0.0.1 on a free port, in a temporary
+folder of its own, waits until the server answers, hands the test an object
+that says how to reach it, and stops the server and removes the folder when
+the session ends, whatever happened in between.
+
+Where a server binary or a driver is missing, the fixture skips and names
+the Debian or PyPI package that brings it.  With GREENIFY_REQUIRE_SERVERS=1
+(as CI sets it) it fails instead, so a broken install cannot pass as a green
+run of skipped tests.
+
+The module is also a script: ``python servers.py slow-http`` runs the slow
+HTTP server in the process that the ``slow_http`` fixture starts.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import importlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Sequence
+
+HOST = "127.0.0.1"
+STARTUP_TIMEOUT_S = 60.0
+SHUTDOWN_TIMEOUT_S = 20.0
+RUNNING_AS_ROOT = os.geteuid() == 0
+
+
+# --- missing pieces: skip, or fail under GREENIFY_REQUIRE_SERVERS=1 ---------
+
+def servers_required() -> bool:
+    return os.environ.get("GREENIFY_REQUIRE_SERVERS") == "1"
+
+
+def missing(message: str) -> None:
+    """Skip the test because `message` names something missing, or fail under
+    GREENIFY_REQUIRE_SERVERS=1, where everything must be there."""
+    import pytest
+
+    if servers_required():
+        pytest.fail(message + " (GREENIFY_REQUIRE_SERVERS=1: nothing may be skipped)", pytrace=False)
+    pytest.skip(message)
+
+
+def require_module(import_name: str, pypi_name: str):
+    """Import and return the driver module `import_name`, or skip (fail under
+    GREENIFY_REQUIRE_SERVERS=1) naming the PyPI package to install."""
+    try:
+        return importlib.import_module(import_name)
+    except ImportError as exc:
+        missing(f"the driver {import_name} cannot be imported ({exc}): "
+                f"pip install {pypi_name} (or `pip install -e '.[drivers]'`)")
+
+
+def find_binary(names: Sequence[str], debian_package: str, extra_dirs: Sequence[str] = ()) -> str:
+    """The first of `names` found on PATH, in sbin folders or in `extra_dirs`;
+    skips (or fails) naming `debian_package` when there is none."""
+    search_path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/libexec", *extra_dirs])
+    for name in names:
+        found = shutil.which(name, path=search_path)
+        if found:
+            return found
+    missing(f"none of {', '.join(names)} is installed: apt-get install {debian_package}")
+    raise AssertionError("unreachable")
+
+
+# --- processes ---------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def read_log(path: str, limit: int = 8000) -> str:
+    try:
+        with open(path, "rb") as log:
+            text = log.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"(no log at {path}: {exc})"
+    return text[-limit:]
+
+
+class ServerFailed(RuntimeError):
+    """A server did not start: the message carries its command and log."""
+
+
+def run_checked(command: List[str], log_path: str, what: str, timeout: float = STARTUP_TIMEOUT_S, **kwargs) -> None:
+    """Run a setup command to completion, its output appended to `log_path`."""
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(command)}\n".encode())
+        log.flush()
+        try:
+            result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    timeout=timeout, **kwargs)
+        except subprocess.TimeoutExpired:
+            raise ServerFailed(f"{what} did not finish in {timeout:.0f} s: {' '.join(command)}\n"
+                               f"--- {log_path} ---\n{read_log(log_path)}") from None
+    if result.returncode != 0:
+        raise ServerFailed(f"{what} failed with exit code {result.returncode}: {' '.join(command)}\n"
+                           f"--- {log_path} ---\n{read_log(log_path)}")
+
+
+@dataclass
+class Process:
+    """A server process whose output goes to `log_path`."""
+
+    name: str
+    command: List[str]
+    log_path: str
+    stop_signal: int = signal.SIGTERM
+    popen: Optional[subprocess.Popen] = None
+
+    def start(self, **kwargs) -> None:
+        with open(self.log_path, "ab") as log:
+            log.write(f"$ {' '.join(self.command)}\n".encode())
+            log.flush()
+            # A session of its own: a ^C at the terminal reaches pytest, which
+            # then stops the server in order, instead of killing it mid-test.
+            self.popen = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+
+    def wait_ready(self, is_ready: Callable[[], bool], timeout: float = STARTUP_TIMEOUT_S,
+                   extra_log: Optional[str] = None) -> float:
+        """Poll `is_ready` until it answers True; return the seconds it took.
+        Raises ServerFailed with the server's log if the process exits or the
+        time runs out first."""
+        started = time.monotonic()
+        delay = 0.02
+        while True:
+            if self.popen.poll() is not None:
+                self.fail(f"exited with code {self.popen.returncode} before it was ready", extra_log)
+            try:
+                if is_ready():
+                    return time.monotonic() - started
+            except (OSError, subprocess.TimeoutExpired):
+                pass  # not yet; a probe that hangs may have met another process on a taken port
+            if time.monotonic() - started > timeout:
+                self.fail(f"was not ready after {timeout:.0f} s", extra_log)
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    def fail(self, why: str, extra_log: Optional[str] = None) -> None:
+        message = f"{self.name} {why}: {' '.join(self.command)}\n--- {self.log_path} ---\n{read_log(self.log_path)}"
+        if extra_log and extra_log != self.log_path:
+            message += f"\n--- {extra_log} ---\n{read_log(extra_log)}"
+        raise ServerFailed(message)
+
+    def stop(self) -> None:
+        """Stop the server: its stop signal, then SIGKILL to its whole session
+        if it has not exited in SHUTDOWN_TIMEOUT_S."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if self.popen.poll() is None:
+                os.kill(self.popen.pid, signal.SIGCONT)  # a test may have paused it
+            self.popen.send_signal(self.stop_signal)
+        try:
+            self.popen.wait(SHUTDOWN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(SHUTDOWN_TIMEOUT_S)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+PORT_ATTEMPTS = 3
+
+
+@contextlib.contextmanager
+def running_on_free_port(name: str, command_for_port: Callable[[int], List[str]], log_path: str,
+                         is_ready: Callable[[int], bool], stop_signal: int = signal.SIGTERM,
+                         **popen_kwargs) -> Iterator[tuple]:
+    """Start `command_for_port(port)` on a free port and wait until
+    `is_ready(port)`; yield (process, port) and stop the process afterwards.
+    Another process may take the port between our probe and the server's
+    bind: then it starts again on another port."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = free_port()
+        process = Process(name, command_for_port(port), log_path, stop_signal)
+        log_offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0  # this attempt's log begins here
+        process.start(**popen_kwargs)
+        try:
+            process.wait_ready(lambda: is_ready(port))
+        except ServerFailed:
+            process.stop()
+            with open(log_path, "rb") as log:
+                log.seek(log_offset)
+                port_taken = b"Address already in use" in log.read()
+            if port_taken and attempt < PORT_ATTEMPTS:
+                continue
+            raise
+        break
+    try:
+        yield process, port
+    finally:
+        process.stop()
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str, owner: Optional[str] = None) -> Iterator[str]:
+    """A temporary folder under /tmp (short paths: unix socket paths are
+    limited to 107 bytes), owned by `owner` if given, removed afterwards."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    try:
+        if owner is not None:
+            account = pwd.getpwnam(owner)
+            os.chown(path, account.pw_uid, account.pw_gid)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def tcp_answers(port: int, send: bytes = b"", expect: bytes = b"", timeout: float = 1.0) -> bool:
+    """Whether a server on `port` accepts a connection and, if `expect` is
+    given, answers `send` with data starting with `expect`."""
+    with socket.create_connection((HOST, port), timeout=timeout) as conn:
+        if send:
+            conn.sendall(send)
+        if not expect:
+            return True
+        received = b""
+        while len(received) < len(expect):
+            chunk = conn.recv(4096)
+            if not chunk:
+                return False
+            received += chunk
+        return received.startswith(expect)
+
+
+# --- MariaDB -----------------------------------------------------------------
+
+@dataclass
+class MariaDB:
+    host: str
+    port: int
+    unix_socket: str
+    user: str
+    password: str
+    database: str
+    log_path: str
+    startup_s: float
+    process: Process = field(repr=False)
+
+    def connect_kwargs(self) -> dict:
+        """Keyword arguments for MySQLdb.connect / pymysql.connect over TCP."""
+        return dict(host=self.host, port=self.port, user=self.user, password=self.password, database=self.database)
+
+
+def _mysql_handshake_received(port: int) -> bool:
+    # The server speaks first: a handshake packet whose payload begins with
+    # protocol version 10.  An "unreachable" error packet begins with 0xff.
+    with socket.create_connection((HOST, port), timeout=1.0) as conn:
+        header = conn.recv(5)
+    return len(header) == 5 and header[4] == 10
+
+
+@contextlib.contextmanager
+def start_mariadb() -> Iterator[MariaDB]:
+    server_binary = find_binary(["mariadbd", "mysqld"], "mariadb-server")
+    install_db = find_binary(["mariadb-install-db", "mysql_install_db"], "mariadb-server")
+    client = find_binary(["mariadb", "mysql"], "mariadb-client")
+    started = time.monotonic()
+    with scratch_dir("greenify-mariadb-") as base:
+        datadir = os.path.join(base, "data")
+        unix_socket = os.path.join(base, "mysqld.sock")
+        log_path = os.path.join(base, "mariadb.log")
+        run_as = ["--user=root"] if RUNNING_AS_ROOT else []
+        # --no-defaults: nothing from /etc/mysql, where a system server's
+        # port, socket and datadir live.
+        small = ["--innodb-buffer-pool-size=32M", "--innodb-log-file-size=16M"]
+        run_checked([install_db, "--no-defaults", f"--datadir={datadir}", *run_as,
+                     "--auth-root-authentication-method=normal", "--skip-test-db", "--skip-name-resolve", *small],
+                    log_path, "mariadb-install-db")
+        def command(port: int) -> List[str]:
+            return [server_binary, "--no-defaults", f"--datadir={datadir}", *run_as,
+                    "--skip-networking=0", f"--bind-address={HOST}", f"--port={port}", f"--socket={unix_socket}",
+                    f"--pid-file={os.path.join(base, 'mysqld.pid')}", f"--tmpdir={base}", f"--log-error={log_path}",
+                    "--skip-name-resolve", "--skip-log-bin", "--max-connections=500",
+                    "--innodb-flush-log-at-trx-commit=0", *small]
+
+        with running_on_free_port("mariadbd", command, log_path, _mysql_handshake_received) as (process, port):
+            setup_sql = ("CREATE DATABASE greenify; "
+                         "CREATE USER 'greenify'@'%' IDENTIFIED BY 'greenify'; "
+                         "GRANT ALL ON greenify.* TO 'greenify'@'%';")
+            run_checked([client, "--no-defaults", "--user=root", f"--socket={unix_socket}", "-e", setup_sql],
+                        log_path, "creating the greenify user and database")
+            yield MariaDB(HOST, port, unix_socket, "greenify", "greenify", "greenify", log_path,
+                          time.monotonic() - started, process)
+
+
+# --- PostgreSQL --------------------------------------------------------------
+
+@dataclass
+class PostgreSQL:
+    host: str
+    port: int
+    socket_dir: str
+    user: str
+    database: str
+    log_path: str
+    startup_s: float
+    process: Process = field(repr=False)
+
+    @property
+    def dsn(self) -> str:
+        return f"host={self.host} port={self.port} user={self.user} dbname={self.database}"
+
+
+def _postgres_bin_dirs() -> List[str]:
+    # Debian keeps the server binaries out of PATH, one folder per major version.
+    def major(path: str) -> float:
+        try:
+            return float(path.split("/")[-2])
+        except ValueError:
+            return 0.0
+    return sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=major, reverse=True)
+
+
+@contextlib.contextmanager
+def start_postgres() -> Iterator[PostgreSQL]:
+    bin_dirs = _postgres_bin_dirs()
+    initdb = find_binary(["initdb"], "postgresql", bin_dirs)
+    bin_dir = os.path.dirname(os.path.realpath(initdb))
+    postgres = find_binary(["postgres"], "postgresql", [bin_dir])
+    psql = find_binary(["psql"], "postgresql-client", [bin_dir])
+    # PostgreSQL refuses to run as root: as root, run it as the `postgres`
+    # account, switched to directly (not through runuser, which would stand
+    # between the server and its stop signal).
+    owner = None
+    as_owner: dict = {}
+    if RUNNING_AS_ROOT:
+        owner = "postgres"
+        try:
+            account = pwd.getpwnam(owner)
+        except KeyError:
+            missing("running as root, PostgreSQL needs the `postgres` account: apt-get install postgresql")
+        as_owner = dict(user=account.pw_uid, group=account.pw_gid, extra_groups=[],
+                        env={**os.environ, "HOME": account.pw_dir, "USER": owner, "LOGNAME": owner})
+    started = time.monotonic()
+    with scratch_dir("greenify-postgres-", owner) as base:
+        datadir = os.path.join(base, "data")
+        log_path = os.path.join(base, "postgres.log")
+        run_checked([initdb, "-D", datadir, "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                     "--locale=C", "--no-sync"], log_path, "initdb", cwd=base, **as_owner)
+        def command(port: int) -> List[str]:
+            return [postgres, "-D", datadir, "-p", str(port),
+                    "-c", f"listen_addresses={HOST}", "-c", f"unix_socket_directories={base}",
+                    "-c", "max_connections=200", "-c", "shared_buffers=32MB",
+                    "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+
+        def accepts_queries(port: int) -> bool:
+            if not tcp_answers(port):
+                return False
+            probe = subprocess.run([psql, "-h", HOST, "-p", str(port), "-U", "postgres", "-d", "postgres",
+                                    "-Atc", "SELECT 1"], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=3)
+            return probe.returncode == 0 and probe.stdout.strip() == b"1"
+
+        # SIGINT: PostgreSQL's fast shutdown, which does not wait for clients.
+        with running_on_free_port("postgres", command, log_path, accepts_queries, signal.SIGINT,
+                                  cwd=base, **as_owner) as (process, port):
+            for statement in ("CREATE USER greenify", "CREATE DATABASE greenify OWNER greenify"):
+                run_checked([psql, "-h", HOST, "-p", str(port), "-U", "postgres", "-d", "postgres",
+                             "-v", "ON_ERROR_STOP=1", "-c", statement], log_path, statement)
+            yield PostgreSQL(HOST, port, base, "greenify", "greenify", log_path, time.monotonic() - started, process)
+
+
+# --- memcached ---------------------------------------------------------------
+
+@dataclass
+class Memcached:
+    host: str
+    port: int
+    log_path: str
+    startup_s: float
+    process: Process = field(repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop the server process (SIGSTOP) for the block: connections stay
+        open, requests wait unanswered until it resumes."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.process.pid, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def start_memcached() -> Iterator[Memcached]:
+    binary = find_binary(["memcached"], "memcached")
+    started = time.monotonic()
+    with scratch_dir("greenify-memcached-") as base:
+        log_path = os.path.join(base, "memcached.log")
+        run_as = ["-u", "root"] if RUNNING_AS_ROOT else []  # memcached refuses root without it
+
+        def command(port: int) -> List[str]:
+            return [binary, "-l", HOST, "-p", str(port), "-U", "0", *run_as, "-m", "64", "-c", "1024", "-t", "2", "-v"]
+
+        def answers_version(port: int) -> bool:
+            return tcp_answers(port, b"version\r\n", b"VERSION ")
+
+        with running_on_free_port("memcached", command, log_path, answers_version) as (process, port):
+            yield Memcached(HOST, port, log_path, time.monotonic() - started, process)
+
+
+# --- the slow HTTP server ----------------------------------------------------
+
+@dataclass
+class SlowHTTP:
+    host: str
+    port: int
+    log_path: str
+    startup_s: float
+    process: Process = field(repr=False)
+
+    def url(self, delay_s: float = 0.0, tag: str = "") -> str:
+        """A URL the server answers after `delay_s` seconds with the body
+        ``slept <delay_s> for <tag>``."""
+        return f"http://{self.host}:{self.port}/?delay={delay_s}&tag={tag}"
+
+
+def serve_slow_http() -> None:
+    """The slow HTTP server's process: answers GET /?delay=S&tag=T after S
+    seconds with ``slept S for T``, each request in a thread of its own.
+    Prints its port on the first line of stdout once it listens."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlsplit
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            query = parse_qs(urlsplit(self.path).query)
+            delay_s = float(query.get("delay", ["0"])[0])
+            tag = query.get("tag", [""])[0]
+            time.sleep(min(delay_s, 60.0))
+            body = f"slept {delay_s} for {tag}".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+            sys.stderr.write("%s %s\n" % (threading.current_thread().name, format % args))
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 256  # the default 5 drops bursts of concurrent connects
+
+    server = Server((HOST, 0), Handler)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+@contextlib.contextmanager
+def start_slow_http() -> Iterator[SlowHTTP]:
+    started = time.monotonic()
+    with scratch_dir("greenify-http-") as base:
+        log_path = os.path.join(base, "http.log")
+        port_path = os.path.join(base, "port")
+        process = Process("slow HTTP server", [sys.executable, "-u", os.path.abspath(__file__), "slow-http"], log_path)
+        with open(port_path, "wb") as port_file:
+            # stdout (the port) to its own file, stderr (the access log) to the log.
+            process.popen = subprocess.Popen(process.command, stdin=subprocess.DEVNULL, stdout=port_file,
+                                             stderr=open(log_path, "ab"), start_new_session=True)
+        try:
+            def listening() -> bool:
+                with open(port_path) as port_file:
+                    text = port_file.read()
+                return text.endswith("\n") and tcp_answers(int(text))
+
+            process.wait_ready(listening)
+            with open(port_path) as port_file:
+                port = int(port_file.read())
+            yield SlowHTTP(HOST, port, log_path, time.monotonic() - started, process)
+        finally:
+            process.stop()
+
+
+# --- fixtures ----------------------------------------------------------------
+
+_started: List[str] = []  # what the session started, for the terminal summary
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _started:
+        terminalreporter.write_sep("-", "servers started by tests/servers.py")
+        for line in _started:
+            terminalreporter.write_line(line)
+
+def _session_server(start):
+    """Enter the `start()` context for the session; a server that fails to
+    start fails its tests with the log, it does not error the session."""
+    import pytest
+
+    try:
+        with start() as server:
+            _started.append(f"{type(server).__name__} on {server.host}:{server.port}, "
+                            f"ready in {server.startup_s:.2f} s")
+            yield server
+    except ServerFailed as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+try:
+    import pytest
+except ImportError:  # run as the slow HTTP server's script, outside pytest
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="session")
+    def mariadb() -> Iterator[MariaDB]:
+        """A MariaDB server with user, password and database `greenify`."""
+        yield from _session_server(start_mariadb)
+
+    @pytest.fixture(scope="session")
+    def postgres() -> Iterator[PostgreSQL]:
+        """A PostgreSQL server (trust authentication) with user and database `greenify`."""
+        yield from _session_server(start_postgres)
+
+    @pytest.fixture(scope="session")
+    def memcached() -> Iterator[Memcached]:
+        """A memcached server."""
+        yield from _session_server(start_memcached)
+
+    @pytest.fixture(scope="session")
+    def slow_http() -> Iterator[SlowHTTP]:
+        """An HTTP server, in a process of its own, that answers after the delay a URL asks for."""
+        yield from _session_server(start_slow_http)
+
+    @pytest.fixture(scope="session")
+    def MySQLdb():  # noqa: N802 - named as the module it hands out
+        return require_module("MySQLdb", "mysqlclient")
+
+    @pytest.fixture(scope="session")
+    def psycopg2():
+        return require_module("psycopg2", "psycopg2-binary")
+
+    @pytest.fixture(scope="session")
+    def pylibmc():
+        return require_module("pylibmc", "pylibmc")
+
+    @pytest.fixture(scope="session")
+    def pycurl():
+        return require_module("pycurl", "pycurl")
+
+    @pytest.fixture(scope="session")
+    def pymysql():
+        return require_module("pymysql", "PyMySQL")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["slow-http"]:
+    serve_slow_http()
