@@ -7,9 +7,20 @@ of those calls at the twins.
 from __future__ import annotations
 
 from greenify import _bridge
-from greenify.errors import GreenifyError
+from greenify.errors import (BuildIdMismatchError, GreenifyError, NotElfError, NotLoadedError, ProtectedTargetError,
+                             SlotOutsideSegmentsError, SlotWriteError, StaticExecutableError, TargetNotFoundError,
+                             WrongMachineError)
+from greenify.patcher import (ObjectReport, PatchedSlot, PatchReport, SkippedImport, patch_lib, patch_library,
+                              patched, unpatch_library)
 
-__all__ = ["greenify", "is_active", "GreenifyError"]
+__all__ = [
+    "greenify", "is_active",
+    "patch_library", "unpatch_library", "patched", "patch_lib",
+    "PatchReport", "ObjectReport", "PatchedSlot", "SkippedImport",
+    "GreenifyError", "TargetNotFoundError", "NotLoadedError", "NotElfError", "WrongMachineError",
+    "StaticExecutableError", "BuildIdMismatchError", "SlotOutsideSegmentsError", "ProtectedTargetError",
+    "SlotWriteError",
+]
 __version__ = "0.1.0"
 
 

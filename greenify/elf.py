@@ -217,7 +217,7 @@ def _read(elf: ELFFile, data: mmap.mmap, path: str, wanted: FrozenSet[str]) -> E
     reloc_types = RELOCATION_TYPES.get(ENUM_E_MACHINE.get(e_machine, -1), {})
     imports: List[BlockingImport] = []
     self_defined: List[BlockingImport] = []
-    if reloc_types and "DT_SYMTAB" in tags and strtab is not None:
+    if wanted and reloc_types and "DT_SYMTAB" in tags and strtab is not None:
         symbols = _Symbols(image, tags, strtab, end, is64)
         seen: Set[int] = set()
         for r_offset, r_sym, r_type, r_addend in _relocations(image, tags, end, is64):

@@ -1,0 +1,244 @@
+"""The objects loaded in this process, and matching a target to them.
+
+``loaded_objects()`` asks the dynamic loader (dl_iterate_phdr, in
+csrc/slots.c) for every loaded object: its path, load base, PT_LOAD segments
+as mapped and GNU build-id as found in memory.  ``find_loaded(target)``
+resolves what a user names to those objects:
+
+* a path (contains "/"): the object loaded from that file;
+* a file name or soname: ``libmariadb.so.3``;
+* a stem: ``libpq`` matches ``libpq.so.5`` and auditwheel's ``libpq-a17e3caa.so.5.17``;
+* a Python extension module object (``MySQLdb._mysql``): its .so and, following
+  DT_NEEDED, every loaded library under it, except the ones greenify never
+  patches (see ``protected_reason``).
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import types
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from greenify import elf
+from greenify.errors import NotLoadedError, TargetNotFoundError
+
+log = logging.getLogger("greenify")
+
+Target = Union[str, "os.PathLike[str]", types.ModuleType]
+
+# Parts of glibc besides libc itself: they issue their system calls directly,
+# so following DT_NEEDED into them would only add risk.
+_GLIBC_PARTS = re.compile(r"^(libm|libpthread|libdl|librt|libutil|libmvec)\.so(\.|$)")
+
+
+@dataclass(frozen=True)
+class LoadedSegment:
+    """A PT_LOAD as mapped in this process: [start, end) and PF_* flags."""
+
+    start: int
+    end: int
+    flags: int
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & elf.PF_W)
+
+
+@dataclass(frozen=True)
+class LoadedObject:
+    """One object the dynamic loader reports (dl_iterate_phdr)."""
+
+    path: str                 # the file it was loaded from (/proc/self/exe's target for the main program)
+    base: int                 # dlpi_addr: load base, added to a file's vaddrs
+    segments: Tuple[LoadedSegment, ...]
+    build_id: Optional[bytes]
+    is_main_program: bool = False
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    @property
+    def realpath(self) -> str:
+        return os.path.realpath(self.path)
+
+    def holds_slot(self, address: int, size: int) -> bool:
+        """Whether [address, address+size) lies inside one of its writable
+        PT_LOAD segments (RELRO slots belong to the writable PT_LOAD too)."""
+        return any(seg.writable and seg.start <= address and address + size <= seg.end for seg in self.segments)
+
+
+def loaded_objects() -> List[LoadedObject]:
+    """Every object loaded in this process that has a file (the vDSO has none)."""
+    from greenify._green import ffi, lib
+
+    capacity = 128
+    while True:
+        buffer = ffi.new("struct slots_object[]", capacity)
+        count = lib.slots_list_objects(buffer, capacity)
+        if count <= capacity:
+            break
+        capacity = count + 32  # objects loaded meanwhile: try again with room to spare
+    objects = []
+    for i in range(count):
+        entry = buffer[i]
+        name = ffi.string(entry.path).decode("utf-8", "surrogateescape")
+        is_main = i == 0 and not name  # glibc lists the main program first, without a name
+        path = os.path.realpath("/proc/self/exe") if is_main else name
+        if not path or not os.path.isfile(path):
+            continue
+        segments = tuple(LoadedSegment(seg.start, seg.end, seg.flags) for seg in entry.segments[0:entry.nsegments])
+        build_id = bytes(ffi.buffer(entry.build_id, entry.build_id_size)) if entry.build_id_size else None
+        objects.append(LoadedObject(path, entry.base, segments, build_id, is_main))
+    return objects
+
+
+@lru_cache(maxsize=None)
+def _green_module_path() -> str:
+    from greenify import _green
+
+    return os.path.realpath(_green.__file__)
+
+
+def protected_reason(obj: LoadedObject) -> Optional[str]:
+    """Why greenify never patches ``obj`` (None when it may)."""
+    name = obj.name
+    if obj.is_main_program:
+        return "the main program (the Python interpreter)"
+    if name.startswith("libc.so") or name.startswith("libc-"):
+        return "libc itself: its calls are what the green functions use"
+    if name.startswith("ld-linux") or name.startswith("ld64.so") or name.startswith("ld-"):
+        return "the dynamic loader (ld.so)"
+    if name.startswith("libpython"):
+        return "libpython: the interpreter must keep its own blocking semantics"
+    if obj.realpath == _green_module_path():
+        return "greenify's own _green module: the green functions call the real libc"
+    return None
+
+
+def _stem_pattern(stem: str) -> "re.Pattern[str]":
+    # libpq -> libpq.so, libpq.so.5, libpq-a17e3caa.so.5.17 (auditwheel adds a hash)
+    return re.compile(re.escape(stem) + r"(-[0-9a-f]{6,})?\.so(\.|$)")
+
+
+def _soname(obj: LoadedObject) -> Optional[str]:
+    try:
+        return elf.read_blocking_imports(obj.path, symbols=()).soname
+    except Exception:  # noqa: BLE001 - an unreadable file simply has no soname here
+        return None
+
+
+def _similar(target: str, objects: Sequence[LoadedObject]) -> List[str]:
+    """Loaded objects whose names look like ``target``, for error messages."""
+    wanted = os.path.basename(target.rstrip("/"))
+    stem = re.split(r"[.-]", wanted, maxsplit=1)[0].lower()
+    names = sorted({obj.name for obj in objects})
+    close = difflib.get_close_matches(wanted, names, n=5, cutoff=0.6)
+    close += [name for name in names if stem and len(stem) > 2 and stem in name.lower() and name not in close]
+    return close[:8]
+
+
+def match_name(target: str, objects: Optional[Sequence[LoadedObject]] = None) -> List[LoadedObject]:
+    """Loaded objects whose file name, soname or stem is ``target``."""
+    objects = loaded_objects() if objects is None else objects
+    found = [obj for obj in objects if obj.name == target]
+    if not found and ".so" in target:
+        found = [obj for obj in objects if _soname(obj) == target]
+    if not found:
+        pattern = _stem_pattern(target)
+        found = [obj for obj in objects if pattern.match(obj.name)]
+    return found
+
+
+def match_path(path: str, objects: Optional[Sequence[LoadedObject]] = None) -> List[LoadedObject]:
+    """Loaded objects loaded from the file at ``path`` (same real path or same file)."""
+    objects = loaded_objects() if objects is None else objects
+    real = os.path.realpath(path)
+    found = []
+    for obj in objects:
+        if obj.realpath == real:
+            found.append(obj)
+            continue
+        try:
+            if os.path.samefile(obj.path, path):
+                found.append(obj)
+        except OSError:
+            pass
+    return found
+
+
+def module_objects(module: types.ModuleType,
+                   objects: Optional[Sequence[LoadedObject]] = None) -> Tuple[List[LoadedObject], List[Tuple[LoadedObject, str]]]:
+    """An extension module's .so and every loaded library it needs, directly
+    or not (DT_NEEDED), minus the protected ones and glibc's parts, which are
+    returned with the reason they were left out."""
+    target = getattr(module, "__name__", repr(module))
+    file = getattr(module, "__file__", None)
+    if not file or not os.path.isfile(file):
+        raise TargetNotFoundError(f"module {target} has no shared-library file (__file__={file!r})", target)
+    objects = loaded_objects() if objects is None else objects
+    roots = match_path(file, objects)
+    if not roots:
+        raise NotLoadedError(f"module {target} ({file})", _similar(file, objects))
+    chosen: Dict[str, LoadedObject] = {}
+    left_out: Dict[str, Tuple[LoadedObject, str]] = {}
+    pending = list(roots)
+    while pending:
+        obj = pending.pop(0)
+        if obj.realpath in chosen or obj.realpath in left_out:
+            continue
+        reason = protected_reason(obj)
+        if reason is None and _GLIBC_PARTS.match(obj.name):
+            reason = "part of glibc"
+        if reason is not None:
+            left_out[obj.realpath] = (obj, reason)
+            continue
+        chosen[obj.realpath] = obj
+        try:
+            needed = elf.read_blocking_imports(obj.path, symbols=()).needed
+        except Exception as exc:  # noqa: BLE001 - the patcher reports the file's own error later
+            log.debug("greenify: cannot read DT_NEEDED of %s: %s", obj.path, exc)
+            continue
+        for name in needed:
+            pending.extend(_needed_objects(name, objects))
+    return list(chosen.values()), list(left_out.values())
+
+
+def _needed_objects(name: str, objects: Sequence[LoadedObject]) -> List[LoadedObject]:
+    # The loader records the path it found for a DT_NEEDED name, so the
+    # file name usually equals it; otherwise compare sonames.
+    found = [obj for obj in objects if obj.name == name]
+    return found or [obj for obj in objects if _soname(obj) == name]
+
+
+def find_loaded(target: Target) -> List[LoadedObject]:
+    """The loaded objects ``target`` names (see the module docstring).  Raises
+    TargetNotFoundError for a path that is missing or not a file, and
+    NotLoadedError, naming similar loaded objects, when nothing matches."""
+    if isinstance(target, types.ModuleType):
+        return module_objects(target)[0]
+    target_str = os.fspath(target)
+    objects = loaded_objects()
+    if "/" in target_str:
+        check_path(target_str)
+        found = match_path(target_str, objects)
+    else:
+        found = match_name(target_str, objects)
+    if not found:
+        raise NotLoadedError(target_str, _similar(target_str, objects))
+    return found
+
+
+def check_path(path: str) -> None:
+    """Raise TargetNotFoundError unless ``path`` is an existing regular file."""
+    if not os.path.exists(path):
+        raise TargetNotFoundError(f"{path}: no such file", path)
+    if os.path.isdir(path):
+        raise TargetNotFoundError(f"{path}: is a directory, not a shared library", path)
+    if not os.path.isfile(path):
+        raise TargetNotFoundError(f"{path}: not a regular file", path)
+
