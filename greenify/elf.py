@@ -13,11 +13,12 @@ looked up only for relocations whose type could hold a function address.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import BinaryIO, Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -152,6 +153,30 @@ def read_blocking_imports(path: "str | os.PathLike[str]",
     slot.  Raises TargetNotFoundError, NotElfError or StaticExecutableError."""
     path = os.fspath(path)
     wanted = BLOCKING_SYMBOLS if symbols is None else frozenset(symbols)
+    with _open_elf(path) as file:
+        try:
+            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return _read(ELFFile(file), data, path, wanted)
+        except (ELFError, struct.error, ValueError, IndexError, KeyError) as exc:
+            raise NotElfError(f"{path}: damaged ELF file ({exc})", path) from None
+
+
+def read_identity(path: "str | os.PathLike[str]") -> Tuple[str, int, str]:
+    """(e_machine, ELF class, e_type) of the ELF file at ``path``, from its
+    header alone: enough to refuse a file for another machine early."""
+    path = os.fspath(path)
+    with _open_elf(path) as file:
+        try:
+            header = ELFFile(file)
+            return header["e_machine"], header.elfclass, header["e_type"]
+        except (ELFError, struct.error, ValueError) as exc:
+            raise NotElfError(f"{path}: damaged ELF file ({exc})", path) from None
+
+
+@contextlib.contextmanager
+def _open_elf(path: str) -> Iterator[BinaryIO]:
+    """The file opened for reading, once it is known to be a regular file
+    that starts with the ELF magic."""
     try:
         file = open(path, "rb")
     except FileNotFoundError:
@@ -166,11 +191,7 @@ def read_blocking_imports(path: "str | os.PathLike[str]",
         if file.read(4) != b"\x7fELF":
             raise NotElfError(f"{path}: not an ELF file", path)
         file.seek(0)
-        try:
-            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                return _read(ELFFile(file), data, path, wanted)
-        except (ELFError, struct.error, ValueError, IndexError, KeyError) as exc:
-            raise NotElfError(f"{path}: damaged ELF file ({exc})", path) from None
+        yield file
 
 
 def _read(elf: ELFFile, data: mmap.mmap, path: str, wanted: FrozenSet[str]) -> ElfImports:

@@ -137,8 +137,8 @@ def green_twins() -> Dict[str, int]:
 @lru_cache(maxsize=None)
 def _host() -> Tuple[str, int]:
     """(e_machine, ELF class) of this process, from its own executable."""
-    info = elf.read_blocking_imports("/proc/self/exe", symbols=())
-    return info.e_machine, info.elf_class
+    e_machine, elf_class, _e_type = elf.read_identity("/proc/self/exe")
+    return e_machine, elf_class
 
 
 def _describe(target: Target) -> str:
@@ -149,12 +149,12 @@ def _describe(target: Target) -> str:
 
 def read_target_file(path: str, symbols: Optional[Iterable[str]] = None) -> elf.ElfImports:
     """Read and check an ELF file: it must be for this machine and class."""
-    imports = elf.read_blocking_imports(path, symbols)
-    machine, elf_class = _host()
-    if (imports.e_machine, imports.elf_class) != (machine, elf_class):
+    e_machine, elf_class, _e_type = elf.read_identity(path)
+    host_machine, host_class = _host()
+    if (e_machine, elf_class) != (host_machine, host_class):
         raise WrongMachineError(
-            f"{path}: ELF{imports.elf_class} {imports.e_machine}, but this process is ELF{elf_class} {machine}", path)
-    return imports
+            f"{path}: ELF{elf_class} {e_machine}, but this process is ELF{host_class} {host_machine}", path)
+    return elf.read_blocking_imports(path, symbols)
 
 
 def _check_identity(obj: LoadedObject, imports: elf.ElfImports) -> None:
