@@ -103,3 +103,20 @@ def maps_lines_of(path: Path) -> List[str]:
     real = os.path.realpath(path)
     with open("/proc/self/maps") as maps:
         return [line for line in maps.read().splitlines() if line.endswith(" " + real)]
+
+
+def build_extension_module(folder: Path):
+    """Build and import fx_module, an extension module linked (DT_NEEDED,
+    rpath) against libfxmod.so, a default build of fx_client.c."""
+    import importlib.util
+    import sysconfig
+
+    build_library("fx_client", "default", folder, name="libfxmod.so")
+    output = folder / ("fx_module" + sysconfig.get_config_var("EXT_SUFFIX"))
+    command = [compiler(), "-shared", "-fPIC", "-I", sysconfig.get_paths()["include"], "-o", str(output),
+               str(FIXTURES / "fx_module.c"), "-L", str(folder), "-lfxmod", f"-Wl,-rpath,{folder}"]
+    subprocess.run(command, check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location("fx_module", output)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
