@@ -25,12 +25,24 @@ struct list_state {
 
 static size_t align4(size_t size) { return (size + 3) & ~(size_t)3; }
 
+/* Whether [vaddr, vaddr+size) of the object is inside one of its PT_LOADs,
+   i.e. mapped: a PT_NOTE outside them must not be read from memory. */
+static int is_loaded(const struct dl_phdr_info *info, ElfW(Addr) vaddr, ElfW(Xword) size)
+{
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr) *phdr = &info->dlpi_phdr[i];
+        if (phdr->p_type == PT_LOAD && phdr->p_vaddr <= vaddr && vaddr + size <= phdr->p_vaddr + phdr->p_filesz)
+            return 1;
+    }
+    return 0;
+}
+
 /* The NT_GNU_BUILD_ID of an object, read from its mapped PT_NOTE segments. */
 static void read_build_id(const struct dl_phdr_info *info, struct slots_object *object)
 {
     for (int i = 0; i < info->dlpi_phnum; i++) {
         const ElfW(Phdr) *phdr = &info->dlpi_phdr[i];
-        if (phdr->p_type != PT_NOTE)
+        if (phdr->p_type != PT_NOTE || !is_loaded(info, phdr->p_vaddr, phdr->p_memsz))
             continue;
         const unsigned char *at = (const unsigned char *)(info->dlpi_addr + phdr->p_vaddr);
         const unsigned char *stop = at + phdr->p_memsz;

@@ -125,6 +125,7 @@ def _stem_pattern(stem: str) -> "re.Pattern[str]":
     return re.compile(re.escape(stem) + r"(-[0-9a-f]{6,})?\.so(\.|$)")
 
 
+@lru_cache(maxsize=512)
 def _soname(obj: LoadedObject) -> Optional[str]:
     try:
         return elf.read_blocking_imports(obj.path, symbols=()).soname

@@ -258,6 +258,8 @@ def patch_library(target: Target, *, functions: Optional[Iterable[str]] = None) 
     patched all or nothing; patching again changes nothing.  Raises a
     GreenifyError subclass, naming the target, when it cannot patch."""
     wanted = None if functions is None else frozenset(functions)
+    if wanted is not None and wanted - green_twins().keys():
+        log.warning("greenify: no green twin for %s: ignored", ", ".join(sorted(wanted - green_twins().keys())))
     with _lock:
         description, objects, left_out = _resolve(target)
         report = PatchReport(description, skipped_objects=left_out)

@@ -8,7 +8,6 @@ import shutil
 import struct
 import subprocess
 import sys
-from pathlib import Path
 from typing import Dict, Iterator
 
 import pytest
