@@ -1,0 +1,84 @@
+"""Calling the green functions and libc's originals side by side.
+
+The green twins are called through cffi (which releases the GIL, as drivers
+do around their network calls) or through ctypes.PyDLL (which keeps it).
+libc's originals are called through ctypes with errno captured, so a test
+can compare results and errno exactly.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import time
+from typing import Callable, Tuple
+
+import gevent
+
+from greenify._green import ffi, lib
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def green_module_path() -> str:
+    import greenify._green as module
+    return module.__file__
+
+
+INT_RESULTS = {"connect", "accept", "accept4", "poll", "ppoll", "select", "pselect"}
+
+
+def call_libc(name: str, *args) -> Tuple[int, int]:
+    """Call libc's `name`, returning (result, errno)."""
+    func = getattr(libc, name)
+    func.restype = ctypes.c_int if name in INT_RESULTS else ctypes.c_ssize_t
+    ctypes.set_errno(0)
+    result = func(*args)
+    return result, ctypes.get_errno()
+
+
+def call_green(name: str, *args) -> Tuple[int, int]:
+    """Call green_`name` through cffi (GIL released), returning (result, errno)."""
+    ffi.errno = 0
+    result = getattr(lib, "green_" + name)(*args)
+    return result, ffi.errno
+
+
+def buffer(size: int):
+    return ffi.new("char[]", size)
+
+
+def socketpair(blocking: bool = True) -> Tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(blocking)
+    b.setblocking(True)
+    return a, b
+
+
+def elapsed(func: Callable[[], object]) -> float:
+    start = time.monotonic()
+    func()
+    return time.monotonic() - start
+
+
+def run_concurrently(count: int, func: Callable[[int], object]) -> Tuple[list, float]:
+    """Spawn `count` greenlets of func(i); return their values and the wall time."""
+    start = time.monotonic()
+    greenlets = [gevent.spawn(func, i) for i in range(count)]
+    gevent.joinall(greenlets, raise_error=True)
+    return [g.value for g in greenlets], time.monotonic() - start
+
+
+def send_later(sock: socket.socket, data: bytes, delay: float) -> gevent.Greenlet:
+    """Send from a plain socket after a delay, from a hub timer (never blocks)."""
+    return gevent.spawn_later(delay, sock.sendall, data)
+
+
+def fd_flags(fd: int) -> int:
+    import fcntl
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+
+def errno_name(code: int) -> str:
+    import errno
+    return errno.errorcode.get(code, str(code))
