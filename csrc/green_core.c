@@ -71,6 +71,35 @@ static PyObject *saved_obj(PyObject *saved)
     return obj == Py_None ? NULL : obj;
 }
 
+/* Greenify's own callbacks run Python code while a delivery may be armed
+   (another greenlet may be inside one, too): the exception must not fire in
+   them.  They are the frames of greenify._bridge and what they call. */
+static int inside_bridge(PyFrameObject *frame)
+{
+    PyFrameObject *current = frame;
+    int found = 0;
+    Py_XINCREF(current);
+    for (int depth = 0; current != NULL && depth < 32 && !found; depth++) {
+        PyObject *globals = PyFrame_GetGlobals(current);
+        PyObject *name = globals ? PyDict_GetItemString(globals, "__name__") : NULL;
+        found = name != NULL && PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, "greenify._bridge") == 0;
+        Py_XDECREF(globals);
+        PyFrameObject *back = PyFrame_GetBack(current);
+        Py_DECREF(current);
+        current = back;
+    }
+    Py_XDECREF(current);
+    return found;
+}
+
+/* The Python frame that called into C; per-opcode events on it make the
+   exception fire right after the call returns, even mid-line. */
+static void trace_opcodes_of(PyObject *frame, int on)
+{
+    if (frame != Py_None && PyObject_SetAttrString(frame, "f_trace_opcodes", on ? Py_True : Py_False) != 0)
+        PyErr_Clear();
+}
+
 /* Called with the GIL after a wait reported GREEN_INTERRUPTED: from here on
    no Python line of the callback runs, so the exception fires outside it. */
 static void arm_delivery(void)
@@ -82,8 +111,11 @@ static void arm_delivery(void)
                                 ? (Py_INCREF(Py_None), Py_None)
                                 : PyCapsule_New((void *)tstate->c_tracefunc, "greenify.tracefunc", NULL);
         PyObject *obj = tstate->c_traceobj == NULL ? Py_None : tstate->c_traceobj;
-        PyObject *saved = capsule == NULL ? NULL : PyTuple_Pack(2, capsule, obj);
+        PyObject *frame = (PyObject *)PyEval_GetFrame();
+        PyObject *saved = capsule == NULL ? NULL : PyTuple_Pack(3, capsule, obj, frame ? frame : Py_None);
         Py_XDECREF(capsule);
+        if (saved != NULL)
+            trace_opcodes_of(PyTuple_GET_ITEM(saved, 2), 1);
         if (saved != NULL) {
             PyEval_SetTrace(deliver_trace, saved);
             Py_DECREF(saved);
@@ -113,14 +145,15 @@ static int deliver_trace(PyObject *saved, PyFrameObject *frame, int what, PyObje
     int rc = 0;
 
     Py_INCREF(saved); /* PyEval_SetTrace below drops the thread's reference */
-    if (previous != NULL)
+    if (previous != NULL && what != PyTrace_OPCODE) /* it did not ask for opcodes */
         rc = previous(previous_obj, frame, what, arg);
-    if (what == PyTrace_CALL || what == PyTrace_EXCEPTION || what == PyTrace_LINE ||
-        what == PyTrace_RETURN) {
+    if ((what == PyTrace_CALL || what == PyTrace_EXCEPTION || what == PyTrace_LINE ||
+                              what == PyTrace_RETURN || what == PyTrace_OPCODE) && !inside_bridge(frame)) {
         PyObject *error_type = NULL, *error_value = NULL, *error_tb = NULL;
         if (rc != 0)
             PyErr_Fetch(&error_type, &error_value, &error_tb);
         PyEval_SetTrace(previous, previous_obj);
+        trace_opcodes_of(PyTuple_GET_ITEM(saved, 2), 0);
         PyObject *exc = take_pending();
         if (exc == NULL) {
             PyErr_WriteUnraisable(NULL);
@@ -176,7 +209,9 @@ int green_wait(const struct green_watch *watches, int nwatches, int64_t deadline
 int green_must_fail_fast(void)
 {
     int saved_errno = errno;
-    int interrupted = !green_state.finalizing && greenify_interrupted();
+    int interrupted = 0;
+    if (!green_state.finalizing)
+        interrupted = greenify_interrupted();
     errno = saved_errno;
     return interrupted;
 }
