@@ -41,6 +41,29 @@ def _callback_failed(exc_type, exc_value, traceback) -> int:
     return CANNOT_WAIT
 
 
+def _io_watchers(hub, watches, nwatches: int):
+    """The hub's io watchers for these (fd, events), reused from one wait to
+    the next; a watcher another greenlet is waiting on gets a private twin.
+    Returns the watchers and the private ones, which the wait closes."""
+    try:
+        cache = hub._greenify_io_watchers
+    except AttributeError:
+        cache = hub._greenify_io_watchers = {}
+    watchers = []
+    private = []
+    for i in range(nwatches):
+        fd, events = watches[i].fd, watches[i].events
+        key = fd << 2 | events
+        watcher = cache.get(key)
+        if watcher is None:
+            watcher = cache[key] = hub.loop.io(fd, events)
+        elif watcher.active:
+            watcher = hub.loop.io(fd, events)
+            private.append(watcher)
+        watchers.append(watcher)
+    return watchers, private
+
+
 @ffi.def_extern(onerror=_callback_failed)
 def greenify_wait(watches, nwatches: int, timeout: float) -> int:
     hub = get_hub_if_exists()
@@ -51,15 +74,11 @@ def greenify_wait(watches, nwatches: int, timeout: float) -> int:
         return CANNOT_WAIT
     if _interrupted and current in _interrupted:
         return INTERRUPTED
-    loop = hub.loop
+    watchers, private = _io_watchers(hub, watches, nwatches)
+    timer = hub.loop.timer(timeout) if timeout >= 0 else None
     switch = current.switch
-    if nwatches == 1:
-        io_watchers = (loop.io(watches[0].fd, watches[0].events),)
-    else:
-        io_watchers = tuple(loop.io(watches[i].fd, watches[i].events) for i in range(nwatches))
-    timer = loop.timer(timeout) if timeout >= 0 else None
     try:
-        for watcher in io_watchers:
+        for watcher in watchers:
             watcher.start(switch, WOKEN)
         if timer is not None:
             timer.start(switch, TIMED_OUT, update=True)
@@ -70,8 +89,9 @@ def greenify_wait(watches, nwatches: int, timeout: float) -> int:
         lib.green_set_interrupts_pending(len(_interrupted))
         return INTERRUPTED
     finally:
-        for watcher in io_watchers:
+        for watcher in watchers:
             watcher.stop()
+        for watcher in private:
             watcher.close()
         if timer is not None:
             timer.close()
