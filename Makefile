@@ -12,7 +12,7 @@ $(PY):
 
 # The drivers compile against system libraries; where those are missing
 # (outside CI) their tests skip and say which package to install.
-$(VENV)/.installed: $(PY) pyproject.toml setup.py build_ffi.py $(wildcard csrc/*)
+$(VENV)/.installed: $(PY) pyproject.toml setup.py build_ffi.py $(wildcard csrc/* csrc/demo/*)
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q -e '.[test,drivers]' || [ -z "$$GREENIFY_REQUIRE_SERVERS" ]
 	touch $@
