@@ -1,0 +1,397 @@
+"""greenify-inspect: which library holds the blocking calls, and can greenify patch it?
+
+    greenify-inspect libmariadb               a stem, a soname or a path
+    greenify-inspect --import MySQLdb         what importing modules loads
+    greenify-inspect --pid 1234               what a running process has loaded
+    greenify-inspect --json ...               the same facts as one JSON document
+
+Files are read with the patcher's own reader (greenify.elf); nothing is
+loaded into this process, and another process is only read through
+/proc/PID/maps.  Exit status: 0 when something can be patched, 1 when
+nothing can, 2 on bad input (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, TextIO, Tuple
+
+from greenify import loaded
+from greenify.errors import GreenifyError
+from greenify.loaded import LoadedObject
+from greenify.report import LibraryReport, ProcessReport, inspect_file, inspect_objects, objects_from_maps
+
+PROGRAM = "greenify-inspect"
+EXIT_OK, EXIT_NOTHING_TO_PATCH, EXIT_BAD_INPUT = 0, 1, 2
+IMPORT_TIMEOUT = 120.0  # seconds a child may take to import the modules
+
+# ldconfig -p tags a library with its ABI, e.g. "(libc6,x86-64)": keep this machine's.
+_LDCONFIG_ABI = {"x86_64": "x86-64", "aarch64": "AArch64"}
+_LDCONFIG_ENTRY = re.compile(r"^\s*(\S+) \(([^)]*)\)(?: OS ABI: [^=]*)? => (.+)$")
+_DEFAULT_DIRS = ("/lib64", "/usr/lib64", "/lib", "/usr/lib")
+
+
+class BadInput(Exception):
+    """What the user asked for cannot be inspected: one line for stderr."""
+
+
+# ---------------------------------------------------------------- targets
+
+def _library_files(folder: str) -> List[LoadedObject]:
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [_candidate(os.path.join(folder, name)) for name in names if ".so" in name]
+
+
+def _candidate(path: str) -> LoadedObject:
+    # A file on the search path, shaped like a loaded object so that
+    # loaded.match_name applies the patcher's own name/soname/stem rules.
+    return LoadedObject(path, 0, (), None)
+
+
+def _ldconfig_cache() -> List[LoadedObject]:
+    ldconfig = shutil.which("ldconfig") or next(
+        (path for path in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.path.exists(path)), None)
+    if ldconfig is None:
+        return []
+    try:
+        listing = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    entries = [match.groups() for match in map(_LDCONFIG_ENTRY.match, listing.splitlines()) if match]
+    abi = _LDCONFIG_ABI.get(platform.machine())
+    if abi and any(abi in tags for _name, tags, _path in entries):
+        entries = [entry for entry in entries if abi in entry[1]]
+    return [_candidate(path) for _name, _tags, path in entries]
+
+
+def _search_path() -> List[LoadedObject]:
+    """Where the dynamic loader looks for a bare name, in its order:
+    LD_LIBRARY_PATH, the ldconfig cache, the default folders."""
+    folders = [folder for folder in os.environ.get("LD_LIBRARY_PATH", "").split(":") if folder]
+    candidates = [candidate for folder in folders for candidate in _library_files(folder)]
+    candidates += _ldconfig_cache()
+    multiarch = f"{platform.machine()}-linux-gnu"
+    for folder in (f"/lib/{multiarch}", f"/usr/lib/{multiarch}") + _DEFAULT_DIRS:
+        candidates += _library_files(folder)
+    return candidates
+
+
+def resolve_target(target: str) -> str:
+    """The file a TARGET names: a path as is; a file name, soname or stem
+    (``libmariadb``, ``mariadb``) found the way the dynamic loader would."""
+    if "/" in target:
+        return target
+    candidates = _search_path()
+    names = [target] if target.startswith("lib") else [target, "lib" + target]
+    for name in names:
+        found = loaded.match_name(name, candidates)
+        if found:
+            return found[0].path
+    hint = f"; to read the file in this folder, write ./{target}" if os.path.exists(target) else ""
+    raise BadInput(f"{target}: no library of that name in LD_LIBRARY_PATH, the ldconfig cache "
+                   f"or the default folders{hint}")
+
+
+# -------------------------------------------------------------- processes
+
+def process_objects(pid: int) -> Tuple[List[LoadedObject], str]:
+    """The objects another process has mapped (read from /proc, nothing
+    attached), and a description of it."""
+    if pid <= 0:
+        raise BadInput(f"--pid {pid}: not a process id")
+    try:
+        with open(f"/proc/{pid}/maps") as maps_file:
+            maps = maps_file.read()
+    except FileNotFoundError:
+        raise BadInput(f"--pid {pid}: no process with that id") from None
+    except PermissionError:
+        raise BadInput(f"--pid {pid}: cannot read /proc/{pid}/maps: permission denied (run as its user)") from None
+    except OSError as exc:
+        raise BadInput(f"--pid {pid}: cannot read /proc/{pid}/maps: {exc.strerror}") from None
+    try:
+        executable: Optional[str] = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        executable = None
+    return objects_from_maps(maps, executable), f"pid {pid}" + (f" ({executable})" if executable else "")
+
+
+# The child imports the modules, then sends its own /proc/self/maps on a pipe
+# of its own (the modules may print on stdout), and exits.
+_CHILD = """
+import importlib, json, os, sys
+out = os.fdopen(int(sys.argv[1]), "w")
+for name in sys.argv[2:]:
+    try:
+        importlib.import_module(name)
+    except BaseException as exc:
+        message = (str(exc).strip().splitlines() or [""])[0]
+        json.dump({"failed": name, "error": type(exc).__name__ + (": " + message if message else "")}, out)
+        sys.exit(0)
+with open("/proc/self/maps") as maps:
+    json.dump({"maps": maps.read(), "executable": os.path.realpath("/proc/self/exe"), "pid": os.getpid()}, out)
+"""
+
+
+def imported_objects(modules: Sequence[str]) -> Tuple[List[LoadedObject], str, int]:
+    """The objects a fresh interpreter has loaded once it imported ``modules``
+    (this interpreter, its environment), a description, and the child's pid."""
+    read_end, write_end = os.pipe()
+    with tempfile.TemporaryFile() as errors:
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(write_end), *modules], pass_fds=(write_end,),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = _read_until_eof(pipe, child)
+        status = child.wait()
+        errors.seek(0)
+        last_error = (errors.read().decode("utf-8", "replace").strip().splitlines() or [""])[-1]
+    what = "--import " + " ".join(modules)
+    try:
+        result: Dict[str, Any] = json.loads(message)
+    except ValueError:
+        detail = f"signal {-status}" if status < 0 else f"status {status}"
+        raise BadInput(f"{what}: the importing interpreter exited with {detail}"
+                       + (f": {last_error}" if last_error else "")) from None
+    if "failed" in result:
+        raise BadInput(f"--import {result['failed']}: cannot import it: {result['error']}")
+    return objects_from_maps(result["maps"], result["executable"]), "import " + " ".join(modules), result["pid"]
+
+
+def _read_until_eof(pipe: Any, child: "subprocess.Popen[bytes]") -> bytes:
+    deadline = time.monotonic() + IMPORT_TIMEOUT
+    chunks = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([pipe], [], [], remaining)[0]:
+            child.kill()
+            child.wait()
+            raise BadInput(f"importing took longer than {IMPORT_TIMEOUT:.0f} s; gave up")
+        chunk = os.read(pipe.fileno(), 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+# ---------------------------------------------------------------- output
+
+@dataclass(frozen=True)
+class Painter:
+    """ANSI colour, only on a terminal and only without NO_COLOR."""
+
+    enabled: bool
+
+    @classmethod
+    def for_stream(cls, stream: TextIO, choice: str) -> "Painter":
+        if choice != "auto":
+            return cls(choice == "always")
+        return cls(stream.isatty() and not os.environ.get("NO_COLOR"))
+
+    def paint(self, text: str, *codes: int) -> str:
+        if not self.enabled or not codes:
+            return text
+        return f"\033[{';'.join(map(str, codes))}m{text}\033[0m"
+
+    def bold(self, text: str) -> str:
+        return self.paint(text, 1)
+
+    def good(self, text: str) -> str:
+        return self.paint(text, 32)
+
+    def warn(self, text: str) -> str:
+        return self.paint(text, 33)
+
+    def dim(self, text: str) -> str:
+        return self.paint(text, 2)
+
+
+def import_table(library: LibraryReport, painter: Painter, indent: str = "  ") -> List[str]:
+    """Symbol, version, relocation, slot offset, twin (and patched, when known)."""
+    with_patched = any(imp.patched is not None for imp in library.imports)
+    header = ["symbol", "version", "relocation", "slot", "green twin"] + (["patched"] if with_patched else [])
+    rows = []
+    for imp in library.imports:
+        row = [imp.symbol, imp.version or "-", imp.relocation_type, f"{imp.slot_offset:#x}",
+               "yes" if imp.green_twin else "no"]
+        if with_patched:
+            row.append("yes" if imp.patched else "no")
+        rows.append(row)
+    widths = [max(len(row[column]) for row in rows + [header]) for column in range(len(header))]
+
+    def line(cells: List[str], styled: List[str]) -> str:
+        # pad on the plain text: escape codes take no columns
+        padded = [styled[i] + " " * (widths[i] - len(cells[i])) for i in range(len(cells))]
+        return (indent + "  ".join(padded)).rstrip()
+
+    lines = [line(header, [painter.bold(cell) for cell in header])]
+    for row in rows:
+        styled = list(row)
+        styled[4] = painter.good(row[4]) if row[4] == "yes" else painter.warn(row[4])
+        lines.append(line(row, styled))
+    return lines
+
+
+def verdict_lines(library: LibraryReport, painter: Painter, indent: str) -> List[str]:
+    """The verdict, wrapped to 80 columns (JSON keeps it on one line)."""
+    paint = painter.good if library.can_patch else painter.warn
+    return [paint(line) for line in textwrap.wrap(library.verdict, 79, initial_indent=indent,
+                                                  subsequent_indent=indent + "  ", break_on_hyphens=False)]
+
+
+def render_file(target: str, library: LibraryReport, painter: Painter) -> List[str]:
+    title = library.path if target == library.path else f"{target} -> {library.path}"
+    if library.soname and library.soname != os.path.basename(library.path):
+        title += f" (soname {library.soname})"
+    lines = [painter.bold(title)]
+    if library.imports:
+        lines += import_table(library, painter)
+    lines += verdict_lines(library, painter, "  ")
+    return lines
+
+
+def _symbols_line(library: LibraryReport) -> str:
+    network = sorted({imp.symbol for imp in library.imports if imp.network and imp.green_twin})
+    other = sorted({imp.symbol for imp in library.imports if not imp.network and imp.green_twin})
+    parts = []
+    if network:
+        parts.append("network: " + " ".join(network))
+    if other:
+        parts.append("other: " + " ".join(other))
+    if library.missing_twins:
+        parts.append("no twin: " + " ".join(library.missing_twins))
+    return "; ".join(parts)
+
+
+def render_process(process: ProcessReport, painter: Painter, verbose: bool) -> List[str]:
+    lines = [painter.bold(f"{process.source}: {process.objects_inspected} objects loaded, "
+                          f"{len(process.libraries)} import blocking functions")]
+    for library in process.libraries:
+        name = library.patch_name
+        marker = painter.good(painter.bold("* " + name + "  (recommended)")) if library.recommended else "  " + name
+        lines += ["", marker, "    " + painter.dim(library.path)]
+        if library.imports:
+            lines += textwrap.wrap(_symbols_line(library), 78, initial_indent="    ", subsequent_indent="      ")
+        if verbose and library.imports:
+            lines += import_table(library, painter, indent="    ")
+        lines += verdict_lines(library, painter, "    ")
+        if library.note and not library.recommended:
+            lines += textwrap.wrap(library.note, 78, initial_indent="    ", subsequent_indent="    ")
+    lines.append("")
+    if process.recommended:
+        calls = ", ".join(f'patch_library("{library.patch_name}")' for library in process.recommended)
+        lines.append(painter.good(painter.bold("recommended: ")) + calls)
+    else:
+        lines.append(painter.warn("nothing to recommend: no loaded library outside Python, gevent and libc "
+                                  "imports a network call greenify can patch"))
+    return lines
+
+
+# ------------------------------------------------------------------- main
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # one line, like every other bad input (argparse prints the usage too)
+        self.exit(EXIT_BAD_INPUT, f"{PROGRAM}: {message} (see {PROGRAM} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROGRAM, description="Show which libraries import blocking functions, whether greenify "
+                     "has green twins for them, and what to pass to greenify.patch_library.",
+                     epilog="Exit status: 0 something can be patched, 1 nothing can, 2 bad input.")
+    parser.add_argument("targets", nargs="*", metavar="TARGET",
+                        help="a library: a path, a soname (libmariadb.so.3) or a stem (libmariadb, mariadb)")
+    parser.add_argument("--import", dest="modules", nargs="+", metavar="MODULE",
+                        help="import these modules in a child interpreter and list what they loaded")
+    parser.add_argument("--pid", type=int, metavar="PID", help="list what a running process has loaded")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("-v", "--verbose", action="store_true", help="with --import/--pid: every import's row")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                        help="colour the text (auto: on a terminal, unless NO_COLOR is set)")
+    return parser
+
+
+def _inspect_files(targets: Sequence[str], as_json: bool, painter: Painter) -> int:
+    status = EXIT_OK
+    entries: List[Dict[str, Any]] = []
+    blocks: List[List[str]] = []
+    for target in targets:
+        try:
+            path = resolve_target(target)
+            library = inspect_file(path)
+        except (BadInput, GreenifyError) as exc:
+            print(f"{PROGRAM}: {exc}", file=sys.stderr)
+            entries.append({"target": target, "bad_input": True, "error": str(exc)})
+            status = EXIT_BAD_INPUT
+            continue
+        if not library.can_patch:
+            status = max(status, EXIT_NOTHING_TO_PATCH)
+        entries.append({"target": target, "bad_input": False, **library.to_dict()})
+        blocks.append(render_file(target, library, painter))
+    if as_json:
+        _print_json({"mode": "files", "targets": entries, "exit_status": status})
+    else:
+        if blocks:
+            print("\n\n".join("\n".join(block) for block in blocks))
+    return status
+
+
+def _inspect_process(args: argparse.Namespace, painter: Painter) -> int:
+    modules: List[str] = args.modules or []
+    if modules:
+        objects, source, pid = imported_objects(modules)
+    else:
+        objects, source = process_objects(args.pid)
+        pid = args.pid
+    process = inspect_objects(objects, source, pid)
+    status = EXIT_OK if process.recommended else EXIT_NOTHING_TO_PATCH
+    if args.json:
+        mode = "import" if modules else "pid"
+        _print_json({"mode": mode, "modules": modules, **process.to_dict(), "exit_status": status})
+    else:
+        print("\n".join(render_process(process, painter, args.verbose)))
+    return status
+
+
+def _print_json(document: Dict[str, Any]) -> None:
+    json.dump(document, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run greenify-inspect; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    modes = sum((bool(args.targets), args.modules is not None, args.pid is not None))
+    if modes != 1:
+        parser.error("give TARGET..., --import MODULE... or --pid PID (exactly one of them)")
+    painter = Painter.for_stream(sys.stdout, args.color)
+    try:
+        if args.targets:
+            return _inspect_files(args.targets, args.json, painter)
+        return _inspect_process(args, painter)
+    except (BadInput, GreenifyError) as exc:
+        print(f"{PROGRAM}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        # `greenify-inspect ... | head`: the reader left; flushing at exit must not complain
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
