@@ -30,7 +30,7 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence, TextIO, Tuple
 from greenify import loaded
 from greenify.errors import GreenifyError
 from greenify.loaded import LoadedObject
-from greenify.report import LibraryReport, ProcessReport, inspect_file, inspect_objects, objects_from_maps
+from greenify.inventory import LibraryReport, ProcessReport, inspect_file, inspect_objects, objects_from_maps
 
 PROGRAM = "greenify-inspect"
 EXIT_OK, EXIT_NOTHING_TO_PATCH, EXIT_BAD_INPUT = 0, 1, 2
@@ -126,7 +126,7 @@ def process_objects(pid: int) -> Tuple[List[LoadedObject], str]:
         executable: Optional[str] = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         executable = None
-    return objects_from_maps(maps, executable), f"pid {pid}" + (f" ({executable})" if executable else "")
+    return objects_from_maps(maps, executable), f"pid {pid}"
 
 
 # The child imports the modules, then sends its own /proc/self/maps on a pipe
@@ -278,9 +278,11 @@ def _symbols_line(library: LibraryReport) -> str:
 def render_process(process: ProcessReport, painter: Painter, verbose: bool) -> List[str]:
     lines = [painter.bold(f"{process.source}: {process.objects_inspected} objects loaded, "
                           f"{len(process.libraries)} import blocking functions")]
+    if process.executable:
+        lines.append(painter.dim(process.executable))
     for library in process.libraries:
         name = library.patch_name
-        marker = painter.good(painter.bold("* " + name + "  (recommended)")) if library.recommended else "  " + name
+        marker = painter.paint(f"* {name}  (recommended)", 1, 32) if library.recommended else "  " + name
         lines += ["", marker, "    " + painter.dim(library.path)]
         if library.imports:
             lines += textwrap.wrap(_symbols_line(library), 78, initial_indent="    ", subsequent_indent="      ")
@@ -292,7 +294,7 @@ def render_process(process: ProcessReport, painter: Painter, verbose: bool) -> L
     lines.append("")
     if process.recommended:
         calls = ", ".join(f'patch_library("{library.patch_name}")' for library in process.recommended)
-        lines.append(painter.good(painter.bold("recommended: ")) + calls)
+        lines.append(painter.paint("recommended: ", 1, 32) + calls)
     else:
         lines.append(painter.warn("nothing to recommend: no loaded library outside Python, gevent and libc "
                                   "imports a network call greenify can patch"))

@@ -1,5 +1,6 @@
 """What greenify could patch: the facts behind ``greenify.report()`` and the
-greenify-inspect command.
+greenify-inspect command.  (Not named report.py: ``greenify.report`` is the
+function, and a submodule of the same name would be shadowed by it.)
 
 For each library: its imports of blocking functions (read by greenify.elf,
 the patcher's reader), which of them have a green twin, and, in this process,
@@ -131,6 +132,7 @@ class ProcessReport:
 
     source: str                    # "this process", "pid 1234", "import MySQLdb"
     pid: Optional[int]
+    executable: Optional[str]
     libraries: Tuple[LibraryReport, ...]
     objects_inspected: int
 
@@ -144,7 +146,8 @@ class ProcessReport:
 
     def to_dict(self) -> Dict[str, Any]:
         return {
-            "source": self.source, "pid": self.pid, "objects_inspected": self.objects_inspected,
+            "source": self.source, "pid": self.pid, "executable": self.executable,
+            "objects_inspected": self.objects_inspected,
             "recommended": [library.path for library in self.recommended],
             "patch_library": [library.patch_name for library in self.recommended],
             "libraries": [library.to_dict() for library in self.libraries],
@@ -282,7 +285,8 @@ def inspect_objects(objects: Sequence[LoadedObject], source: str, pid: Optional[
     reports = [_inspect_loaded(obj, in_this_process) for obj in objects]
     ranked = _rank(reports)
     kept = tuple(library for library in ranked if library.imports or library.error is not None)
-    return ProcessReport(source, pid, kept, len(objects))
+    executable = next((obj.path for obj in objects if obj.is_main_program), None)
+    return ProcessReport(source, pid, executable, kept, len(objects))
 
 
 def objects_from_maps(maps: str, executable: Optional[str]) -> List[LoadedObject]:
