@@ -296,8 +296,9 @@ def render_process(process: ProcessReport, painter: Painter, verbose: bool) -> L
         calls = ", ".join(f'patch_library("{library.patch_name}")' for library in process.recommended)
         lines.append(painter.paint("recommended: ", 1, 32) + calls)
     else:
-        lines.append(painter.warn("nothing to recommend: no loaded library outside Python, gevent and libc "
-                                  "imports a network call greenify can patch"))
+        lines += [painter.warn(line) for line in textwrap.wrap(
+            "nothing to recommend: no loaded library outside Python, gevent and libc is a network client "
+            "with calls greenify can patch", 79, subsequent_indent="  ")]
     return lines
 
 

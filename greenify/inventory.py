@@ -27,16 +27,19 @@ from greenify import elf, loaded, patcher
 from greenify.errors import GreenifyError, StaticExecutableError, WrongMachineError
 from greenify.loaded import LoadedObject
 
-# The socket side of BLOCKING_CALLS: a library importing these talks to the
-# network, which is what greenify is for.  read/write/sleeps alone usually
-# mean files or timers and rank lower.
-NETWORK_CALLS: FrozenSet[str] = frozenset({
+# The network side of BLOCKING_CALLS, which is what greenify is for:
+# read/write/sleeps alone usually mean files or timers and rank lower.  A
+# library counts as a network client only if it imports a socket call;
+# poll/select alone are as often waits on a terminal or a pipe (libtinfo).
+SOCKET_CALLS: FrozenSet[str] = frozenset({
     "connect", "accept", "accept4",
     "recv", "recvfrom", "recvmsg", "recvmmsg",
     "send", "sendto", "sendmsg", "sendmmsg",
-    "poll", "ppoll", "select", "pselect", "epoll_wait", "epoll_pwait",
     "getaddrinfo", "gethostbyname", "gethostbyname_r", "gethostbyname2_r",
 }) & elf.BLOCKING_CALLS
+NETWORK_CALLS: FrozenSet[str] = SOCKET_CALLS | (
+    frozenset({"poll", "ppoll", "select", "pselect", "epoll_wait", "epoll_pwait"}) & elf.BLOCKING_CALLS)
+SOCKET_SYMBOLS: FrozenSet[str] = elf.with_fortified_forms(SOCKET_CALLS)
 NETWORK_SYMBOLS: FrozenSet[str] = elf.with_fortified_forms(NETWORK_CALLS)
 
 
@@ -81,8 +84,9 @@ class LibraryReport:
 
     @property
     def holds_network_calls(self) -> bool:
-        """Whether patching it would make some network call cooperative."""
-        return any(imp.network for imp in self.patchable)
+        """Whether it is a network client (imports a socket call) and
+        patching it would make some of its network calls cooperative."""
+        return any(imp.symbol in SOCKET_SYMBOLS for imp in self.imports) and any(imp.network for imp in self.patchable)
 
     @property
     def missing_twins(self) -> List[str]:
@@ -261,7 +265,7 @@ def _rank(libraries: Sequence[LibraryReport]) -> List[LibraryReport]:
         elif not library.patchable:
             note = "no green twin for any of its blocking imports"
         elif not library.holds_network_calls:
-            note = "no network calls among its patchable imports (files, pipes or timers)"
+            note = "not a network client: it imports no socket call (connect, recv, send, ...)"
         elif position not in users_reach:
             note = "needed only by Python's standard library or gevent itself, whose waits gevent already handles"
         elif position in under:

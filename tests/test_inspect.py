@@ -2,13 +2,14 @@
 in process: the fixture libraries and Debian's libmariadb, libcurl, libcrypto."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
@@ -149,6 +150,18 @@ def test_exit_status_1_when_the_library_holds_nothing_to_patch(tmp_path):
     assert "never patched: libc itself" in joined(libc.stdout)
 
 
+def test_static_executable_has_nothing_to_patch(tmp_path):
+    source = tmp_path / "static.c"
+    source.write_text("int main(void) { return 0; }\n")
+    executable = tmp_path / "static"
+    built = subprocess.run([compiler(), "-static", "-o", str(executable), str(source)], capture_output=True)
+    if built.returncode != 0:
+        pytest.skip("cannot link statically here (Debian: libc6-dev brings libc.a)")
+    result = inspect(str(executable))
+    assert result.returncode == 1 and result.stderr == ""
+    assert "not patchable: no PT_DYNAMIC segment" in result.stdout
+
+
 def test_one_bad_target_among_good_ones_still_reports_the_good_ones(fixture_libs, tmp_path):
     result = inspect(str(fixture_libs["default"]["fx_client"]), str(tmp_path / "missing.so"))
     assert result.returncode == 2
@@ -213,27 +226,52 @@ def test_import_mysqldb_recommends_libmariadb_not_its_extension_module():
     assert result.stdout.index("libmariadb.so.3") < result.stdout.index("libcrypto.so.3")
 
 
-def test_pid_of_a_running_process_that_loaded_libmariadb():
-    system_library(MARIADB)
-    child = subprocess.Popen([sys.executable, "-c", "import ctypes, sys, time\n"
-                              f"ctypes.CDLL({str(MARIADB)!r}); print('ready', flush=True); time.sleep(60)"],
-                             stdout=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def process_that_loaded(*libraries: Path) -> Iterator[int]:
+    """The pid of a python that loaded ``libraries`` with ctypes and sleeps."""
+    loads = "".join(f"ctypes.CDLL({str(library)!r})\n" for library in libraries)
+    child = subprocess.Popen([sys.executable, "-c", f"import ctypes, time\n{loads}print('ready', flush=True)\n"
+                              "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
-        result = inspect("--pid", str(child.pid))
-        document = inspect_json("--pid", str(child.pid))
+        yield child.pid
     finally:
         child.kill()
         child.wait()
         child.stdout.close()
+
+
+def test_pid_of_a_running_process_that_loaded_libmariadb():
+    system_library(MARIADB)
+    with process_that_loaded(MARIADB) as pid:
+        result = inspect("--pid", str(pid))
+        document = inspect_json("--pid", str(pid))
     assert result.returncode == 0, result.stderr
-    assert f"pid {child.pid}" in result.stdout
-    assert document["mode"] == "pid" and document["pid"] == child.pid
+    assert f"pid {pid}" in result.stdout
+    assert document["mode"] == "pid" and document["pid"] == pid
     assert [os.path.realpath(path) for path in document["recommended"]] == [os.path.realpath(MARIADB)]
     for library in document["libraries"]:
         name = Path(library["path"]).name
-        if name.startswith(("libc.so", "ld-linux", "libpython")):
+        if name.startswith(("libc.so", "ld-linux", "libpython")) or library["path"] == document["executable"]:
             assert library["protected"] and not library["recommended"]
+
+
+def test_file_io_library_is_listed_below_the_network_client(fixture_libs):
+    client, files = fixture_libs["relro"]["fx_client"], fixture_libs["relro"]["fx_io"]
+    with process_that_loaded(files, client) as pid:
+        document = inspect_json("--pid", str(pid))
+    assert document["recommended"] == [str(client)] and document["exit_status"] == 0
+    paths = [library["path"] for library in document["libraries"]]
+    assert paths.index(str(client)) < paths.index(str(files))
+    (io_library,) = [library for library in document["libraries"] if library["path"] == str(files)]
+    assert not io_library["recommended"] and "not a network client" in io_library["note"]
+
+
+def test_exit_status_1_when_no_loaded_library_is_a_network_client(fixture_libs):
+    with process_that_loaded(fixture_libs["relro"]["fx_io"]) as pid:
+        result = inspect("--pid", str(pid))
+    assert result.returncode == 1 and result.stderr == ""
+    assert "nothing to recommend" in result.stdout
 
 
 def test_file_and_listing_output_fit_80_columns():
