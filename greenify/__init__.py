@@ -12,10 +12,11 @@ from greenify.errors import (BuildIdMismatchError, GreenifyError, NotElfError, N
                              WrongMachineError)
 from greenify.patcher import (ObjectReport, PatchedSlot, PatchReport, SkippedImport, patch_lib, patch_library,
                               patched, unpatch_library)
+from greenify.inventory import report
 
 __all__ = [
     "greenify", "is_active",
-    "patch_library", "unpatch_library", "patched", "patch_lib",
+    "patch_library", "unpatch_library", "patched", "patch_lib", "report",
     "PatchReport", "ObjectReport", "PatchedSlot", "SkippedImport",
     "GreenifyError", "TargetNotFoundError", "NotLoadedError", "NotElfError", "WrongMachineError",
     "StaticExecutableError", "BuildIdMismatchError", "SlotOutsideSegmentsError", "ProtectedTargetError",

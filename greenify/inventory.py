@@ -249,10 +249,11 @@ def _rank(libraries: Sequence[LibraryReport]) -> List[LibraryReport]:
     roots = [position for position in range(len(libraries)) if may_patch[position] and position not in needed_by_others]
     users_reach = below(position for position in roots if not _is_runtime(libraries[position]))
     candidates = [position for position in users_reach if libraries[position].holds_network_calls]
-    under: Dict[int, int] = {}  # candidate -> a candidate it is a dependency of
+    descendants = {position: below(children[position]) for position in candidates}
+    under: Dict[int, int] = {}  # candidate -> a candidate it is a dependency of (not in a DT_NEEDED cycle)
     for position in candidates:
         for other in candidates:
-            if other != position and position in below(children[other]) and other not in below(children[position]):
+            if other != position and position in descendants[other] and other not in descendants[position]:
                 under[position] = other
                 break
 
