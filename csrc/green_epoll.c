@@ -1,0 +1,83 @@
+/*
+ * Green twins of epoll_wait and epoll_pwait.
+ *
+ * An epoll instance is itself a descriptor, readable while its ready list is
+ * not empty.  So: probe with a zero timeout (one system call when events are
+ * ready, the kernel's own results); otherwise wait on the hub for the epoll
+ * fd to become readable, probe again, and keep the caller's deadline across
+ * wake-ups that find nothing (an entry that stopped being ready, another
+ * reader that took the events first).
+ */
+#include <errno.h>
+#include <limits.h>
+
+#include "green_more.h"
+
+#define unlikely(x) __builtin_expect(!!(x), 0)
+
+/* Milliseconds left until a deadline, rounded up, for the native fallback. */
+static int ms_left(int64_t deadline_ns)
+{
+    int64_t ns;
+    if (deadline_ns == GREEN_NO_DEADLINE)
+        return -1;
+    ns = deadline_ns - green_now_ns();
+    if (ns <= 0)
+        return 0;
+    if (ns / 1000000 >= INT_MAX)
+        return INT_MAX;
+    return (int)((ns + 999999) / 1000000);
+}
+
+/* epoll_wait and epoll_pwait after a zero-timeout probe found nothing. */
+static int epoll_until(int epfd, struct epoll_event *events, int maxevents, int64_t deadline_ns,
+                       const sigset_t *sigmask, int saved_errno)
+{
+    struct green_watch watch = {epfd, GREEN_READ};
+    int status, ready;
+    for (;;) {
+        status = green_wait(&watch, 1, deadline_ns);
+        if (status == GREEN_CANNOT_WAIT) {
+            errno = saved_errno;
+            return epoll_pwait(epfd, events, maxevents, ms_left(deadline_ns), sigmask);
+        }
+        if (status == GREEN_INTERRUPTED) {
+            errno = saved_errno;
+            return 0; /* a timeout: libraries give up on the call rather than retry */
+        }
+        ready = epoll_pwait(epfd, events, maxevents, 0, sigmask);
+        if (ready != 0 || status == GREEN_TIMED_OUT) {
+            if (ready >= 0)
+                errno = saved_errno;
+            return ready;
+        }
+    }
+}
+
+int green_epoll_pwait(int epfd, struct epoll_event *events, int maxevents, int timeout, const sigset_t *sigmask)
+{
+    int ready, saved_errno;
+    if (!green_state.active)
+        return epoll_pwait(epfd, events, maxevents, timeout, sigmask);
+    if (unlikely(green_state.interrupts_pending) && green_must_fail_fast())
+        return 0;
+    saved_errno = errno;
+    ready = epoll_pwait(epfd, events, maxevents, 0, sigmask);
+    if (ready != 0 || timeout == 0) /* events, or an error (EBADF, EINVAL, EFAULT) as the kernel gives it */
+        return ready;
+    return epoll_until(epfd, events, maxevents, green_deadline_after_ms(timeout), sigmask, saved_errno);
+}
+
+int green_epoll_wait(int epfd, struct epoll_event *events, int maxevents, int timeout)
+{
+    int ready, saved_errno;
+    if (!green_state.active)
+        return epoll_wait(epfd, events, maxevents, timeout);
+    if (unlikely(green_state.interrupts_pending) && green_must_fail_fast())
+        return 0;
+    saved_errno = errno;
+    ready = epoll_wait(epfd, events, maxevents, 0);
+    if (ready != 0 || timeout == 0)
+        return ready;
+    return epoll_until(epfd, events, maxevents, green_deadline_after_ms(timeout), NULL, saved_errno);
+}
