@@ -41,5 +41,6 @@ struct green_offload_job;
 struct green_offload_job *green_offload_retain(struct green_offload_job *job);
 void green_offload_drop(struct green_offload_job *job);
 void green_offload_run(struct green_offload_job *job);
+int green_offload_live_jobs(void);
 
 #endif

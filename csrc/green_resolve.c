@@ -83,16 +83,63 @@ struct green_offload_job {
 
 /* ---- the job ---- */
 
+/* Finished jobs' eventfds are kept open and reused rather than closed: the
+   wait bridge reuses the hub's io watcher for an fd number, and libev does
+   not notice that a number was closed and opened again in between (the new
+   file never gets into its epoll set, and the wait misses its wake-up).  An
+   fd that stays open is the same file for libev every time. */
+#define SPARE_DONE_FDS 256
+static int spare_done_fds[SPARE_DONE_FDS];
+static int spare_done_fd_count;
+static pthread_mutex_t spare_done_fds_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int done_fd_take(void)
+{
+    int fd = -1, saved_errno = errno;
+    uint64_t count;
+    pthread_mutex_lock(&spare_done_fds_lock);
+    if (spare_done_fd_count > 0)
+        fd = spare_done_fds[--spare_done_fd_count];
+    pthread_mutex_unlock(&spare_done_fds_lock);
+    if (fd >= 0) {
+        ssize_t drained = read(fd, &count, sizeof count); /* back to "not done" */
+        (void)drained;
+    }
+    else {
+        fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    }
+    errno = saved_errno;
+    return fd;
+}
+
+static void done_fd_give_back(int fd)
+{
+    pthread_mutex_lock(&spare_done_fds_lock);
+    if (spare_done_fd_count < SPARE_DONE_FDS) {
+        spare_done_fds[spare_done_fd_count++] = fd;
+        fd = -1;
+    }
+    pthread_mutex_unlock(&spare_done_fds_lock);
+    if (fd >= 0)
+        close(fd);
+}
+
+/* Jobs allocated and not yet freed: the tests check that abandoned jobs go. */
+static int live_jobs;
+
+int green_offload_live_jobs(void) { return __atomic_load_n(&live_jobs, __ATOMIC_SEQ_CST); }
+
 static struct green_offload_job *job_new(enum job_kind kind)
 {
     struct green_offload_job *job = calloc(1, sizeof *job);
     if (job == NULL)
         return NULL;
-    job->done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    job->done_fd = done_fd_take();
     if (job->done_fd < 0) {
         free(job);
         return NULL;
     }
+    __atomic_add_fetch(&live_jobs, 1, __ATOMIC_SEQ_CST);
     job->refs = 1;
     job->state = JOB_QUEUED;
     job->kind = kind;
@@ -101,9 +148,10 @@ static struct green_offload_job *job_new(enum job_kind kind)
 
 static void job_free(struct green_offload_job *job)
 {
+    int saved_errno = errno;
     if (job->addrinfo != NULL)
         freeaddrinfo(job->addrinfo); /* an abandoned result */
-    close(job->done_fd);
+    done_fd_give_back(job->done_fd);
     free(job->node);
     free(job->service);
     free(job->sockaddr);
@@ -112,6 +160,8 @@ static void job_free(struct green_offload_job *job)
     free(job->name);
     free(job->buffer_block);
     free(job);
+    __atomic_sub_fetch(&live_jobs, 1, __ATOMIC_SEQ_CST);
+    errno = saved_errno;
 }
 
 static void job_release(struct green_offload_job *job)

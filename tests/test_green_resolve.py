@@ -1,0 +1,429 @@
+"""getaddrinfo, getnameinfo, gethostbyname, gethostbyname_r: libc's own call
+on gevent's thread pool, libc's own results, and nothing written after an
+interrupted caller has left.
+
+The slow-DNS tests point the resolver at a responder of their own on
+127.0.0.77:53 by rewriting /etc/resolv.conf (it has no port), so they need
+root; they put the file back afterwards."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import struct
+import threading
+import time
+from contextlib import contextmanager
+
+import gevent
+import pytest
+from gevent._hub_local import get_hub_if_exists
+
+import greenify
+from green_support import libc, run_concurrently
+from greenify import _bridge
+from greenify._green import ffi, lib
+
+EAI_SYSTEM = socket.EAI_SYSTEM
+NETDB_INTERNAL = -1
+HOST_NOT_FOUND = 1
+
+libc.gethostbyname.restype = ctypes.c_void_p
+libc.__h_errno_location.restype = ctypes.POINTER(ctypes.c_int)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def active():
+    greenify.greenify()
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    yield
+    gevent.sleep(0.01)
+    assert not _bridge._interrupted, "an interruption was never delivered"
+
+
+def h_errno() -> int:
+    return libc.__h_errno_location().contents.value
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# ---- calling the green functions and reading their results ----
+
+def hints(family=0, socktype=0, flags=0):
+    h = ffi.new("struct addrinfo *")
+    h.ai_family, h.ai_socktype, h.ai_flags = family, socktype, flags
+    return h
+
+
+def addrinfo_list(head):
+    out = []
+    ai = head
+    while ai != ffi.NULL:
+        out.append((ai.ai_family, ai.ai_socktype, ai.ai_protocol, bytes(ffi.buffer(ai.ai_addr, ai.ai_addrlen)),
+                    ffi.string(ai.ai_canonname) if ai.ai_canonname != ffi.NULL else None))
+        ai = ai.ai_next
+    return out
+
+
+def green_getaddrinfo(node, service, h=ffi.NULL):
+    res = ffi.new("struct addrinfo **")
+    ffi.errno = 0
+    rc = lib.green_getaddrinfo(node if node is not None else ffi.NULL,
+                               service if service is not None else ffi.NULL, h, res)
+    err = ffi.errno
+    listing = []
+    if rc == 0:
+        listing = addrinfo_list(res[0])
+        lib.freeaddrinfo(res[0])  # libc's own list: freed the usual way
+    return rc, listing, err if rc == EAI_SYSTEM else 0
+
+
+def libc_getaddrinfo(node, service, h=ffi.NULL):
+    # the same call through the very same cffi declarations, to libc
+    res = ffi.new("struct addrinfo **")
+    lib.green_set_active(0)
+    try:
+        rc = lib.green_getaddrinfo(node if node is not None else ffi.NULL,
+                                   service if service is not None else ffi.NULL, h, res)
+    finally:
+        lib.green_set_active(1)
+    listing = []
+    if rc == 0:
+        listing = addrinfo_list(res[0])
+        lib.freeaddrinfo(res[0])
+    return rc, listing, 0
+
+
+def sockaddr_in(host: str, port: int):
+    raw = struct.pack("!HH4s8x", socket.AF_INET, port, socket.inet_aton(host))
+    raw = struct.pack("=H", socket.AF_INET) + raw[2:]
+    return ffi.from_buffer("struct sockaddr *", bytearray(raw)), len(raw)
+
+
+def getnameinfo_via(active_flag, host, port, hostlen=1025, servlen=32, flags=0):
+    sa, salen = sockaddr_in(host, port)
+    hostbuf = ffi.new("char[]", max(hostlen, 1))
+    servbuf = ffi.new("char[]", max(servlen, 1))
+    lib.green_set_active(active_flag)
+    try:
+        rc = lib.green_getnameinfo(sa, salen, hostbuf, hostlen, servbuf, servlen, flags)
+    finally:
+        lib.green_set_active(1)
+    return rc, ffi.string(hostbuf), ffi.string(servbuf)
+
+
+def hostent_fields(h):
+    def strings(array):
+        out, i = [], 0
+        while array[i] != ffi.NULL:
+            out.append(ffi.string(array[i]))
+            i += 1
+        return out
+
+    def addresses(array, length):
+        out, i = [], 0
+        while array[i] != ffi.NULL:
+            out.append(bytes(ffi.buffer(array[i], length)))
+            i += 1
+        return out
+
+    return (ffi.string(h.h_name), strings(h.h_aliases), h.h_addrtype, h.h_length,
+            addresses(h.h_addr_list, h.h_length))
+
+
+def gethostbyname_r_via(active_flag, name, buflen=1024):
+    ret = ffi.new("struct hostent *")
+    buf = ffi.new("char[]", buflen)
+    result = ffi.new("struct hostent **")
+    herr = ffi.new("int *")
+    lib.green_set_active(active_flag)
+    try:
+        rc = lib.green_gethostbyname_r(name, ret, buf, buflen, result, herr)
+    finally:
+        lib.green_set_active(1)
+    fields = hostent_fields(result[0]) if result[0] != ffi.NULL else None
+    inside = None
+    if fields is not None:
+        start = int(ffi.cast("uintptr_t", buf))
+        inside = all(start <= int(ffi.cast("uintptr_t", p)) < start + buflen
+                     for p in (result[0].h_name, result[0].h_aliases, result[0].h_addr_list))
+    return rc, result[0] == ret if result[0] != ffi.NULL else None, herr[0], fields, inside
+
+
+# ---- results are libc's ----
+
+@pytest.mark.parametrize("node,service,h", [
+    (b"localhost", b"80", None),
+    (b"localhost", b"http", {"socktype": socket.SOCK_STREAM}),
+    (b"127.0.0.1", None, {"family": socket.AF_INET}),
+    (b"localhost", None, {"flags": socket.AI_CANONNAME}),
+    (None, b"5432", {"flags": socket.AI_PASSIVE}),
+    (None, None, None),                                       # EAI_NONAME
+    (b"localhost", b"no-such-service-here", None),            # EAI_SERVICE
+    (b"localhost", b"80", {"family": 12345}),                 # EAI_FAMILY
+    (b"localhost", b"80", {"flags": 0x7fff0000}),             # EAI_BADFLAGS
+])
+def test_getaddrinfo_gives_libcs_results(node, service, h):
+    h_struct = hints(**h) if h is not None else ffi.NULL
+    assert green_getaddrinfo(node, service, h_struct) == libc_getaddrinfo(node, service, h_struct)
+
+
+def test_getaddrinfo_leaves_errno_alone_on_success():
+    res = ffi.new("struct addrinfo **")
+    ffi.errno = errno.EBADF
+    assert lib.green_getaddrinfo(b"localhost", b"80", ffi.NULL, res) == 0
+    assert ffi.errno == errno.EBADF
+    lib.freeaddrinfo(res[0])
+
+
+@pytest.mark.parametrize("host,port,hostlen,servlen,flags", [
+    ("127.0.0.1", 80, 1025, 32, 0),
+    ("127.0.0.1", 22, 1025, 32, socket.NI_NAMEREQD),
+    ("127.0.0.1", 80, 3, 32, 0),                  # EAI_OVERFLOW
+    ("127.0.0.1", 80, 1025, 32, socket.NI_NUMERICHOST),
+    ("127.0.0.1", 65000, 1025, 32, socket.NI_DGRAM),
+])
+def test_getnameinfo_gives_libcs_results(host, port, hostlen, servlen, flags):
+    assert getnameinfo_via(1, host, port, hostlen, servlen, flags) == \
+        getnameinfo_via(0, host, port, hostlen, servlen, flags)
+
+
+def test_gethostbyname_gives_libcs_fields():
+    green = lib.green_gethostbyname(b"localhost")
+    green_fields = hostent_fields(green)
+    lib.green_set_active(0)
+    try:
+        native = lib.green_gethostbyname(b"localhost")
+    finally:
+        lib.green_set_active(1)
+    assert green_fields == hostent_fields(native)
+    assert green != native  # not libc's static storage: this thread's own
+
+
+def test_gethostbyname_result_is_not_overwritten_by_lookups_in_other_threads():
+    green = lib.green_gethostbyname(b"localhost")
+    before = hostent_fields(green)
+    thread = threading.Thread(target=lambda: [libc.gethostbyname(b"127.0.0.2") for _ in range(50)])
+    thread.start()
+    thread.join()
+    assert hostent_fields(green) == before
+
+
+@pytest.mark.parametrize("buflen", [8, 64, 1024])  # small ones: libc's ERANGE
+def test_gethostbyname_r_gives_libcs_results_inside_the_callers_buffer(buflen):
+    green = gethostbyname_r_via(1, b"localhost", buflen)
+    assert green == gethostbyname_r_via(0, b"localhost", buflen)
+    rc, is_ret, herr, fields, inside = green
+    if rc == 0:
+        assert is_ret and inside
+    else:
+        assert rc == errno.ERANGE
+
+
+def test_lookups_run_while_other_greenlets_progress():
+    ticks = []
+    ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.001)) for _ in range(3)])
+    values, took = run_concurrently(20, lambda i: green_getaddrinfo(b"localhost", b"80")[0])
+    ticker.join()
+    assert values == [0] * 20 and len(ticks) == 3
+
+
+def test_in_a_plain_thread_lookups_call_libc_and_create_no_hub():
+    seen = {}
+
+    def worker():
+        seen["gai"] = green_getaddrinfo(b"localhost", b"80")
+        seen["ghbn"] = hostent_fields(lib.green_gethostbyname(b"localhost"))
+        seen["gni"] = getnameinfo_via(1, "127.0.0.1", 80)
+        seen["hub"] = get_hub_if_exists()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["hub"] is None
+    assert seen["gai"] == libc_getaddrinfo(b"localhost", b"80")
+    assert seen["gni"] == getnameinfo_via(0, "127.0.0.1", 80)
+    assert seen["ghbn"][0] == b"localhost"
+
+
+def test_inside_the_hub_lookups_call_libc():
+    results = []
+    gevent.get_hub().loop.run_callback(lambda: results.append(green_getaddrinfo(b"localhost", b"80")[0]))
+    gevent.sleep(0.05)
+    assert results == [0]
+
+
+# ---- a slow DNS server of our own ----
+
+FAKE_DNS_ADDRESS = "127.0.0.77"
+ANSWER = "10.1.2.3"
+
+
+class SlowDNS:
+    """Answers A queries with ANSWER after `delay`, each on its own timer;
+    NXDOMAIN for names starting with "missing"; an empty answer otherwise."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((FAKE_DNS_ADDRESS, 53))
+        self.sock.settimeout(0.05)  # so that close() can stop the server promptly
+        self.queries = 0
+        self.stopping = False
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while not self.stopping:
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.queries += 1
+            timer = threading.Timer(self.delay, self.answer, (query, peer))
+            timer.daemon = True
+            timer.start()
+
+    def answer(self, query: bytes, peer):
+        (qid,) = struct.unpack("!H", query[:2])
+        end, labels = 12, []
+        while query[end]:
+            labels.append(query[end + 1:end + 1 + query[end]].decode())
+            end += 1 + query[end]
+        question = query[12:end + 5]
+        qtype = struct.unpack("!H", query[end + 1:end + 3])[0]
+        missing = labels[0].startswith("missing")
+        answers = b""
+        if qtype == 1 and not missing:
+            answers = struct.pack("!HHHIH4s", 0xC00C, 1, 1, 60, 4, socket.inet_aton(ANSWER))
+        flags = 0x8183 if missing else 0x8180
+        header = struct.pack("!HHHHHH", qid, flags, 1, 1 if answers else 0, 0, 0)
+        try:
+            self.sock.sendto(header + question + answers, peer)
+        except OSError:
+            pass
+
+    def close(self):
+        self.stopping = True
+        self.thread.join()
+        self.sock.close()
+
+
+@contextmanager
+def slow_dns(delay: float):
+    if os.geteuid() != 0:
+        pytest.skip("the slow-DNS tests rewrite /etc/resolv.conf (resolv.conf has no port) and bind "
+                    f"{FAKE_DNS_ADDRESS}:53: run them as root")
+    try:
+        server = SlowDNS(delay)
+    except OSError as exc:
+        pytest.skip(f"cannot bind {FAKE_DNS_ADDRESS}:53: {exc}")
+    with open("/etc/resolv.conf") as f:
+        saved = f.read()
+    try:
+        with open("/etc/resolv.conf", "w") as f:  # in place: it may be a bind mount
+            f.write(f"nameserver {FAKE_DNS_ADDRESS}\noptions timeout:3 attempts:1\n")
+        yield server
+    finally:
+        with open("/etc/resolv.conf", "w") as f:
+            f.write(saved)
+        server.close()
+
+
+def test_slow_lookups_overlap_on_the_thread_pool():
+    with slow_dns(0.3):
+        def lookup(i):
+            return green_getaddrinfo(f"slow-{i}.greenify.test".encode(), None,
+                                     hints(family=socket.AF_INET, socktype=socket.SOCK_STREAM))
+
+        ticks = []
+        ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.05)) for _ in range(4)])
+        values, took = run_concurrently(8, lookup)
+        ticker.join()
+    for rc, listing, err in values:
+        assert rc == 0
+        assert [entry[3][4:8] for entry in listing] == [socket.inet_aton(ANSWER)]
+    assert took < 1.2  # in a row: 2.4 s
+    assert len(ticks) == 4
+
+
+def test_slow_gethostbyname_and_r_and_libcs_not_found():
+    with slow_dns(0.2):
+        values, took = run_concurrently(4, lambda i: hostent_fields(
+            lib.green_gethostbyname(f"ghbn-{i}.greenify.test".encode()))[4])
+        assert values == [[socket.inet_aton(ANSWER)]] * 4
+        assert took < 0.7
+        rc, is_ret, herr, fields, inside = gethostbyname_r_via(1, b"r.greenify.test", 1024)
+        assert (rc, is_ret, inside, fields[4]) == (0, True, True, [socket.inet_aton(ANSWER)])
+        assert lib.green_gethostbyname(b"missing.greenify.test") == ffi.NULL
+        green_herrno = h_errno()
+        assert libc.gethostbyname(b"missing2.greenify.test") is None
+        assert green_herrno == h_errno() == HOST_NOT_FOUND
+        assert green_getaddrinfo(b"missing.greenify.test", None)[0] == \
+            libc_getaddrinfo(b"missing3.greenify.test", None)[0] == socket.EAI_NONAME
+
+
+def test_a_timeout_abandons_the_lookup_and_the_pool_frees_it():
+    with slow_dns(0.4) as server:
+        assert lib.green_offload_live_jobs() == 0
+        start = time.monotonic()
+        with pytest.raises(gevent.Timeout) as caught:
+            with gevent.Timeout(0.1) as timeout:
+                green_getaddrinfo(b"abandoned.greenify.test", None, hints(family=socket.AF_INET))
+                pytest.fail("the line after the call ran")
+        assert caught.value is timeout
+        assert time.monotonic() - start < 0.3
+        assert lib.green_offload_live_jobs() == 1  # still in the pool's hands
+        deadline = time.monotonic() + 2
+        while lib.green_offload_live_jobs() and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        # the pool finished it and freed it, its getaddrinfo list included
+        assert lib.green_offload_live_jobs() == 0
+        assert server.queries >= 1
+
+
+def test_a_hundred_abandoned_lookups_leave_nothing_behind():
+    with slow_dns(0.05):
+        fds = open_fds()
+        for i in range(100):
+            with gevent.Timeout(0.001 * (i % 5), False):
+                green_getaddrinfo(f"many-{i}.greenify.test".encode(), None, hints(family=socket.AF_INET))
+        deadline = time.monotonic() + 3
+        while lib.green_offload_live_jobs() and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        assert lib.green_offload_live_jobs() == 0
+        assert not _bridge._interrupted
+        assert open_fds() - fds <= 20  # kept eventfds, at most one per lookup in flight at once
+
+
+def test_an_interrupted_gethostbyname_r_never_writes_into_the_callers_buffer():
+    with slow_dns(0.3):
+        ret = ffi.new("struct hostent *")
+        buf = ffi.new("char[]", 1024)
+        ffi.memmove(buf, b"\xaa" * 1024, 1024)
+        result = ffi.new("struct hostent **")
+        herr = ffi.new("int *")
+        with gevent.Timeout(0.05, False):
+            lib.green_gethostbyname_r(b"late.greenify.test", ret, buf, 1024, result, herr)
+        gevent.sleep(0.5)
+        assert bytes(ffi.buffer(buf)) == b"\xaa" * 1024
+        assert ret.h_name == ffi.NULL
+
+
+def test_a_killed_lookup_ends_the_greenlet_at_once():
+    with slow_dns(0.3):
+        g = gevent.spawn(lambda: green_getaddrinfo(b"killed.greenify.test", None))
+        gevent.sleep(0.05)
+        start = time.monotonic()
+        g.kill()
+        assert time.monotonic() - start < 0.1
+        assert isinstance(g.value, gevent.GreenletExit)
+        gevent.sleep(0.4)
