@@ -16,6 +16,7 @@ HTTP server in the process that the ``slow_http`` fixture starts.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import importlib
 import os
@@ -26,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence
@@ -92,6 +94,14 @@ def read_log(path: str, limit: int = 8000) -> str:
     return text[-limit:]
 
 
+def _die_with_parent() -> None:
+    # In the server's process, between fork and exec (after any change of
+    # user): the kernel kills it if pytest dies without stopping it (SIGKILL,
+    # a timeout's SIGTERM), so no server outlives the test session.
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class ServerFailed(RuntimeError):
     """A server did not start: the message carries its command and log."""
 
@@ -129,7 +139,8 @@ class Process:
             # A session of its own: a ^C at the terminal reaches pytest, which
             # then stops the server in order, instead of killing it mid-test.
             self.popen = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+                                          stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=_die_with_parent, **kwargs)
 
     def wait_ready(self, is_ready: Callable[[], bool], timeout: float = STARTUP_TIMEOUT_S,
                    extra_log: Optional[str] = None) -> float:
@@ -163,8 +174,7 @@ class Process:
         if self.popen is None or self.popen.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
-            if self.popen.poll() is None:
-                os.kill(self.popen.pid, signal.SIGCONT)  # a test may have paused it
+            os.kill(self.popen.pid, signal.SIGCONT)  # a test may have paused it
             self.popen.send_signal(self.stop_signal)
         try:
             self.popen.wait(SHUTDOWN_TIMEOUT_S)
@@ -176,6 +186,31 @@ class Process:
     @property
     def pid(self) -> int:
         return self.popen.pid
+
+    @contextlib.contextmanager
+    def paused_for(self, seconds: float) -> Iterator[None]:
+        """Stop the server (SIGSTOP) now and let it go on (SIGCONT) after
+        `seconds`, from an OS thread, so it resumes even while a blocking
+        call holds the gevent hub.  Its connections stay open meanwhile:
+        requests wait unanswered.  Leaving the block resumes it in any case."""
+        from gevent.monkey import get_original  # an OS thread even under monkey.patch_all()
+
+        start_new_thread = get_original("_thread", "start_new_thread")
+        real_sleep = get_original("time", "sleep")
+        block_left = []
+
+        def resume_later() -> None:
+            real_sleep(seconds)
+            if not block_left:
+                os.kill(self.pid, signal.SIGCONT)
+
+        os.kill(self.pid, signal.SIGSTOP)
+        start_new_thread(resume_later, ())
+        try:
+            yield
+        finally:
+            block_left.append(True)
+            os.kill(self.pid, signal.SIGCONT)
 
 
 PORT_ATTEMPTS = 3
@@ -211,12 +246,35 @@ def running_on_free_port(name: str, command_for_port: Callable[[int], List[str]]
         process.stop()
 
 
+OWNER_PID_FILE = "pytest.pid"
+
+
+def _remove_stale_dirs(prefix: str) -> None:
+    """Remove folders a killed test session left behind: those whose
+    pytest.pid names a process that no longer exists."""
+    for path in glob.glob(os.path.join("/tmp", prefix + "*")):
+        try:
+            with open(os.path.join(path, OWNER_PID_FILE)) as pid_file:
+                owner_pid = int(pid_file.read())
+        except (OSError, ValueError):
+            continue  # not ours, or still being set up
+        try:
+            os.kill(owner_pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 @contextlib.contextmanager
 def scratch_dir(prefix: str, owner: Optional[str] = None) -> Iterator[str]:
     """A temporary folder under /tmp (short paths: unix socket paths are
     limited to 107 bytes), owned by `owner` if given, removed afterwards."""
+    _remove_stale_dirs(prefix)
     path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     try:
+        with open(os.path.join(path, OWNER_PID_FILE), "w") as pid_file:
+            pid_file.write(str(os.getpid()))
         if owner is not None:
             account = pwd.getpwnam(owner)
             os.chown(path, account.pw_uid, account.pw_gid)
@@ -394,16 +452,6 @@ class Memcached:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Stop the server process (SIGSTOP) for the block: connections stay
-        open, requests wait unanswered until it resumes."""
-        os.kill(self.process.pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            os.kill(self.process.pid, signal.SIGCONT)
-
 
 @contextlib.contextmanager
 def start_memcached() -> Iterator[Memcached]:
@@ -419,7 +467,8 @@ def start_memcached() -> Iterator[Memcached]:
         def answers_version(port: int) -> bool:
             return tcp_answers(port, b"version\r\n", b"VERSION ")
 
-        with running_on_free_port("memcached", command, log_path, answers_version) as (process, port):
+        # SIGKILL: memcached keeps nothing worth a graceful stop, which takes it a second.
+        with running_on_free_port("memcached", command, log_path, answers_version, signal.SIGKILL) as (process, port):
             yield Memcached(HOST, port, log_path, time.monotonic() - started, process)
 
 
@@ -443,7 +492,6 @@ def serve_slow_http() -> None:
     """The slow HTTP server's process: answers GET /?delay=S&tag=T after S
     seconds with ``slept S for T``, each request in a thread of its own.
     Prints its port on the first line of stdout once it listens."""
-    import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import parse_qs, urlsplit
 
@@ -483,8 +531,9 @@ def start_slow_http() -> Iterator[SlowHTTP]:
         process = Process("slow HTTP server", [sys.executable, "-u", os.path.abspath(__file__), "slow-http"], log_path)
         with open(port_path, "wb") as port_file:
             # stdout (the port) to its own file, stderr (the access log) to the log.
-            process.popen = subprocess.Popen(process.command, stdin=subprocess.DEVNULL, stdout=port_file,
-                                             stderr=open(log_path, "ab"), start_new_session=True)
+            with open(log_path, "ab") as log:
+                process.popen = subprocess.Popen(process.command, stdin=subprocess.DEVNULL, stdout=port_file,
+                                                 stderr=log, start_new_session=True, preexec_fn=_die_with_parent)
         try:
             def listening() -> bool:
                 with open(port_path) as port_file:
@@ -510,9 +559,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
         for line in _started:
             terminalreporter.write_line(line)
 
-def _session_server(start):
-    """Enter the `start()` context for the session; a server that fails to
-    start fails its tests with the log, it does not error the session."""
+def serve(start):
+    """For a generator fixture: enter `start()` (start_mariadb, ...) for the
+    fixture's lifetime.  A server that does not start fails the tests that
+    need it, with its log; a missing binary skips them."""
     import pytest
 
     try:
@@ -533,22 +583,22 @@ if pytest is not None:
     @pytest.fixture(scope="session")
     def mariadb() -> Iterator[MariaDB]:
         """A MariaDB server with user, password and database `greenify`."""
-        yield from _session_server(start_mariadb)
+        yield from serve(start_mariadb)
 
     @pytest.fixture(scope="session")
     def postgres() -> Iterator[PostgreSQL]:
         """A PostgreSQL server (trust authentication) with user and database `greenify`."""
-        yield from _session_server(start_postgres)
+        yield from serve(start_postgres)
 
     @pytest.fixture(scope="session")
     def memcached() -> Iterator[Memcached]:
         """A memcached server."""
-        yield from _session_server(start_memcached)
+        yield from serve(start_memcached)
 
     @pytest.fixture(scope="session")
     def slow_http() -> Iterator[SlowHTTP]:
         """An HTTP server, in a process of its own, that answers after the delay a URL asks for."""
-        yield from _session_server(start_slow_http)
+        yield from serve(start_slow_http)
 
     @pytest.fixture(scope="session")
     def MySQLdb():  # noqa: N802 - named as the module it hands out
