@@ -548,6 +548,27 @@ def start_slow_http() -> Iterator[SlowHTTP]:
             process.stop()
 
 
+# --- waiting for greenlets ---------------------------------------------------
+
+GREENLET_DEADLINE_S = 30.0
+
+
+def join_all(greenlets, deadline_s: float = GREENLET_DEADLINE_S) -> list:
+    """Wait for `greenlets` and return their values; re-raise the first
+    error.  Greenlets still waiting after `deadline_s` (a wait that never
+    wakes: a lost wake-up would otherwise hang the whole suite) are killed,
+    and the test fails saying so."""
+    import gevent
+    import pytest
+
+    finished = gevent.joinall(greenlets, timeout=deadline_s)
+    if len(finished) < len(greenlets):
+        gevent.killall([glet for glet in greenlets if not glet.ready()], block=True, timeout=5)
+        pytest.fail(f"{len(greenlets) - len(finished)} of {len(greenlets)} greenlets were still waiting after "
+                    f"{deadline_s:.0f} s: a green wait that was never woken", pytrace=False)
+    return [glet.get() for glet in greenlets]
+
+
 # --- fixtures ----------------------------------------------------------------
 
 _started: List[str] = []  # what the session started, for the terminal summary

@@ -41,9 +41,8 @@ def run_together(function, count: int):
     """Run function(index) in `count` greenlets at once; returns (seconds
     taken, results in index order)."""
     started = time.monotonic()
-    greenlets = [gevent.spawn(function, index) for index in range(count)]
-    gevent.joinall(greenlets, raise_error=True)
-    return time.monotonic() - started, [greenlet.value for greenlet in greenlets]
+    results = servers.join_all([gevent.spawn(function, index) for index in range(count)])
+    return time.monotonic() - started, results
 
 
 def assert_serial(elapsed: float, count: int, sleep_s: float, what: str) -> None:
@@ -151,7 +150,7 @@ def notify_and_listen(psycopg2, postgres, count: int, delay_s: float):
             listener.poll()
             while listener.notifies:
                 payloads.append(listener.notifies.pop(0).payload)
-        gevent.joinall(notifiers, raise_error=True)
+        servers.join_all(notifiers)
         return time.monotonic() - started, sorted(payloads)
     finally:
         listener.close()
@@ -194,9 +193,10 @@ def test_patched_listener_blocked_in_a_query_receives_notifications_sent_meanwhi
                 notifiers = [gevent.spawn(notify, index) for index in range(count)]
                 # The listener blocks in libpq for 2 s; the notifiers run
                 # meanwhile, and libpq keeps what arrives for psycopg2.
-                cursor.execute("SELECT pg_sleep(2)")
+                with gevent.Timeout(servers.GREENLET_DEADLINE_S):
+                    cursor.execute("SELECT pg_sleep(2)")
                 query_done = time.monotonic()
-            gevent.joinall(notifiers, raise_error=True)
+            servers.join_all(notifiers)
         assert len(notifier_done) == count and max(notifier_done) < query_done, \
             "the notifiers waited for the listener's blocking query"
         assert sorted(notify.payload for notify in listener.notifies) == payloads(count)
@@ -260,10 +260,9 @@ def late_answer_and_others(pylibmc, memcached, late_memcached, pause_s: float = 
     with late_memcached.process.paused_for(pause_s):
         late_greenlet = gevent.spawn(late)  # runs first: spawned first
         other_greenlets = [gevent.spawn(other, index) for index in range(others)]
-        gevent.joinall([late_greenlet, *other_greenlets], raise_error=True)
+        (value, answered_at), *others_done = servers.join_all([late_greenlet, *other_greenlets])
     late_client.disconnect_all()
-    value, answered_at = late_greenlet.value
-    return value, answered_at, [greenlet.value for greenlet in other_greenlets]
+    return value, answered_at, others_done
 
 
 def test_unpatched_late_memcached_blocks_every_other_greenlet(pylibmc, memcached, late_memcached):

@@ -15,6 +15,7 @@ import gevent
 import pytest
 
 import greenify
+import servers
 
 CONCURRENT_CONNECTIONS = 100
 SLEEP_S = 0.5
@@ -41,9 +42,8 @@ def sleep_on_own_connections(MySQLdb, mariadb, count: int, sleep_s: float):
             connection.close()
 
     started = time.monotonic()
-    greenlets = [gevent.spawn(query, index) for index in range(count)]
-    gevent.joinall(greenlets, raise_error=True)
-    return time.monotonic() - started, [greenlet.value for greenlet in greenlets]
+    rows = servers.join_all([gevent.spawn(query, index) for index in range(count)])
+    return time.monotonic() - started, rows
 
 
 def expected_rows(count: int):
@@ -141,3 +141,42 @@ def test_unpatching_restores_the_serial_behaviour(MySQLdb, mariadb, active):
     assert rows == expected_rows(UNPATCHED_CONNECTIONS)
     assert elapsed >= UNPATCHED_CONNECTIONS * UNPATCHED_SLEEP_S, (
         f"after unpatching, {UNPATCHED_CONNECTIONS} SLEEP({UNPATCHED_SLEEP_S}) took only {elapsed:.2f} s")
+
+
+def mixed_workload(MySQLdb, mariadb, index: int):
+    """Transactions, executemany, a large result set and a server-side
+    cursor on one connection; returns what each of them returned."""
+    connection = MySQLdb.connect(**mariadb.connect_kwargs())
+    try:
+        cursor = connection.cursor()
+        table = f"workload_{index}"
+        cursor.execute(f"CREATE TEMPORARY TABLE {table} (id INT PRIMARY KEY, label VARCHAR(64)) ENGINE=InnoDB")
+        cursor.executemany(f"INSERT INTO {table} VALUES (%s, %s)", [(row, f"row {row}") for row in range(2000)])
+        connection.commit()
+        cursor.execute(f"INSERT INTO {table} VALUES (-1, 'rolled back')")
+        connection.rollback()
+        cursor.execute(f"SELECT COUNT(*), SUM(id), MIN(label) FROM {table}")
+        after_rollback = cursor.fetchall()
+        # MariaDB's Sequence engine generates the rows: about 6 MB of results.
+        cursor.execute("SELECT seq, REPEAT(CHAR(65 + seq % 26), seq % 100) FROM seq_1_to_100000")
+        large = cursor.fetchall()
+        server_side = connection.cursor(MySQLdb.cursors.SSCursor)
+        server_side.execute("SELECT seq, MD5(seq) FROM seq_1_to_50000")
+        streamed = list(server_side)
+        server_side.close()
+        return after_rollback, large, streamed
+    finally:
+        connection.close()
+
+
+def test_transactions_executemany_large_results_and_server_side_cursors_match_unpatched(MySQLdb, mariadb, active):
+    import MySQLdb.cursors  # noqa: F401 - SSCursor
+
+    unpatched = mixed_workload(MySQLdb, mariadb, 0)
+    after_rollback, large, streamed = unpatched
+    assert after_rollback == ((2000, sum(range(2000)), "row 0"),)
+    assert len(large) == 100_000 and len(streamed) == 50_000
+    with greenify.patched("libmariadb"):
+        results = servers.join_all([gevent.spawn(mixed_workload, MySQLdb, mariadb, index) for index in range(5)])
+    for result in results:
+        assert result == unpatched
