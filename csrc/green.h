@@ -46,6 +46,7 @@ struct green_state {
     volatile int active;             /* greenify.greenify() was called */
     volatile int finalizing;         /* the interpreter is shutting down: never enter Python */
     volatile int interrupts_pending; /* greenlets interrupted and not yet back in Python */
+    int waiting;                     /* waits on a hub in progress, all threads (atomic) */
 };
 extern struct green_state green_state;
 
@@ -57,6 +58,10 @@ int64_t green_deadline_after_timespec(const struct timespec *timeout);
 
 /* Wait on the hub until one of the watches is ready or the deadline passes. */
 int green_wait(const struct green_watch *watches, int nwatches, int64_t deadline_ns);
+
+/* Before an fd is closed: greenlets waiting on it wake and probe again, to
+   find it gone, instead of waiting for ever on a descriptor epoll dropped. */
+void green_wake_waiters_on(int fd);
 
 /* True when the calling greenlet was interrupted and is still inside C:
    every green call then fails at once instead of waiting or doing I/O. */
@@ -78,6 +83,7 @@ void green_set_finalizing(void);
 void green_set_interrupts_pending(int count);
 
 /* The green twins (csrc/green_io.c). */
+int green_close(int fd);
 int green_connect(int fd, const struct sockaddr *addr, socklen_t addrlen);
 int green_accept(int fd, struct sockaddr *addr, socklen_t *addrlen);
 int green_accept4(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags);

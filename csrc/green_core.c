@@ -19,11 +19,12 @@
 
 #include "green.h"
 
-struct green_state green_state = {0, 0, 0};
+struct green_state green_state = {0, 0, 0, 0};
 
 /* Defined by cffi from greenify/_bridge.py (extern "Python+C"). */
 extern int greenify_wait(const struct green_watch *watches, int nwatches, double timeout_s);
 extern int greenify_interrupted(void);
+extern void greenify_closing(int fd);
 
 void green_set_active(int active) { green_state.active = active; }
 int green_is_active(void) { return green_state.active; }
@@ -197,7 +198,9 @@ int green_wait(const struct green_watch *watches, int nwatches, int64_t deadline
             return GREEN_TIMED_OUT;
         timeout_s = (double)left / 1e9;
     }
+    __atomic_add_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
     result = greenify_wait(watches, nwatches, timeout_s);
+    __atomic_sub_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
     if (result == GREEN_INTERRUPTED)
         arm_delivery();
     else if (result == GREEN_TIMED_OUT && deadline_ns != GREEN_NO_DEADLINE && green_now_ns() < deadline_ns)
@@ -214,6 +217,14 @@ int green_must_fail_fast(void)
         interrupted = greenify_interrupted();
     errno = saved_errno;
     return interrupted;
+}
+
+void green_wake_waiters_on(int fd)
+{
+    int saved_errno = errno;
+    if (green_state.active && !green_state.finalizing && __atomic_load_n(&green_state.waiting, __ATOMIC_RELAXED))
+        greenify_closing(fd);
+    errno = saved_errno;
 }
 
 /* SO_RCVTIMEO/SO_SNDTIMEO of a socket, as a deadline from now; none for

@@ -483,6 +483,16 @@ ssize_t green_writev(int fd, const struct iovec *iov, int iovcnt)
     return send_rest(fd, &msg, 0, n, saved_errno);
 }
 
+/* ---- close ---- */
+
+/* Waiters on fd are woken before it goes (libev must not be left watching a
+   descriptor that epoll dropped); they probe after the close and fail. */
+int green_close(int fd)
+{
+    green_wake_waiters_on(fd);
+    return close(fd);
+}
+
 /* ---- connect and accept ---- */
 
 int green_connect(int fd, const struct sockaddr *addr, socklen_t addrlen)

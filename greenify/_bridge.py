@@ -43,12 +43,14 @@ def _callback_failed(exc_type, exc_value, traceback) -> int:
 
 def _io_watchers(hub, watches, nwatches: int):
     """The hub's io watchers for these (fd, events), reused from one wait to
-    the next; a watcher another greenlet is waiting on gets a private twin.
+    the next (Python objects only: libev registers the fd anew each time);
+    a watcher another greenlet is waiting on gets a private twin.
     Returns the watchers and the private ones, which the wait closes."""
     try:
         cache = hub._greenify_io_watchers
     except AttributeError:
         cache = hub._greenify_io_watchers = {}
+        hub._greenify_private_watchers = set()
     watchers = []
     private = []
     for i in range(nwatches):
@@ -57,9 +59,14 @@ def _io_watchers(hub, watches, nwatches: int):
         watcher = cache.get(key)
         if watcher is None:
             watcher = cache[key] = hub.loop.io(fd, events)
-        elif watcher.active:
+        elif not watcher.active:
+            # The number may name another file by now: setting it again makes
+            # libev register it anew (a kept registration would never fire).
+            watcher.fd = fd
+        else:
             watcher = hub.loop.io(fd, events)
             private.append(watcher)
+            hub._greenify_private_watchers.add(watcher)
         watchers.append(watcher)
     return watchers, private
 
@@ -92,9 +99,27 @@ def greenify_wait(watches, nwatches: int, timeout: float) -> int:
         for watcher in watchers:
             watcher.stop()
         for watcher in private:
+            hub._greenify_private_watchers.discard(watcher)
             watcher.close()
         if timer is not None:
             timer.close()
+
+
+@ffi.def_extern(onerror=_callback_failed)
+def greenify_closing(fd: int) -> None:
+    # Called just before fd is closed: wake this hub's waiters on it, so
+    # that they probe again and fail instead of waiting for ever.
+    hub = get_hub_if_exists()
+    cache = getattr(hub, "_greenify_io_watchers", None) if hub is not None else None
+    if not cache:
+        return
+    waiting = [cache.get(fd << 2 | events) for events in (1, 2, 3)]
+    waiting.extend(watcher for watcher in hub._greenify_private_watchers if watcher.fd == fd)
+    for watcher in waiting:
+        if watcher is not None and watcher.active:
+            callback, args = watcher.callback, watcher.args
+            watcher.stop()
+            hub.loop.run_callback(callback, *args)
 
 
 @ffi.def_extern(onerror=lambda *exc_info: 0)
