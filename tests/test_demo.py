@@ -12,4 +12,5 @@ def test_demo_shows_the_greenified_run_finishing_together():
     times = dict(re.findall(r"^\s+(blocking|greenified)\s+([\d.]+) s", proc.stdout, re.M))
     assert float(times["blocking"]) >= 1.9  # 20 calls of 0.1 s, one after another
     assert float(times["greenified"]) < 1.0
-    assert "patched: connect, poll, recv, send" in proc.stdout
+    patched = re.search(r"patched: (.*)", proc.stdout).group(1).split(", ")
+    assert {"connect", "poll", "recv", "send"} <= set(patched)
