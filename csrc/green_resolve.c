@@ -83,11 +83,10 @@ struct green_offload_job {
 
 /* ---- the job ---- */
 
-/* Finished jobs' eventfds are kept open and reused rather than closed: the
-   wait bridge reuses the hub's io watcher for an fd number, and libev does
-   not notice that a number was closed and opened again in between (the new
-   file never gets into its epoll set, and the wait misses its wake-up).  An
-   fd that stays open is the same file for libev every time. */
+/* Finished jobs' eventfds are kept open and reused rather than closed: two
+   system calls fewer per lookup, and the hub's io watcher for that number
+   always refers to the same open file (libev cannot tell when a number was
+   closed and opened again between two waits). */
 #define SPARE_DONE_FDS 256
 static int spare_done_fds[SPARE_DONE_FDS];
 static int spare_done_fd_count;
