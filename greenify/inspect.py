@@ -293,8 +293,8 @@ def render_process(process: ProcessReport, painter: Painter, verbose: bool) -> L
             lines += textwrap.wrap(library.note, 78, initial_indent="    ", subsequent_indent="    ")
     lines.append("")
     if process.recommended:
-        calls = ", ".join(f'patch_library("{library.patch_name}")' for library in process.recommended)
-        lines.append(painter.paint("recommended: ", 1, 32) + calls)
+        lines.append(painter.paint("recommended:", 1, 32))
+        lines += [f'  greenify.patch_library("{library.patch_name}")' for library in process.recommended]
     else:
         lines += [painter.warn(line) for line in textwrap.wrap(
             "nothing to recommend: no loaded library outside Python, gevent and libc is a network client "
