@@ -318,6 +318,15 @@ class MariaDB:
         """Keyword arguments for MySQLdb.connect / pymysql.connect over TCP."""
         return dict(host=self.host, port=self.port, user=self.user, password=self.password, database=self.database)
 
+    def restart(self) -> float:
+        """Start the server again, on the same port, data and socket, after a
+        test killed it; returns the seconds until it answered.  The session's
+        clean-up stops the new process as it would have stopped the first."""
+        if self.process.popen.poll() is None:
+            raise RuntimeError(f"mariadbd (pid {self.process.pid}) is still running: kill it before restart()")
+        self.process.start()
+        return self.process.wait_ready(lambda: _mysql_handshake_received(self.port), extra_log=self.log_path)
+
 
 def _mysql_handshake_received(port: int) -> bool:
     # The server speaks first: a handshake packet whose payload begins with
