@@ -35,10 +35,9 @@ SOCKET_CALLS: FrozenSet[str] = frozenset({
     "connect", "accept", "accept4",
     "recv", "recvfrom", "recvmsg", "recvmmsg",
     "send", "sendto", "sendmsg", "sendmmsg",
-    "getaddrinfo", "gethostbyname", "gethostbyname_r", "gethostbyname2_r",
-}) & elf.BLOCKING_CALLS
-NETWORK_CALLS: FrozenSet[str] = SOCKET_CALLS | (
-    frozenset({"poll", "ppoll", "select", "pselect", "epoll_wait", "epoll_pwait"}) & elf.BLOCKING_CALLS)
+    "getaddrinfo", "getnameinfo", "gethostbyname", "gethostbyname_r", "gethostbyname2_r",
+})
+NETWORK_CALLS: FrozenSet[str] = SOCKET_CALLS | {"poll", "ppoll", "select", "pselect", "epoll_wait", "epoll_pwait"}
 SOCKET_SYMBOLS: FrozenSet[str] = elf.with_fortified_forms(SOCKET_CALLS)
 NETWORK_SYMBOLS: FrozenSet[str] = elf.with_fortified_forms(NETWORK_CALLS)
 
