@@ -70,6 +70,7 @@ def pg_sleeper(psycopg2, postgres, sleep_s: float):
     return query
 
 
+@pytest.mark.compat("psycopg2")
 def test_patch_library_libpq_finds_the_copy_bundled_in_psycopg2_binary(psycopg2):
     libs_dir = os.path.realpath(os.path.join(os.path.dirname(psycopg2.__file__), os.pardir, "psycopg2_binary.libs"))
     if not os.path.isdir(libs_dir):
@@ -85,12 +86,14 @@ def test_patch_library_libpq_finds_the_copy_bundled_in_psycopg2_binary(psycopg2)
     assert {"poll", "recv", "send", "connect"} <= symbols, repr(report)
 
 
+@pytest.mark.compat("psycopg2")
 def test_unpatched_pg_sleeps_run_one_after_another(psycopg2, postgres):
     elapsed, rows = run_together(pg_sleeper(psycopg2, postgres, UNPATCHED_SLEEP_S), UNPATCHED)
     assert rows == [[(index,)] for index in range(UNPATCHED)]
     assert_serial(elapsed, UNPATCHED, UNPATCHED_SLEEP_S, "pg_sleep")
 
 
+@pytest.mark.compat("psycopg2")
 def test_patched_pg_sleeps_on_50_connections_finish_together(psycopg2, postgres):
     with greenify.patched("libpq"):
         elapsed, rows = run_together(pg_sleeper(psycopg2, postgres, SLEEP_S), CONCURRENT)
@@ -114,6 +117,7 @@ def copy_in_and_out(psycopg2, postgres, rows: int):
         connection.close()
 
 
+@pytest.mark.compat("psycopg2")
 def test_copy_in_and_out_returns_the_same_rows_patched_and_unpatched(psycopg2, postgres):
     rows = 20_000  # about 1.3 MB each way: many partial reads and writes
     unpatched_sent, unpatched_received = copy_in_and_out(psycopg2, postgres, rows)
@@ -161,6 +165,7 @@ def payloads(count: int):
     return sorted(f"payload {index}" for index in range(count))
 
 
+@pytest.mark.compat("psycopg2")
 def test_listen_notify_delivers_every_payload_patched_and_unpatched(psycopg2, postgres):
     elapsed, received = notify_and_listen(psycopg2, postgres, UNPATCHED, UNPATCHED_SLEEP_S)
     assert received == payloads(UNPATCHED)
@@ -171,6 +176,7 @@ def test_listen_notify_delivers_every_payload_patched_and_unpatched(psycopg2, po
     assert_together(elapsed, 10, SLEEP_S, "pg_sleep + NOTIFY")
 
 
+@pytest.mark.compat("psycopg2")
 def test_patched_listener_blocked_in_a_query_receives_notifications_sent_meanwhile(psycopg2, postgres):
     count = 5
     listener = psycopg2.connect(postgres.dsn)
@@ -227,6 +233,7 @@ def expected_round_trips(count: int):
             for index in range(count)]
 
 
+@pytest.mark.compat("pylibmc")
 def test_50_clients_round_trip_the_same_values_patched_and_unpatched(pylibmc, memcached):
     _, unpatched = run_together(memcached_round_trip(pylibmc, memcached.address), CONCURRENT)
     assert unpatched == expected_round_trips(CONCURRENT)
@@ -266,6 +273,7 @@ def late_answer_and_others(pylibmc, memcached, late_memcached, pause_s: float = 
     return value, answered_at, others_done
 
 
+@pytest.mark.compat("pylibmc")
 def test_unpatched_late_memcached_blocks_every_other_greenlet(pylibmc, memcached, late_memcached):
     value, answered_at, others_done = late_answer_and_others(pylibmc, memcached, late_memcached)
     assert value == "answer"
@@ -273,6 +281,7 @@ def test_unpatched_late_memcached_blocks_every_other_greenlet(pylibmc, memcached
     assert min(others_done) >= answered_at, "other greenlets ran while libmemcached blocked, unpatched"
 
 
+@pytest.mark.compat("pylibmc")
 def test_patched_late_memcached_does_not_block_other_greenlets(pylibmc, memcached, late_memcached):
     with greenify.patched("libmemcached"):
         value, answered_at, others_done = late_answer_and_others(pylibmc, memcached, late_memcached)
@@ -304,12 +313,14 @@ def expected_bodies(count: int, delay_s: float):
     return [(200, f"slept {delay_s} for {index}") for index in range(count)]
 
 
+@pytest.mark.compat("pycurl")
 def test_unpatched_transfers_run_one_after_another(pycurl, slow_http):
     elapsed, results = run_together(fetcher(pycurl, slow_http, UNPATCHED_SLEEP_S), UNPATCHED)
     assert results == expected_bodies(UNPATCHED, UNPATCHED_SLEEP_S)
     assert_serial(elapsed, UNPATCHED, UNPATCHED_SLEEP_S, "transfers")
 
 
+@pytest.mark.compat("pycurl")
 def test_patched_50_transfers_finish_together(pycurl, slow_http):
     with greenify.patched("libcurl"):
         elapsed, results = run_together(fetcher(pycurl, slow_http, SLEEP_S), CONCURRENT)
@@ -317,6 +328,7 @@ def test_patched_50_transfers_finish_together(pycurl, slow_http):
     assert_together(elapsed, CONCURRENT, SLEEP_S, "transfers")
 
 
+@pytest.mark.compat("pycurl")
 def test_patched_transfers_by_host_name_finish_together(pycurl, slow_http):
     count = 10
     with greenify.patched("libcurl"):

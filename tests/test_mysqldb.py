@@ -17,6 +17,8 @@ import pytest
 import greenify
 import servers
 
+pytestmark = pytest.mark.compat("MySQLdb")
+
 CONCURRENT_CONNECTIONS = 100
 SLEEP_S = 0.5
 # Serial, 100 x 0.5 s would take 50 s; together they take about one SLEEP
