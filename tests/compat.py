@@ -4,9 +4,9 @@ A test marked ``@pytest.mark.compat("psycopg2")`` (or a module with
 ``pytestmark = pytest.mark.compat("MySQLdb")``) counts for that driver's row
 of ROWS.  When a session in which marked tests ran ends, this plugin writes
 each row's driver and C library versions and its tests' outcomes to
-tests/compat-results.json; rows whose tests did not run this time keep what
-the file said before, so running one test file updates only its rows (run
-all of a row's tests, as `make test` does, before regenerating the table).
+tests/compat-results.json, one outcome per test; tests that did not run
+this time keep the outcome the file gave them before, so running one test
+file, or one test, updates only what ran.
 
 As a script it renders that file as the README's Markdown table:
 
@@ -24,6 +24,8 @@ import platform
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
+
+import pytest
 
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat-results.json")
 README_START = "<!-- compat:start -->"
@@ -85,7 +87,8 @@ def row_result(passed: int, failed: int, skipped: int) -> str:
 # --- the pytest plugin ---------------------------------------------------------
 
 _row_of_test: Dict[str, str] = {}   # nodeid -> row name, for marked tests
-_outcomes: Dict[str, str] = {}      # nodeid -> passed / failed / skipped
+_outcomes: Dict[str, str] = {}      # nodeid -> passed / failed / skipped / xfailed, this session
+_collected_files: set = set()       # test files collected this session, before any -k deselection
 
 
 def pytest_configure(config) -> None:
@@ -93,8 +96,10 @@ def pytest_configure(config) -> None:
                                        "README's compatibility table (tests/compat.py)")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items) -> None:
     for item in items:
+        _collected_files.add(_file_of(item.nodeid))
         marker = item.get_closest_marker("compat")
         if marker is None:
             continue
@@ -118,28 +123,41 @@ def pytest_runtest_logreport(report) -> None:
         _outcomes[report.nodeid] = "passed"
 
 
+def _file_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     if not _outcomes:
         return
     results = load_results()
     for driver, row in ROWS.items():
-        tests = {nodeid: outcome for nodeid, outcome in _outcomes.items() if _row_of_test[nodeid] == driver}
+        ran = {nodeid: outcome for nodeid, outcome in _outcomes.items() if _row_of_test[nodeid] == driver}
+        earlier = results["rows"].get(driver, {})
+        # Merge with earlier runs: a test that did not run this time keeps its
+        # outcome, unless its file was collected and it was not in it
+        # (renamed, removed or no longer marked) or its file is gone.
+        tests = {nodeid: outcome for nodeid, outcome in earlier.get("tests", {}).items()
+                 if (_file_of(nodeid) not in _collected_files or _row_of_test.get(nodeid) == driver)
+                 and os.path.exists(os.path.join(session.config.rootpath, _file_of(nodeid)))}
+        tests.update(ran)
         if not tests:
+            results["rows"].pop(driver, None)
             continue
+        if not ran and tests == earlier.get("tests"):
+            continue  # nothing new: keep the versions it was recorded with
         counts = {kind: sum(1 for outcome in tests.values() if outcome == kind)
                   for kind in ("passed", "failed", "skipped", "xfailed")}
-        results["rows"][driver] = {
-            "driver": driver,
+        entry = dict(earlier) if not ran else {
             "versions": {package: _package_version(package) for package in row.packages},
-            "library": row.library,
             "library_version": _library_version(row),
-            **counts,
-            "result": row_result(counts["passed"], counts["failed"], counts["skipped"]),
-            "failed_tests": sorted(nodeid for nodeid, outcome in tests.items() if outcome == "failed"),
             "python": platform.python_version(),
             "gevent": _package_version("gevent"),
             "machine": platform.machine(),
         }
+        entry.update(driver=driver, library=row.library, **counts, tests=dict(sorted(tests.items())),
+                     result=row_result(counts["passed"], counts["failed"], counts["skipped"]))
+        results["rows"][driver] = entry
     with open(RESULTS_PATH + ".tmp", "w") as out:
         json.dump(results, out, indent=2, sort_keys=True)
         out.write("\n")
