@@ -37,6 +37,24 @@
    as fatal for the call, unlike EINTR and EAGAIN, which they retry. */
 #define GREEN_INTERRUPTED_ERRNO ETIMEDOUT
 
+/* The green functions, for greenify.stats(): X(name) once each; the
+   fortified forms count as their plain function. */
+#define GREEN_FUNCTIONS(X)                                                                      \
+    X(connect) X(accept) X(accept4) X(recv) X(recvfrom) X(recvmsg) X(send) X(sendto) X(sendmsg) \
+    X(read) X(write) X(readv) X(writev) X(poll) X(ppoll) X(select) X(pselect) X(epoll_wait)      \
+    X(epoll_pwait) X(sleep) X(usleep) X(nanosleep) X(clock_nanosleep) X(getaddrinfo)             \
+    X(getnameinfo) X(gethostbyname) X(gethostbyname_r)
+#define GREEN_FUNCTION_ID(name) GREEN_FN_##name,
+enum green_function { GREEN_FUNCTIONS(GREEN_FUNCTION_ID) GREEN_FUNCTION_COUNT };
+
+/* One call's waits, as counted by greenify.stats(): the call counts once,
+   however many times it waits. */
+struct green_call {
+    int function; /* enum green_function */
+    int waited;
+};
+#define GREEN_CALL(name) {GREEN_FN_##name, 0}
+
 struct green_watch {
     int fd;
     int events; /* GREEN_READ | GREEN_WRITE */
@@ -57,7 +75,7 @@ int64_t green_deadline_after_ms(int timeout_ms);
 int64_t green_deadline_after_timespec(const struct timespec *timeout);
 
 /* Wait on the hub until one of the watches is ready or the deadline passes. */
-int green_wait(const struct green_watch *watches, int nwatches, int64_t deadline_ns);
+int green_wait(struct green_call *call, const struct green_watch *watches, int nwatches, int64_t deadline_ns);
 
 /* Before an fd is closed: greenlets waiting on it wake and probe again, to
    find it gone, instead of waiting for ever on a descriptor epoll dropped. */
@@ -70,10 +88,11 @@ int green_must_fail_fast(void);
 /* One blocking data call's wait on one fd, with what it learns on the way:
    whether the fd is O_NONBLOCK and the socket's SO_RCVTIMEO/SO_SNDTIMEO. */
 struct green_io_wait {
+    struct green_call call;
     int looked_up;
     int64_t deadline_ns;
 };
-#define GREEN_IO_WAIT_INIT {0, GREEN_NO_DEADLINE}
+#define GREEN_IO_WAIT_INIT(name) {GREEN_CALL(name), 0, GREEN_NO_DEADLINE}
 int green_wait_io(int fd, int events, struct green_io_wait *io_wait);
 
 /* Python-side control, called through cffi. */
@@ -81,6 +100,10 @@ void green_set_active(int active);
 int green_is_active(void);
 void green_set_finalizing(void);
 void green_set_interrupts_pending(int count);
+int green_stats_count(void);
+const char *green_stats_name(int function);
+void green_stats_read(int function, unsigned long long *calls, unsigned long long *wait_ns);
+void green_stats_reset(void);
 
 /* The green twins (csrc/green_io.c). */
 int green_close(int fd);

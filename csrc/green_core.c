@@ -31,6 +31,50 @@ int green_is_active(void) { return green_state.active; }
 void green_set_finalizing(void) { green_state.finalizing = 1; }
 void green_set_interrupts_pending(int count) { green_state.interrupts_pending = count; }
 
+/* ---- wait statistics (greenify.stats()): counted on the wait path only ---- */
+
+struct green_stat {
+    unsigned long long calls;
+    unsigned long long wait_ns;
+};
+static struct green_stat green_stats[GREEN_FUNCTION_COUNT];
+#define GREEN_FUNCTION_NAME(name) #name,
+static const char *const green_function_names[] = {GREEN_FUNCTIONS(GREEN_FUNCTION_NAME)};
+
+int green_stats_count(void) { return GREEN_FUNCTION_COUNT; }
+
+const char *green_stats_name(int function)
+{
+    return function >= 0 && function < GREEN_FUNCTION_COUNT ? green_function_names[function] : "";
+}
+
+void green_stats_read(int function, unsigned long long *calls, unsigned long long *wait_ns)
+{
+    *calls = *wait_ns = 0;
+    if (function >= 0 && function < GREEN_FUNCTION_COUNT) {
+        *calls = __atomic_load_n(&green_stats[function].calls, __ATOMIC_RELAXED);
+        *wait_ns = __atomic_load_n(&green_stats[function].wait_ns, __ATOMIC_RELAXED);
+    }
+}
+
+void green_stats_reset(void)
+{
+    for (int i = 0; i < GREEN_FUNCTION_COUNT; i++) {
+        __atomic_store_n(&green_stats[i].calls, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&green_stats[i].wait_ns, 0, __ATOMIC_RELAXED);
+    }
+}
+
+static void count_wait(struct green_call *call, int64_t started_ns)
+{
+    struct green_stat *stat = &green_stats[call->function];
+    if (!call->waited) {
+        call->waited = 1;
+        __atomic_add_fetch(&stat->calls, 1, __ATOMIC_RELAXED);
+    }
+    __atomic_add_fetch(&stat->wait_ns, (unsigned long long)(green_now_ns() - started_ns), __ATOMIC_RELAXED);
+}
+
 int64_t green_now_ns(void)
 {
     struct timespec now;
@@ -184,10 +228,11 @@ static int deliver_trace(PyObject *saved, PyFrameObject *frame, int what, PyObje
 
 /* ---- waiting ---- */
 
-int green_wait(const struct green_watch *watches, int nwatches, int64_t deadline_ns)
+int green_wait(struct green_call *call, const struct green_watch *watches, int nwatches, int64_t deadline_ns)
 {
     double timeout_s = -1.0;
     int saved_errno = errno;
+    int64_t started_ns;
     int result;
 
     if (!green_state.active || green_state.finalizing)
@@ -198,9 +243,12 @@ int green_wait(const struct green_watch *watches, int nwatches, int64_t deadline
             return GREEN_TIMED_OUT;
         timeout_s = (double)left / 1e9;
     }
+    started_ns = green_now_ns();
     __atomic_add_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
     result = greenify_wait(watches, nwatches, timeout_s);
     __atomic_sub_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
+    if (result != GREEN_CANNOT_WAIT)
+        count_wait(call, started_ns);
     if (result == GREEN_INTERRUPTED)
         arm_delivery();
     else if (result == GREEN_TIMED_OUT && deadline_ns != GREEN_NO_DEADLINE && green_now_ns() < deadline_ns)
@@ -254,5 +302,5 @@ int green_wait_io(int fd, int events, struct green_io_wait *io_wait)
         io_wait->deadline_ns = socket_timeout_deadline(fd, events);
         errno = saved_errno;
     }
-    return green_wait(&watch, 1, io_wait->deadline_ns);
+    return green_wait(&io_wait->call, &watch, 1, io_wait->deadline_ns);
 }

@@ -30,13 +30,14 @@ static int ms_left(int64_t deadline_ns)
 }
 
 /* epoll_wait and epoll_pwait after a zero-timeout probe found nothing. */
-static int epoll_until(int epfd, struct epoll_event *events, int maxevents, int64_t deadline_ns,
+static int epoll_until(int function, int epfd, struct epoll_event *events, int maxevents, int64_t deadline_ns,
                        const sigset_t *sigmask, int saved_errno)
 {
     struct green_watch watch = {epfd, GREEN_READ};
+    struct green_call stats = {function, 0};
     int status, ready;
     for (;;) {
-        status = green_wait(&watch, 1, deadline_ns);
+        status = green_wait(&stats, &watch, 1, deadline_ns);
         if (status == GREEN_CANNOT_WAIT) {
             errno = saved_errno;
             return epoll_pwait(epfd, events, maxevents, ms_left(deadline_ns), sigmask);
@@ -65,7 +66,7 @@ int green_epoll_pwait(int epfd, struct epoll_event *events, int maxevents, int t
     ready = epoll_pwait(epfd, events, maxevents, 0, sigmask);
     if (ready != 0 || timeout == 0) /* events, or an error (EBADF, EINVAL, EFAULT) as the kernel gives it */
         return ready;
-    return epoll_until(epfd, events, maxevents, green_deadline_after_ms(timeout), sigmask, saved_errno);
+    return epoll_until(GREEN_FN_epoll_pwait, epfd, events, maxevents, green_deadline_after_ms(timeout), sigmask, saved_errno);
 }
 
 int green_epoll_wait(int epfd, struct epoll_event *events, int maxevents, int timeout)
@@ -79,5 +80,5 @@ int green_epoll_wait(int epfd, struct epoll_event *events, int maxevents, int ti
     ready = epoll_wait(epfd, events, maxevents, 0);
     if (ready != 0 || timeout == 0)
         return ready;
-    return epoll_until(epfd, events, maxevents, green_deadline_after_ms(timeout), NULL, saved_errno);
+    return epoll_until(GREEN_FN_epoll_wait, epfd, events, maxevents, green_deadline_after_ms(timeout), NULL, saved_errno);
 }

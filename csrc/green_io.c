@@ -35,6 +35,7 @@
 
 /* A socket call that can be attempted again with other flags. */
 struct socket_call {
+    int function; /* enum green_function, for greenify.stats() */
     int fd;
     int events;
     ssize_t (*attempt)(const struct socket_call *call, int flags);
@@ -66,7 +67,7 @@ static ssize_t attempt_sendmsg(const struct socket_call *c, int flags)
    SO_RCVTIMEO/SO_SNDTIMEO as the kernel would. */
 static ssize_t wait_and_retry(const struct socket_call *call, int flags, int saved_errno)
 {
-    struct green_io_wait io_wait = GREEN_IO_WAIT_INIT;
+    struct green_io_wait io_wait = {{call->function, 0}, 0, GREEN_NO_DEADLINE};
     for (;;) {
         ssize_t n;
         switch (green_wait_io(call->fd, call->events, &io_wait)) {
@@ -152,12 +153,12 @@ static ssize_t partial_or_error(size_t done)
    send (and recv with MSG_WAITALL) does: wait and continue after partial
    transfers until all of it moved, the peer closed, or an error.  `done`
    bytes already moved in the caller's first attempt. */
-static ssize_t transfer_all(int fd, int events, const struct msghdr *msg, int flags, size_t done,
+static ssize_t transfer_all(int function, int fd, int events, const struct msghdr *msg, int flags, size_t done,
                             int saved_errno)
 {
     struct iovec *allocated = NULL;
     struct iov_cursor cursor;
-    struct green_io_wait io_wait = GREEN_IO_WAIT_INIT;
+    struct green_io_wait io_wait = {{function, 0}, 0, GREEN_NO_DEADLINE};
     struct msghdr rest = *msg;
     size_t total = iov_total(msg->msg_iov, (int)msg->msg_iovlen);
     ssize_t result;
@@ -238,7 +239,7 @@ static int is_stream_socket(int fd)
 /* ---- receiving ---- */
 
 /* recv with MSG_WAITALL on a blocking stream: keep receiving until full. */
-static ssize_t recv_waitall(int fd, struct msghdr *msg, int flags, int saved_errno)
+static ssize_t recv_waitall(int function, int fd, struct msghdr *msg, int flags, int saved_errno)
 {
     ssize_t n = recvmsg(fd, msg, flags | MSG_DONTWAIT);
     size_t total = iov_total(msg->msg_iov, (int)msg->msg_iovlen);
@@ -246,10 +247,13 @@ static ssize_t recv_waitall(int fd, struct msghdr *msg, int flags, int saved_err
         return -1;
     if (n == 0 || (size_t)(n < 0 ? 0 : n) == total)
         return n;
-    return transfer_all(fd, GREEN_READ, msg, flags, n < 0 ? 0 : (size_t)n, saved_errno);
+    return transfer_all(function, fd, GREEN_READ, msg, flags, n < 0 ? 0 : (size_t)n, saved_errno);
 }
 
-ssize_t green_recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr, socklen_t *addrlen)
+/* recvfrom, counted in greenify.stats() as `function` (recv calls it too). */
+static inline __attribute__((always_inline)) ssize_t recvfrom_as(int function, int fd, void *buf, size_t len,
+                                                                 int flags, struct sockaddr *addr,
+                                                                 socklen_t *addrlen)
 {
     ssize_t n;
     int saved_errno;
@@ -260,7 +264,7 @@ ssize_t green_recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr
     if (unlikely(flags & MSG_WAITALL) && len > 0 && is_stream_socket(fd)) {
         struct iovec iov = {buf, len};
         struct msghdr msg = {addr, addrlen ? *addrlen : 0, &iov, 1, NULL, 0, 0};
-        n = recv_waitall(fd, &msg, flags, saved_errno);
+        n = recv_waitall(function, fd, &msg, flags, saved_errno);
         if (n >= 0 && addrlen != NULL)
             *addrlen = msg.msg_namelen;
         return n;
@@ -268,13 +272,18 @@ ssize_t green_recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr
     n = recvfrom(fd, buf, len, flags | MSG_DONTWAIT, addr, addrlen);
     if (likely(n >= 0) || errno != EAGAIN)
         return n;
-    struct socket_call call = {fd, GREEN_READ, attempt_recvfrom, buf, len, addr, addrlen, NULL, 0};
+    struct socket_call call = {function, fd, GREEN_READ, attempt_recvfrom, buf, len, addr, addrlen, NULL, 0};
     return wait_and_retry(&call, flags, saved_errno);
+}
+
+ssize_t green_recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr, socklen_t *addrlen)
+{
+    return recvfrom_as(GREEN_FN_recvfrom, fd, buf, len, flags, addr, addrlen);
 }
 
 ssize_t green_recv(int fd, void *buf, size_t len, int flags)
 {
-    return green_recvfrom(fd, buf, len, flags, NULL, NULL);
+    return recvfrom_as(GREEN_FN_recv, fd, buf, len, flags, NULL, NULL);
 }
 
 ssize_t green_recvmsg(int fd, struct msghdr *msg, int flags)
@@ -286,11 +295,11 @@ ssize_t green_recvmsg(int fd, struct msghdr *msg, int flags)
     FAIL_IF_INTERRUPTED();
     saved_errno = errno;
     if (unlikely(flags & MSG_WAITALL) && msg != NULL && is_stream_socket(fd))
-        return recv_waitall(fd, msg, flags, saved_errno);
+        return recv_waitall(GREEN_FN_recvmsg, fd, msg, flags, saved_errno);
     n = recvmsg(fd, msg, flags | MSG_DONTWAIT);
     if (likely(n >= 0) || errno != EAGAIN)
         return n;
-    struct socket_call call = {fd, GREEN_READ, attempt_recvmsg, NULL, 0, NULL, NULL, msg, 0};
+    struct socket_call call = {GREEN_FN_recvmsg, fd, GREEN_READ, attempt_recvmsg, NULL, 0, NULL, NULL, msg, 0};
     return wait_and_retry(&call, flags, saved_errno);
 }
 
@@ -298,15 +307,17 @@ ssize_t green_recvmsg(int fd, struct msghdr *msg, int flags)
 
 /* After a first attempt that moved `sent` bytes of less than all, or failed
    with EAGAIN: a blocking stream send goes on until all is sent. */
-static ssize_t send_rest(int fd, const struct msghdr *msg, int flags, ssize_t sent, int saved_errno)
+static ssize_t send_rest(int function, int fd, const struct msghdr *msg, int flags, ssize_t sent, int saved_errno)
 {
     if (sent < 0 && errno != EAGAIN)
         return -1;
-    return transfer_all(fd, GREEN_WRITE, msg, flags, sent < 0 ? 0 : (size_t)sent, saved_errno);
+    return transfer_all(function, fd, GREEN_WRITE, msg, flags, sent < 0 ? 0 : (size_t)sent, saved_errno);
 }
 
-ssize_t green_sendto(int fd, const void *buf, size_t len, int flags, const struct sockaddr *addr,
-                     socklen_t addrlen)
+/* sendto, counted in greenify.stats() as `function` (send calls it too). */
+static inline __attribute__((always_inline)) ssize_t sendto_as(int function, int fd, const void *buf, size_t len,
+                                                               int flags, const struct sockaddr *addr,
+                                                               socklen_t addrlen)
 {
     ssize_t n;
     int saved_errno;
@@ -321,12 +332,18 @@ ssize_t green_sendto(int fd, const void *buf, size_t len, int flags, const struc
         return n;
     struct iovec iov = {(void *)buf, len};
     struct msghdr msg = {(void *)addr, addrlen, &iov, 1, NULL, 0, 0};
-    return send_rest(fd, &msg, flags, n, saved_errno);
+    return send_rest(function, fd, &msg, flags, n, saved_errno);
+}
+
+ssize_t green_sendto(int fd, const void *buf, size_t len, int flags, const struct sockaddr *addr,
+                     socklen_t addrlen)
+{
+    return sendto_as(GREEN_FN_sendto, fd, buf, len, flags, addr, addrlen);
 }
 
 ssize_t green_send(int fd, const void *buf, size_t len, int flags)
 {
-    return green_sendto(fd, buf, len, flags, NULL, 0);
+    return sendto_as(GREEN_FN_send, fd, buf, len, flags, NULL, 0);
 }
 
 ssize_t green_sendmsg(int fd, const struct msghdr *msg, int flags)
@@ -347,9 +364,9 @@ ssize_t green_sendmsg(int fd, const struct msghdr *msg, int flags)
         struct msghdr rest = *msg;
         rest.msg_control = NULL;
         rest.msg_controllen = 0;
-        return send_rest(fd, &rest, flags, n, saved_errno);
+        return send_rest(GREEN_FN_sendmsg, fd, &rest, flags, n, saved_errno);
     }
-    return send_rest(fd, msg, flags, n, saved_errno);
+    return send_rest(GREEN_FN_sendmsg, fd, msg, flags, n, saved_errno);
 }
 
 /* ---- read/write and friends: sockets and other files ---- */
@@ -357,6 +374,7 @@ ssize_t green_sendmsg(int fd, const struct msghdr *msg, int flags)
 /* A read or write on a file that is not a socket: probe with poll() first,
    wait on the hub while a blocking descriptor is not ready. */
 struct file_call {
+    int function; /* enum green_function, for greenify.stats() */
     int fd;
     int events;
     void *buf;
@@ -376,6 +394,7 @@ static ssize_t file_io(const struct file_call *call, int saved_errno)
 {
     struct pollfd probe = {call->fd, (short)(call->events == GREEN_READ ? POLLIN : POLLOUT), 0};
     struct green_watch watch = {call->fd, call->events};
+    struct green_call stats = {call->function, 0};
     for (;;) {
         int flags;
         errno = saved_errno;
@@ -385,7 +404,7 @@ static ssize_t file_io(const struct file_call *call, int saved_errno)
         errno = saved_errno;
         if (flags < 0 || (flags & O_NONBLOCK))
             return file_attempt(call);
-        switch (green_wait(&watch, 1, GREEN_NO_DEADLINE)) {
+        switch (green_wait(&stats, &watch, 1, GREEN_NO_DEADLINE)) {
         case GREEN_INTERRUPTED:
             errno = GREEN_INTERRUPTED_ERRNO;
             return -1;
@@ -409,12 +428,12 @@ ssize_t green_read(int fd, void *buf, size_t count)
     if (likely(n >= 0))
         return n;
     if (errno == ENOTSOCK) {
-        struct file_call call = {fd, GREEN_READ, buf, count, NULL, 0};
+        struct file_call call = {GREEN_FN_read, fd, GREEN_READ, buf, count, NULL, 0};
         return file_io(&call, saved_errno);
     }
     if (errno != EAGAIN)
         return -1;
-    struct socket_call call = {fd, GREEN_READ, attempt_recvfrom, buf, count, NULL, NULL, NULL, 0};
+    struct socket_call call = {GREEN_FN_read, fd, GREEN_READ, attempt_recvfrom, buf, count, NULL, NULL, NULL, 0};
     return wait_and_retry(&call, 0, saved_errno);
 }
 
@@ -430,14 +449,14 @@ ssize_t green_write(int fd, const void *buf, size_t count)
     if (likely(n >= 0 && (size_t)n == count))
         return n;
     if (n < 0 && errno == ENOTSOCK) {
-        struct file_call call = {fd, GREEN_WRITE, (void *)buf, count, NULL, 0};
+        struct file_call call = {GREEN_FN_write, fd, GREEN_WRITE, (void *)buf, count, NULL, 0};
         return file_io(&call, saved_errno);
     }
     if (n < 0 && errno != EAGAIN)
         return n;
     struct iovec iov = {(void *)buf, count};
     struct msghdr msg = {NULL, 0, &iov, 1, NULL, 0, 0};
-    return send_rest(fd, &msg, 0, n, saved_errno);
+    return send_rest(GREEN_FN_write, fd, &msg, 0, n, saved_errno);
 }
 
 ssize_t green_readv(int fd, const struct iovec *iov, int iovcnt)
@@ -453,12 +472,12 @@ ssize_t green_readv(int fd, const struct iovec *iov, int iovcnt)
     if (likely(n >= 0))
         return n;
     if (errno == ENOTSOCK) {
-        struct file_call call = {fd, GREEN_READ, NULL, 0, iov, iovcnt};
+        struct file_call call = {GREEN_FN_readv, fd, GREEN_READ, NULL, 0, iov, iovcnt};
         return file_io(&call, saved_errno);
     }
     if (errno != EAGAIN)
         return -1;
-    struct socket_call call = {fd, GREEN_READ, attempt_recvmsg, NULL, 0, NULL, NULL, &msg, 0};
+    struct socket_call call = {GREEN_FN_readv, fd, GREEN_READ, attempt_recvmsg, NULL, 0, NULL, NULL, &msg, 0};
     return wait_and_retry(&call, 0, saved_errno);
 }
 
@@ -473,14 +492,14 @@ ssize_t green_writev(int fd, const struct iovec *iov, int iovcnt)
     struct msghdr msg = {NULL, 0, (struct iovec *)iov, (size_t)iovcnt, NULL, 0, 0};
     n = sendmsg(fd, &msg, MSG_DONTWAIT);
     if (n < 0 && errno == ENOTSOCK) {
-        struct file_call call = {fd, GREEN_WRITE, NULL, 0, iov, iovcnt};
+        struct file_call call = {GREEN_FN_writev, fd, GREEN_WRITE, NULL, 0, iov, iovcnt};
         return file_io(&call, saved_errno);
     }
     if (n < 0 && errno != EAGAIN)
         return n;
     if (n >= 0 && (size_t)n == iov_total(iov, iovcnt))
         return n;
-    return send_rest(fd, &msg, 0, n, saved_errno);
+    return send_rest(GREEN_FN_writev, fd, &msg, 0, n, saved_errno);
 }
 
 /* ---- close ---- */
@@ -497,7 +516,7 @@ int green_close(int fd)
 
 int green_connect(int fd, const struct sockaddr *addr, socklen_t addrlen)
 {
-    struct green_io_wait io_wait = GREEN_IO_WAIT_INIT;
+    struct green_io_wait io_wait = GREEN_IO_WAIT_INIT(connect);
     int saved_errno, flags, rc, connect_errno;
     if (!green_state.active)
         return connect(fd, addr, addrlen);
@@ -580,10 +599,12 @@ int green_connect(int fd, const struct sockaddr *addr, socklen_t addrlen)
     }
 }
 
-int green_accept4(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
+/* accept4, counted in greenify.stats() as `function` (accept calls it too). */
+static int accept4_as(int function, int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
 {
-    struct green_io_wait io_wait = GREEN_IO_WAIT_INIT;
+    struct green_io_wait io_wait = {GREEN_CALL(accept4), 0, GREEN_NO_DEADLINE};
     int saved_errno;
+    io_wait.call.function = function;
     if (!green_state.active)
         return accept4(fd, addr, addrlen, flags);
     FAIL_IF_INTERRUPTED();
@@ -616,9 +637,14 @@ int green_accept4(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
     }
 }
 
+int green_accept4(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
+{
+    return accept4_as(GREEN_FN_accept4, fd, addr, addrlen, flags);
+}
+
 int green_accept(int fd, struct sockaddr *addr, socklen_t *addrlen)
 {
-    return green_accept4(fd, addr, addrlen, 0);
+    return accept4_as(GREEN_FN_accept, fd, addr, addrlen, 0);
 }
 
 /* ---- glibc's fortified entry points (-D_FORTIFY_SOURCE) ---- */

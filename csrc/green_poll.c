@@ -113,9 +113,10 @@ static const struct timespec *time_left(int64_t deadline_ns, struct timespec *le
 }
 
 /* poll and ppoll after a zero-timeout probe found nothing ready. */
-static int poll_until(struct pollfd *fds, nfds_t nfds, int64_t deadline_ns, const sigset_t *sigmask,
+static int poll_until(int function, struct pollfd *fds, nfds_t nfds, int64_t deadline_ns, const sigset_t *sigmask,
                       int saved_errno)
 {
+    struct green_call stats = {function, 0};
     struct poll_waiter waiter;
     struct timespec left;
     int status, ready;
@@ -125,7 +126,7 @@ static int poll_until(struct pollfd *fds, nfds_t nfds, int64_t deadline_ns, cons
         return ppoll(fds, nfds, time_left(deadline_ns, &left), sigmask);
     }
     for (;;) {
-        status = green_wait(waiter.watches, waiter.nwatches, deadline_ns);
+        status = green_wait(&stats, waiter.watches, waiter.nwatches, deadline_ns);
         if (status == GREEN_CANNOT_WAIT) {
             poll_waiter_close(&waiter);
             errno = saved_errno;
@@ -164,7 +165,7 @@ int green_poll(struct pollfd *fds, nfds_t nfds, int timeout)
     ready = poll(fds, nfds, 0);
     if (ready != 0 || timeout == 0)
         return ready;
-    return poll_until(fds, nfds, green_deadline_after_ms(timeout), NULL, saved_errno);
+    return poll_until(GREEN_FN_poll, fds, nfds, green_deadline_after_ms(timeout), NULL, saved_errno);
 }
 
 static int valid_timespec(const struct timespec *timeout)
@@ -183,7 +184,7 @@ int green_ppoll(struct pollfd *fds, nfds_t nfds, const struct timespec *timeout,
     ready = ppoll(fds, nfds, &zero_timeout, sigmask);
     if (ready != 0 || (timeout != NULL && timeout->tv_sec == 0 && timeout->tv_nsec == 0))
         return ready;
-    return poll_until(fds, nfds, green_deadline_after_timespec(timeout), sigmask, saved_errno);
+    return poll_until(GREEN_FN_ppoll, fds, nfds, green_deadline_after_timespec(timeout), sigmask, saved_errno);
 }
 
 int green___poll_chk(struct pollfd *fds, nfds_t nfds, int timeout, size_t fdslen)
@@ -259,12 +260,13 @@ static nfds_t select_to_pollfds(const struct select_sets *sets, int nfds, struct
 
 /* select and pselect after a zero-timeout probe found nothing ready.
    Updates *timeval_left (select's timeout) with the time left, as Linux does. */
-static int select_until(int nfds, struct select_sets *sets, int64_t deadline_ns, const sigset_t *sigmask,
+static int select_until(int function, int nfds, struct select_sets *sets, int64_t deadline_ns, const sigset_t *sigmask,
                         struct timeval *timeval_left, int saved_errno)
 {
     struct pollfd inline_fds[64];
     struct pollfd *fds = inline_fds;
     struct poll_waiter waiter;
+    struct green_call stats = {function, 0};
     struct timespec left;
     nfds_t count;
     int status, ready = -1;
@@ -280,7 +282,7 @@ static int select_until(int nfds, struct select_sets *sets, int64_t deadline_ns,
     if (poll_waiter_init(&waiter, fds, count) != 0)
         status = GREEN_CANNOT_WAIT;
     else
-        status = green_wait(waiter.watches, waiter.nwatches, deadline_ns);
+        status = green_wait(&stats, waiter.watches, waiter.nwatches, deadline_ns);
     for (;;) {
         const struct timespec *wait_left;
         if (status == GREEN_INTERRUPTED) {
@@ -294,7 +296,7 @@ static int select_until(int nfds, struct select_sets *sets, int64_t deadline_ns,
         ready = pselect(nfds, sets->live[0], sets->live[1], sets->live[2], wait_left, sigmask);
         if (ready != 0 || status != GREEN_WOKEN)
             break;
-        status = green_wait(waiter.watches, waiter.nwatches, deadline_ns);
+        status = green_wait(&stats, waiter.watches, waiter.nwatches, deadline_ns);
     }
     poll_waiter_close(&waiter);
     if (fds != inline_fds)
@@ -338,7 +340,7 @@ int green_select(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds,
         timeout_ts.tv_sec = timeout->tv_sec + timeout->tv_usec / 1000000;
         timeout_ts.tv_nsec = (timeout->tv_usec % 1000000) * 1000;
     }
-    return select_until(nfds, &sets, green_deadline_after_timespec(timeout ? &timeout_ts : NULL), NULL, timeout,
+    return select_until(GREEN_FN_select, nfds, &sets, green_deadline_after_timespec(timeout ? &timeout_ts : NULL), NULL, timeout,
                         saved_errno);
 }
 
@@ -357,5 +359,5 @@ int green_pselect(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds
     ready = pselect(nfds, readfds, writefds, exceptfds, &zero_timeout, sigmask);
     if (ready != 0 || (timeout != NULL && timeout->tv_sec == 0 && timeout->tv_nsec == 0))
         return ready;
-    return select_until(nfds, &sets, green_deadline_after_timespec(timeout), sigmask, NULL, saved_errno);
+    return select_until(GREEN_FN_pselect, nfds, &sets, green_deadline_after_timespec(timeout), sigmask, NULL, saved_errno);
 }

@@ -285,7 +285,10 @@ void green_offload_drop(struct green_offload_job *job)
 /* Hands the job to the pool and waits for it on the hub. */
 static enum offload_outcome offload(struct green_offload_job *job)
 {
+    static const int function_of_kind[] = {GREEN_FN_getaddrinfo, GREEN_FN_getnameinfo, GREEN_FN_gethostbyname,
+                                           GREEN_FN_gethostbyname_r};
     struct green_watch watch = {job->done_fd, GREEN_READ};
+    struct green_call stats = {function_of_kind[job->kind], 0};
     int saved_errno = errno;
     int can_wait = greenify_offload(job) == GREEN_OFFLOAD_SUBMITTED;
 
@@ -300,7 +303,7 @@ static enum offload_outcome offload(struct green_offload_job *job)
         if (state == JOB_DROPPED)
             return OFFLOAD_NATIVE;
         if (can_wait) {
-            int status = green_wait(&watch, 1, GREEN_NO_DEADLINE);
+            int status = green_wait(&stats, &watch, 1, GREEN_NO_DEADLINE);
             if (status == GREEN_INTERRUPTED) {
                 __atomic_store_n(&job->abandoned, 1, __ATOMIC_SEQ_CST);
                 return OFFLOAD_INTERRUPTED;

@@ -29,12 +29,12 @@
    GREEN_INTERRUPTED or GREEN_CANNOT_WAIT; *waited says whether time passed
    on the hub, so a native fallback knows whether it may use the caller's own
    arguments. */
-static int sleep_on_hub(int64_t deadline_ns, int *waited)
+static int sleep_on_hub(struct green_call *call, int64_t deadline_ns, int *waited)
 {
     int status;
     *waited = 0;
     for (;;) {
-        status = green_wait(NULL, 0, deadline_ns);
+        status = green_wait(call, NULL, 0, deadline_ns);
         if (status != GREEN_WOKEN)
             return status;
         *waited = 1; /* a spurious wake-up: sleep the rest */
@@ -65,10 +65,10 @@ static int valid_request(const struct timespec *req)
 
 /* A relative sleep of *req on the hub.  Returns 0 when done (or
    interrupted), or GREEN_CANNOT_WAIT with *left set to what remains. */
-static int relative_sleep(const struct timespec *req, struct timespec *left, int *waited)
+static int relative_sleep(struct green_call *call, const struct timespec *req, struct timespec *left, int *waited)
 {
     int64_t deadline_ns = green_deadline_after_timespec(req);
-    int status = sleep_on_hub(deadline_ns, waited);
+    int status = sleep_on_hub(call, deadline_ns, waited);
     if (status != GREEN_CANNOT_WAIT)
         return 0;
     *left = *waited ? time_left(deadline_ns) : *req;
@@ -78,12 +78,13 @@ static int relative_sleep(const struct timespec *req, struct timespec *left, int
 unsigned int green_sleep(unsigned int seconds)
 {
     struct timespec req = {(time_t)seconds, 0}, left;
+    struct green_call call = GREEN_CALL(sleep);
     int waited;
     if (!green_state.active || seconds == 0)
         return sleep(seconds);
     if (interrupted_already())
         return 0;
-    if (relative_sleep(&req, &left, &waited) == 0)
+    if (relative_sleep(&call, &req, &left, &waited) == 0)
         return 0;
     if (!waited)
         return sleep(seconds);
@@ -96,12 +97,13 @@ unsigned int green_sleep(unsigned int seconds)
 int green_usleep(useconds_t usec)
 {
     struct timespec req = {(time_t)(usec / 1000000), (long)(usec % 1000000) * 1000}, left;
+    struct green_call call = GREEN_CALL(usleep);
     int waited;
     if (!green_state.active || usec == 0)
         return usleep(usec);
     if (interrupted_already())
         return 0;
-    if (relative_sleep(&req, &left, &waited) == 0)
+    if (relative_sleep(&call, &req, &left, &waited) == 0)
         return 0;
     return waited ? nanosleep(&left, NULL) : usleep(usec);
 }
@@ -109,12 +111,13 @@ int green_usleep(useconds_t usec)
 int green_nanosleep(const struct timespec *req, struct timespec *rem)
 {
     struct timespec left;
+    struct green_call call = GREEN_CALL(nanosleep);
     int waited;
     if (!green_state.active || !valid_request(req) || (req->tv_sec == 0 && req->tv_nsec == 0))
         return nanosleep(req, rem);
     if (interrupted_already())
         return 0;
-    if (relative_sleep(req, &left, &waited) == 0)
+    if (relative_sleep(&call, req, &left, &waited) == 0)
         return 0;
     return nanosleep(waited ? &left : req, rem);
 }
@@ -130,7 +133,7 @@ static int sleepable_clock(clockid_t clock_id)
 /* An absolute sleep until *req on clock_id.  The time left is read from
    that clock after every wake-up, so a CLOCK_REALTIME sleep follows a clock
    that was set while it slept (at the next wake-up, not at once). */
-static int absolute_sleep(clockid_t clock_id, const struct timespec *req)
+static int absolute_sleep(struct green_call *call, clockid_t clock_id, const struct timespec *req)
 {
     for (;;) {
         struct timespec now;
@@ -144,7 +147,7 @@ static int absolute_sleep(clockid_t clock_id, const struct timespec *req)
             left_ns = left_s * NS_PER_SECOND + (req->tv_nsec - now.tv_nsec);
         if (left_ns <= 0)
             return 0;
-        status = sleep_on_hub(left_ns == INT64_MAX ? GREEN_NO_DEADLINE : green_now_ns() + left_ns, &waited);
+        status = sleep_on_hub(call, left_ns == INT64_MAX ? GREEN_NO_DEADLINE : green_now_ns() + left_ns, &waited);
         if (status != GREEN_TIMED_OUT)
             return status; /* GREEN_INTERRUPTED or GREEN_CANNOT_WAIT */
     }
@@ -153,6 +156,7 @@ static int absolute_sleep(clockid_t clock_id, const struct timespec *req)
 int green_clock_nanosleep(clockid_t clock_id, int flags, const struct timespec *req, struct timespec *rem)
 {
     struct timespec left;
+    struct green_call call = GREEN_CALL(clock_nanosleep);
     int waited, saved_errno;
     if (!green_state.active || !sleepable_clock(clock_id) || !valid_request(req) ||
         (req->tv_sec == 0 && req->tv_nsec == 0))
@@ -161,12 +165,12 @@ int green_clock_nanosleep(clockid_t clock_id, int flags, const struct timespec *
         return 0;
     saved_errno = errno;
     if (flags & TIMER_ABSTIME) {
-        if (absolute_sleep(clock_id, req) != GREEN_CANNOT_WAIT)
+        if (absolute_sleep(&call, clock_id, req) != GREEN_CANNOT_WAIT)
             return 0;
         errno = saved_errno;
         return clock_nanosleep(clock_id, flags, req, rem);
     }
-    if (relative_sleep(req, &left, &waited) == 0)
+    if (relative_sleep(&call, req, &left, &waited) == 0)
         return 0;
     errno = saved_errno;
     return clock_nanosleep(clock_id, flags, waited ? &left : req, rem);
