@@ -82,8 +82,19 @@ def run_round(label: str, count: int, call: Callable[[int], str]) -> float:
     return took
 
 
-def demo_c_client(count: int, delay: float) -> Tuple[float, float]:
+def blocking_then_greenified(count: int, call: Callable[[int], str], target: object) -> Tuple[float, float]:
+    """Time `count` greenlets of call(i) as they are, then with `target` patched."""
     import greenify
+    blocking = run_round("blocking", count, call)
+    greenify.greenify()
+    with greenify.patched(target) as report:
+        symbols = sorted({slot.symbol for slot in report.patched_slots})
+        print(f"  patched: {', '.join(symbols)}")
+        green = run_round("greenified", count, call)
+    return blocking, green
+
+
+def demo_c_client(count: int, delay: float) -> Tuple[float, float]:
     client = demo_client()
     server, port = start_server(delay)
     try:
@@ -96,20 +107,13 @@ def demo_c_client(count: int, delay: float) -> Tuple[float, float]:
 
         print(f"{count} greenlets, each asking a server that answers after {delay} s,\n"
               f"through an ordinary blocking C client ({os.path.basename(client._name)}):")
-        blocking = run_round("blocking", count, fetch)
-        greenify.greenify()
-        report = greenify.patch_library(client._name)
-        print(f"  patched: {', '.join(sorted({slot.symbol for slot in report.patched_slots}))}")
-        green = run_round("greenified", count, fetch)
-        greenify.unpatch_library(client._name)
-        return blocking, green
+        return blocking_then_greenified(count, fetch, client._name)
     finally:
         server.kill()
         server.wait()
 
 
 def demo_mysql(address: str, user: str, password: str, count: int, delay: float) -> Tuple[float, float]:
-    import greenify
     try:
         import MySQLdb
     except ImportError:
@@ -124,13 +128,7 @@ def demo_mysql(address: str, user: str, password: str, count: int, delay: float)
         return str(cursor.fetchone())
 
     print(f"{count} greenlets, each running SELECT SLEEP({delay}) on its own MySQLdb connection:")
-    blocking = run_round("blocking", count, query)
-    greenify.greenify()
-    report = greenify.patch_library(MySQLdb._mysql)
-    print(f"  patched {', '.join(os.path.basename(o.path) for o in report.objects if o)}")
-    green = run_round("greenified", count, query)
-    greenify.unpatch_library(MySQLdb._mysql)
-    return blocking, green
+    return blocking_then_greenified(count, query, MySQLdb._mysql)
 
 
 def main(argv=None) -> int:

@@ -55,6 +55,17 @@ def socketpair(blocking: bool = True) -> Tuple[socket.socket, socket.socket]:
     return a, b
 
 
+def tcp_pair() -> Tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on loopback: (client, server side)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname())
+    conn, _ = listener.accept()
+    listener.close()
+    return client, conn
+
+
 def elapsed(func: Callable[[], object]) -> float:
     start = time.monotonic()
     func()
@@ -72,6 +83,22 @@ def run_concurrently(count: int, func: Callable[[int], object]) -> Tuple[list, f
 def send_later(sock: socket.socket, data: bytes, delay: float) -> gevent.Greenlet:
     """Send from a plain socket after a delay, from a hub timer (never blocks)."""
     return gevent.spawn_later(delay, sock.sendall, data)
+
+
+def drain_in_background(sock: socket.socket, total: int) -> Tuple[gevent.Greenlet, bytearray]:
+    """A greenlet that reads `total` bytes from a plain socket without ever
+    blocking the hub, into the returned bytearray."""
+    received = bytearray()
+
+    def drain():
+        sock.setblocking(False)
+        while len(received) < total:
+            try:
+                received.extend(sock.recv(1 << 16))
+            except BlockingIOError:
+                gevent.sleep(0.001)
+
+    return gevent.spawn(drain), received
 
 
 def fd_flags(fd: int) -> int:

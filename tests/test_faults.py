@@ -22,7 +22,7 @@ import pytest
 from gevent import socket as gsocket
 
 import greenify
-from green_support import buffer, call_green, run_concurrently, socketpair
+from green_support import buffer, call_green, run_concurrently, socketpair, tcp_pair
 from greenify import _bridge, demo
 from greenify._green import ffi, lib
 
@@ -81,16 +81,6 @@ def test_many_greenlets_wait_at_once_and_wake_in_random_order_with_their_data():
 
 
 # ---- peer faults ----
-
-def tcp_pair():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    client = socket.create_connection(server.getsockname())
-    conn, _ = server.accept()
-    server.close()
-    return client, conn
-
 
 def test_a_peer_reset_mid_wait_gives_econnreset_promptly():
     client, conn = tcp_pair()

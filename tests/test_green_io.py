@@ -11,7 +11,8 @@ import gevent
 import pytest
 
 import greenify
-from green_support import buffer, call_green, call_libc, fd_flags, run_concurrently, send_later, socketpair
+from green_support import (buffer, call_green, call_libc, drain_in_background, fd_flags, run_concurrently, send_later,
+                           socketpair)
 from greenify._green import ffi, lib
 
 
@@ -99,19 +100,7 @@ def test_partial_read_returns_what_is_there():
 def test_blocking_send_of_a_large_buffer_sends_all_while_the_peer_drains():
     a, b = socketpair()
     data = os.urandom(3 << 20)
-    received = bytearray()
-
-    def drain():
-        b.setblocking(False)
-        while len(received) < len(data):
-            try:
-                chunk = b.recv(65536)
-            except BlockingIOError:
-                gevent.sleep(0.001)
-                continue
-            received.extend(chunk)
-
-    drainer = gevent.spawn(drain)
+    drainer, received = drain_in_background(b, len(data))
     assert call_green("send", a.fileno(), data, len(data), 0) == (len(data), 0)
     drainer.join(timeout=10)
     assert bytes(received) == data
@@ -195,17 +184,7 @@ def test_sendmsg_sends_a_large_scattered_message_in_full():
     msg = ffi.new("struct msghdr *")
     msg.msg_iov = iov
     msg.msg_iovlen = 3
-    received = bytearray()
-
-    def drain():
-        b.setblocking(False)
-        while len(received) < 3 << 20:
-            try:
-                received.extend(b.recv(1 << 16))
-            except BlockingIOError:
-                gevent.sleep(0.001)
-
-    drainer = gevent.spawn(drain)
+    drainer, received = drain_in_background(b, 3 << 20)
     assert lib.green_sendmsg(a.fileno(), msg, 0) == 3 << 20
     drainer.join(timeout=10)
     assert bytes(received) == b"".join(chunks)

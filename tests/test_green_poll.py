@@ -11,7 +11,7 @@ import gevent
 import pytest
 
 import greenify
-from green_support import run_concurrently, send_later, socketpair
+from green_support import run_concurrently, send_later, socketpair, tcp_pair
 from greenify._green import ffi, lib
 
 
@@ -86,11 +86,7 @@ def test_unusual_masks_wait_without_spinning_and_time_out(mask):
 
 
 def test_pollpri_reports_out_of_band_data():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    client = socket.create_connection(server.getsockname())
-    conn, _ = server.accept()
+    client, conn = tcp_pair()
     gevent.spawn_later(0.1, client.send, b"!", socket.MSG_OOB)
     fds = pollfds((conn.fileno(), select.POLLPRI))
     assert lib.green_poll(fds, 1, 2000) == 1
@@ -260,11 +256,7 @@ def test_select_times_out_with_empty_sets_and_zero_timeval():
 
 
 def test_select_except_set_reports_out_of_band_data():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    client = socket.create_connection(server.getsockname())
-    conn, _ = server.accept()
+    client, conn = tcp_pair()
     gevent.spawn_later(0.1, client.send, b"!", socket.MSG_OOB)
     nfds = conn.fileno() + 1
     e = fdset(conn.fileno())

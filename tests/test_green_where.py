@@ -102,35 +102,23 @@ def run_python(code: str) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
-def test_before_activation_the_call_blocks_like_libc():
-    proc = run_python("""
-        import socket, threading, time, gevent
-        from greenify._green import ffi, lib
-        a, b = socket.socketpair()
-        ticks = []
-        gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(100)])
-        gevent.sleep(0)
-        threading.Timer(0.3, b.sendall, (b"x",)).start()
-        n = lib.green_recv(a.fileno(), ffi.new("char[]", 4), 4, 0)
-        print(n, len(ticks))
-    """)
-    assert proc.stdout.split() == ["1", "0"], proc.stderr
-
-
-def test_after_activation_the_same_call_lets_the_hub_run():
-    proc = run_python("""
+@pytest.mark.parametrize("activate, expected", [(False, ["1", "0"]), (True, ["1", "True"])],
+                         ids=["before-activation-blocks-like-libc", "after-activation-lets-the-hub-run"])
+def test_activation_decides_whether_the_call_blocks_the_hub(activate, expected):
+    proc = run_python(f"""
         import socket, threading, time, gevent, greenify
         from greenify._green import ffi, lib
-        greenify.greenify()
+        if {activate}:
+            greenify.greenify()
         a, b = socket.socketpair()
         ticks = []
         gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(100)])
         gevent.sleep(0)
         threading.Timer(0.3, b.sendall, (b"x",)).start()
         n = lib.green_recv(a.fileno(), ffi.new("char[]", 4), 4, 0)
-        print(n, len(ticks) > 10)
+        print(n, len(ticks) > 10 if {activate} else len(ticks))
     """)
-    assert proc.stdout.split() == ["1", "True"], proc.stderr
+    assert proc.stdout.split() == expected, proc.stderr
 
 
 def test_a_green_call_during_interpreter_shutdown_blocks_natively():
