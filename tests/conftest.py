@@ -2,7 +2,19 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 pytest_plugins = [name for name in ("fixturelib", "servers", "compat")
                   if os.path.exists(os.path.join(os.path.dirname(__file__), name + ".py"))]
+
+
+@pytest.fixture
+def no_interruption_left_behind():
+    """After the test: every interruption thrown into a green wait was delivered."""
+    yield
+    import gevent
+    from greenify import _bridge
+    gevent.sleep(0.01)
+    assert not _bridge._interrupted, "an interruption was never delivered"
