@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-pytest_plugins = [name for name in ("fixturelib", "servers", "compat")
+pytest_plugins = [name for name in ("fixturelib", "servers", "compat", "protections")
                   if os.path.exists(os.path.join(os.path.dirname(__file__), name + ".py"))]
 
 
