@@ -14,11 +14,13 @@ from greenify.errors import (BuildIdMismatchError, GreenifyError, NotElfError, N
 from greenify.patcher import (ObjectReport, PatchedSlot, PatchReport, SkippedImport, patch_lib, patch_library,
                               patched, unpatch_library)
 from greenify.inventory import report
+from greenify.onload import OnLoadPatch, cancel_patch_on_load, patch_on_load
 from greenify.stats import WaitStats, stats
 
 __all__ = [
     "greenify", "is_active",
     "patch_library", "unpatch_library", "patched", "patch_lib", "report", "stats", "WaitStats",
+    "patch_on_load", "cancel_patch_on_load", "OnLoadPatch",
     "PatchReport", "ObjectReport", "PatchedSlot", "SkippedImport",
     "GreenifyError", "TargetNotFoundError", "NotLoadedError", "NotElfError", "WrongMachineError",
     "StaticExecutableError", "BuildIdMismatchError", "SlotOutsideSegmentsError", "ProtectedTargetError",

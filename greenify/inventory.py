@@ -206,8 +206,7 @@ def _inspect_loaded(obj: LoadedObject, in_this_process: bool) -> LibraryReport:
         # its relocations would describe some other layout than what is mapped
         return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed, protected=protected,
                              error="the file on disk is not the loaded object (GNU build-ids differ)")
-    # read-only look at the patcher's registry: (real path, base) -> {slot address: PatchedSlot}
-    patched_slots = patcher._records.get((obj.realpath, obj.base), {})
+    patched_slots = patcher.patched_slots(obj)  # {slot address: PatchedSlot}
     return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed,
                          _imports_of(imports, obj.base, patched_slots), protected=protected)
 

@@ -35,8 +35,20 @@ log = logging.getLogger("greenify")
 _POINTER_SIZE = struct.calcsize("P")
 
 # A native lock even under monkey.patch_all(): patching never switches
-# greenlets, and threads must not interleave their slot writes.
-_lock = get_original("threading", "Lock")()
+# greenlets, and threads must not interleave their slot writes.  Re-entrant:
+# a library loaded while this thread patches (pyelftools importing a module)
+# is patched on load (greenify.onload) from inside the outer call.
+_lock = get_original("threading", "RLock")()
+
+
+def _reset_lock_after_fork() -> None:
+    # Another thread may have held the lock at fork(); it never releases it
+    # in the child.  Slot writes are single stores, so the records are whole.
+    global _lock
+    _lock = get_original("threading", "RLock")()
+
+
+os.register_at_fork(after_in_child=_reset_lock_after_fork)
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,16 @@ class PatchReport:
 
 # (real path, load base) -> {slot address: PatchedSlot}: every slot greenify wrote.
 _records: Dict[Tuple[str, int], Dict[int, PatchedSlot]] = {}
+
+
+def patched_slots(obj: Optional[LoadedObject] = None) -> Dict:
+    """A snapshot of the slots greenify has written and not put back: for
+    ``obj``, {slot address: PatchedSlot}; without it, {(real path, load
+    base): {slot address: PatchedSlot}} for every object."""
+    with _lock:
+        if obj is not None:
+            return dict(_records.get((obj.realpath, obj.base), {}))
+        return {key: dict(record) for key, record in _records.items()}
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,38 @@
+/*
+ * Patching libraries as they load (greenify/onload.py drives this).
+ *
+ * greenify_dlopen_hook and greenify_dlmopen_hook replace dlopen/dlmopen in
+ * the GOT of objects that load libraries (the interpreter, _ctypes, drivers).
+ * Each calls glibc's function and then, only when that load added objects
+ * (dl_iterate_phdr's dlpi_adds moved) and no other hooked load of this
+ * thread is still in progress, calls greenify_loaded() (extern "Python",
+ * which takes the GIL itself) before returning to the caller: the new
+ * library is patched before its caller can call it.
+ *
+ * glibc resolves a bare name ("libpq.so.5") along the caller's
+ * RPATH/RUNPATH, which it finds from dlopen's return address; the hook is
+ * the one that calls dlopen, so for a bare name it searches the caller's
+ * own folders first (dlinfo RTLD_DI_SERINFO) and opens what it finds by
+ * path.  A name with a dynamic string token ($ORIGIN, $LIB) is handed to
+ * glibc as a tail call, so glibc sees the real caller (not announced).
+ *
+ * These are not green twins: they never wait and are never in the twin
+ * table (their names do not start with green_).
+ */
+#ifndef GREENIFY_ONLOAD_H
+#define GREENIFY_ONLOAD_H
+
+#include <dlfcn.h>
+
+void *greenify_dlopen_hook(const char *file, int mode);
+void *greenify_dlmopen_hook(Lmid_t nsid, const char *file, int mode);
+
+/* On while some patch_on_load() registration is active. */
+void onload_set_enabled(int enabled);
+/* dl_iterate_phdr's counters: objects ever added, ever removed. */
+unsigned long long onload_adds(void);
+unsigned long long onload_subs(void);
+/* How many hooked loads called greenify_loaded(), for tests. */
+unsigned long long onload_announced(void);
+
+#endif
