@@ -105,16 +105,18 @@ def maps_lines_of(path: Path) -> List[str]:
         return [line for line in maps.read().splitlines() if line.endswith(" " + real)]
 
 
-def build_extension_module(folder: Path):
+def build_extension_module(folder: Path, library: str = "fxmod"):
     """Build and import fx_module, an extension module linked (DT_NEEDED,
-    rpath) against libfxmod.so, a default build of fx_client.c."""
+    rpath) against lib<library>.so, a default build of fx_client.c.  The
+    loader reuses a loaded object of the same DT_NEEDED name, so a test that
+    needs the library loaded by this import names it uniquely."""
     import importlib.util
     import sysconfig
 
-    build_library("fx_client", "default", folder, name="libfxmod.so")
+    build_library("fx_client", "default", folder, name=f"lib{library}.so")
     output = folder / ("fx_module" + sysconfig.get_config_var("EXT_SUFFIX"))
     command = [compiler(), "-shared", "-fPIC", "-I", sysconfig.get_paths()["include"], "-o", str(output),
-               str(FIXTURES / "fx_module.c"), "-L", str(folder), "-lfxmod", f"-Wl,-rpath,{folder}"]
+               str(FIXTURES / "fx_module.c"), "-L", str(folder), f"-l{library}", f"-Wl,-rpath,{folder}"]
     subprocess.run(command, check=True, capture_output=True)
     spec = importlib.util.spec_from_file_location("fx_module", output)
     module = importlib.util.module_from_spec(spec)
