@@ -27,7 +27,7 @@ demo: build
 
 bench: build
 	$(PIP) install -q -e '.[bench]'
-	$(PY) bench/run.py $(if $(QUICK),--quick)
+	$(PY) bench/run.py $(if $(QUICK),--quick) $(if $(PEER),--peer-python $(PEER))
 
 clean:
 	rm -rf $(VENV) build greenify/_green*.so greenify/_green.c greenify/_green.o *.egg-info
