@@ -24,8 +24,14 @@ CONCURRENT = 10
 
 @pytest.fixture(autouse=True)
 def active():
+    """greenify on; afterwards every registration cancelled and what it
+    patched put back (other tests check no fixture library stays patched)."""
     greenify.greenify()
     yield
+    for registration in onload.registrations():
+        registration.cancel()
+        for report in registration.reports:
+            patcher.unpatch_report(report)
     greenify.cancel_patch_on_load()
 
 
