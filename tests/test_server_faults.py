@@ -129,6 +129,7 @@ def test_sigkilled_server_fails_100_waiting_queries_within_a_second_and_the_hub_
     waiting = open_connections(connections, mariadb_up, WAITERS)
     admin = connections(mariadb_up)
     ticker = Ticker()
+    waiting_since = time.monotonic()
     try:
         greenlets = [gevent.spawn(waiter, MySQLdb, connection, sql) for connection in waiting]
         wait_until_running(admin, WAITERS, sql)
@@ -147,8 +148,8 @@ def test_sigkilled_server_fails_100_waiting_queries_within_a_second_and_the_hub_
     assert results == [None] * WAITERS, "a query finished although its server was killed"
     assert set(codes) <= CONNECTION_LOST, f"MySQLdb error codes: {codes}"
     assert slowest < ERROR_BOUND_S, f"the last waiter got its error {slowest:.2f} s after SIGKILL"
-    gap = ticker.longest_gap(killed_at, ticking_until)
-    assert gap < 0.25, f"the ticker (every 20 ms) stood still for {gap:.2f} s after the kill"
+    gap = ticker.longest_gap(waiting_since, ticking_until)
+    assert gap < 0.25, f"the ticker (every 20 ms) stood still for {gap:.2f} s while 100 queries waited or failed"
 
     restart_s = mariadb_up.restart()
     fresh = open_connections(connections, mariadb_up, 10)
