@@ -446,6 +446,12 @@ def figure(value, unit: str) -> str:
     return f"{value:g} {unit}"
 
 
+def ratio_text(ratio: Optional[float]) -> str:
+    if ratio is None:
+        return ""
+    return f"{ratio:.2f}" if ratio >= 0.1 else f"{ratio:.3f}"
+
+
 def verdict(each: dict) -> str:
     if not each.get("target"):
         return ""
@@ -468,14 +474,14 @@ def table_lines(results: dict, markdown: bool) -> List[str]:
     body = []
     for each in rows:
         line = [each["case"], each["name"], each["alternative"], figure(each["alt"], each["unit"]),
-                figure(each["green"], each["unit"]), "" if each["ratio"] is None else f"{each['ratio']:.2f}"]
+                figure(each["green"], each["unit"]), ratio_text(each["ratio"])]
         if peer:
             if "peer" not in each:
                 line.append("")
             elif each["peer"] is None:
                 line.append(each.get("peer_note", "no figure"))
             else:
-                line.append(f"{figure(each['peer'], each['unit'])} ({each['peer_ratio']:.2f})")
+                line.append(f"{figure(each['peer'], each['unit'])} ({ratio_text(each['peer_ratio'])})")
         line.append(verdict(each))
         body.append(line)
     if markdown:
