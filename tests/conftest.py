@@ -10,6 +10,13 @@ pytest_plugins = [name for name in ("fixturelib", "servers", "compat", "protecti
                   if os.path.exists(os.path.join(os.path.dirname(__file__), name + ".py"))]
 
 
+@pytest.fixture(scope="session")
+def greenified():
+    """greenify.greenify(), for tests of the green functions' waits."""
+    import greenify
+    greenify.greenify()
+
+
 @pytest.fixture
 def no_interruption_left_behind():
     """After the test: every interruption thrown into a green wait was delivered."""

@@ -19,14 +19,7 @@ from greenify import _bridge
 from greenify._green import ffi, lib
 
 
-@pytest.fixture(autouse=True, scope="module")
-def active():
-    greenify.greenify()
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_behind(no_interruption_left_behind):
-    yield
+pytestmark = pytest.mark.usefixtures("greenified", "no_interruption_left_behind")
 
 
 def epoll_on(*socks, mask=select.EPOLLIN):

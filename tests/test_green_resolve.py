@@ -33,14 +33,7 @@ libc.gethostbyname.restype = ctypes.c_void_p
 libc.__h_errno_location.restype = ctypes.POINTER(ctypes.c_int)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def active():
-    greenify.greenify()
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_behind(no_interruption_left_behind):
-    yield
+pytestmark = pytest.mark.usefixtures("greenified", "no_interruption_left_behind")
 
 
 def h_errno() -> int:
