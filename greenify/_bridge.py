@@ -41,34 +41,42 @@ def _callback_failed(exc_type, exc_value, traceback) -> int:
     return CANNOT_WAIT
 
 
-def _io_watchers(hub, watches, nwatches: int):
-    """The hub's io watchers for these (fd, events), reused from one wait to
-    the next (Python objects only: libev registers the fd anew each time);
-    a watcher another greenlet is waiting on gets a private twin.
-    Returns the watchers and the private ones, which the wait closes."""
+def _watcher_for(hub, fd: int, events: int):
+    """The hub's io watcher for (fd, events), kept from one wait to the next
+    (the Python object only: libev registers the fd anew each time), and
+    whether it is a private one, made because another greenlet is waiting on
+    the kept one; the wait closes private watchers."""
     try:
         cache = hub._greenify_io_watchers
     except AttributeError:
         cache = hub._greenify_io_watchers = {}
         hub._greenify_private_watchers = set()
-    watchers = []
-    private = []
-    for i in range(nwatches):
-        fd, events = watches[i].fd, watches[i].events
-        key = fd << 2 | events
-        watcher = cache.get(key)
-        if watcher is None:
-            watcher = cache[key] = hub.loop.io(fd, events)
-        elif not watcher.active:
-            # The number may name another file by now: setting it again makes
-            # libev register it anew (a kept registration would never fire).
-            watcher.fd = fd
-        else:
-            watcher = hub.loop.io(fd, events)
-            private.append(watcher)
-            hub._greenify_private_watchers.add(watcher)
-        watchers.append(watcher)
-    return watchers, private
+    key = fd << 2 | events
+    watcher = cache.get(key)
+    if watcher is None:
+        watcher = cache[key] = hub.loop.io(fd, events)
+        return watcher, False
+    if not watcher.active:
+        # The number may name another file by now: setting it again makes
+        # libev register it anew (a kept registration would never fire).
+        watcher.fd = fd
+        return watcher, False
+    watcher = hub.loop.io(fd, events)
+    hub._greenify_private_watchers.add(watcher)
+    return watcher, True
+
+
+def _release(hub, watcher, private: bool) -> None:
+    watcher.stop()
+    if private:
+        hub._greenify_private_watchers.discard(watcher)
+        watcher.close()
+
+
+def _interrupted_by(current, exc: BaseException) -> int:
+    _interrupted[current] = exc
+    lib.green_set_interrupts_pending(len(_interrupted))
+    return INTERRUPTED
 
 
 @ffi.def_extern(onerror=_callback_failed)
@@ -81,26 +89,33 @@ def greenify_wait(watches, nwatches: int, timeout: float) -> int:
         return CANNOT_WAIT
     if _interrupted and current in _interrupted:
         return INTERRUPTED
-    watchers, private = _io_watchers(hub, watches, nwatches)
+    if nwatches == 1 and timeout < 0:
+        # the common wait (one fd, no deadline), kept short: it is on every switch
+        watch = watches[0]
+        watcher, private = _watcher_for(hub, watch.fd, watch.events)
+        watcher.start(current.switch, WOKEN)
+        try:
+            hub.switch()
+            return WOKEN
+        except BaseException as exc:  # noqa: B902 - every exception thrown in must be kept, none may reach C
+            return _interrupted_by(current, exc)
+        finally:
+            _release(hub, watcher, private)
+    held = [_watcher_for(hub, watches[i].fd, watches[i].events) for i in range(nwatches)]
     timer = hub.loop.timer(timeout) if timeout >= 0 else None
     switch = current.switch
     try:
-        for watcher in watchers:
+        for watcher, _private in held:
             watcher.start(switch, WOKEN)
         if timer is not None:
             timer.start(switch, TIMED_OUT, update=True)
         result = hub.switch()
         return TIMED_OUT if result == TIMED_OUT else WOKEN  # anything else: a spurious switch, probe again
-    except BaseException as exc:  # noqa: B902 - every exception thrown in must be kept, none may reach C
-        _interrupted[current] = exc
-        lib.green_set_interrupts_pending(len(_interrupted))
-        return INTERRUPTED
+    except BaseException as exc:  # noqa: B902
+        return _interrupted_by(current, exc)
     finally:
-        for watcher in watchers:
-            watcher.stop()
-        for watcher in private:
-            hub._greenify_private_watchers.discard(watcher)
-            watcher.close()
+        for watcher, private in held:
+            _release(hub, watcher, private)
         if timer is not None:
             timer.close()
 
