@@ -20,7 +20,6 @@ Only the queries are timed; connections are opened before the clock starts.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time

@@ -8,7 +8,6 @@ can compare results and errno exactly.
 from __future__ import annotations
 
 import ctypes
-import os
 import socket
 import time
 from typing import Callable, Tuple

@@ -8,7 +8,6 @@ import os
 import random
 import resource
 import select
-import signal
 import socket
 import struct
 import subprocess

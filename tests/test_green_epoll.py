@@ -13,9 +13,7 @@ import gevent
 import pytest
 from gevent._hub_local import get_hub_if_exists
 
-import greenify
 from green_support import libc, run_concurrently, send_later, socketpair
-from greenify import _bridge
 from greenify._green import ffi, lib
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import os
 import sys
-import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 

@@ -6,8 +6,6 @@ raised in the greenlet when the call is back in Python, with the library's
 own error as its __context__."""
 from __future__ import annotations
 
-import ctypes
-import errno
 import gc
 import importlib.util
 import os
@@ -22,7 +20,7 @@ import gevent
 import pytest
 
 import greenify
-from green_support import buffer, green_module_path, socketpair
+from green_support import buffer, socketpair
 from greenify import _bridge
 from greenify._green import ffi, lib
 
