@@ -95,6 +95,10 @@ struct green_io_wait {
 #define GREEN_IO_WAIT_INIT(name) {GREEN_CALL(name), 0, GREEN_NO_DEADLINE}
 int green_wait_io(int fd, int events, struct green_io_wait *io_wait);
 
+/* SO_RCVTIMEO (GREEN_READ) or SO_SNDTIMEO (GREEN_WRITE) of a socket as a
+   deadline from now; GREEN_NO_DEADLINE for none or for other files. */
+int64_t green_socket_timeout_deadline(int fd, int events);
+
 /* Python-side control, called through cffi. */
 void green_set_active(int active);
 int green_is_active(void);

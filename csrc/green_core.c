@@ -277,7 +277,7 @@ void green_wake_waiters_on(int fd)
 
 /* SO_RCVTIMEO/SO_SNDTIMEO of a socket, as a deadline from now; none for
    other files or a zero timeout. */
-static int64_t socket_timeout_deadline(int fd, int events)
+int64_t green_socket_timeout_deadline(int fd, int events)
 {
     struct timeval timeout;
     socklen_t size = sizeof timeout;
@@ -299,7 +299,7 @@ int green_wait_io(int fd, int events, struct green_io_wait *io_wait)
         if (flags >= 0 && (flags & O_NONBLOCK))
             return GREEN_NONBLOCKING;
         io_wait->looked_up = 1;
-        io_wait->deadline_ns = socket_timeout_deadline(fd, events);
+        io_wait->deadline_ns = green_socket_timeout_deadline(fd, events);
         errno = saved_errno;
     }
     return green_wait(&io_wait->call, &watch, 1, io_wait->deadline_ns);

@@ -527,34 +527,46 @@ int green_connect(int fd, const struct sockaddr *addr, socklen_t addrlen)
         errno = saved_errno;
         return connect(fd, addr, addrlen); /* bad fd, or the caller's own non-blocking connect */
     }
-    if (fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) {
-        errno = saved_errno;
-        return connect(fd, addr, addrlen);
-    }
-    rc = connect(fd, addr, addrlen);
-    connect_errno = errno;
-    fcntl(fd, F_SETFL, flags);
-    if (rc == 0) {
-        errno = saved_errno;
-        return 0;
-    }
-    if (connect_errno == EAGAIN) {
-        /* a Unix socket whose listener's backlog is full: blocking connect waits for room */
-        errno = saved_errno;
-        return connect(fd, addr, addrlen);
+    io_wait.looked_up = 1; /* blocking, as just read; the timeout is SO_SNDTIMEO's */
+    io_wait.deadline_ns = green_socket_timeout_deadline(fd, GREEN_WRITE);
+    /* A Unix socket whose listener's backlog is full refuses a non-blocking
+       connect with EAGAIN where a blocking one waits for room: retry after
+       cooperative pauses (1 ms, doubling to 64 ms) until SO_SNDTIMEO. */
+    for (int64_t pause_ns = 1000000;; pause_ns = pause_ns < 64000000 ? pause_ns * 2 : pause_ns) {
+        int64_t wake_ns;
+        if (fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) {
+            errno = saved_errno;
+            return connect(fd, addr, addrlen);
+        }
+        rc = connect(fd, addr, addrlen);
+        connect_errno = errno;
+        fcntl(fd, F_SETFL, flags);
+        if (rc == 0) {
+            errno = saved_errno;
+            return 0;
+        }
+        if (connect_errno != EAGAIN)
+            break;
+        wake_ns = green_now_ns() + pause_ns;
+        if (io_wait.deadline_ns != GREEN_NO_DEADLINE && wake_ns > io_wait.deadline_ns)
+            wake_ns = io_wait.deadline_ns;
+        switch (green_wait(&io_wait.call, NULL, 0, wake_ns)) {
+        case GREEN_CANNOT_WAIT:
+            errno = saved_errno;
+            return connect(fd, addr, addrlen);
+        case GREEN_INTERRUPTED:
+            errno = GREEN_INTERRUPTED_ERRNO;
+            return -1;
+        default:
+            if (io_wait.deadline_ns != GREEN_NO_DEADLINE && green_now_ns() >= io_wait.deadline_ns) {
+                errno = EAGAIN; /* what a blocking Unix connect reports when SO_SNDTIMEO expires */
+                return -1;
+            }
+        }
     }
     if (connect_errno != EINPROGRESS) {
         errno = connect_errno;
         return -1;
-    }
-    io_wait.looked_up = 1; /* blocking, as just read; the timeout is SO_SNDTIMEO's */
-    {
-        struct timeval timeout;
-        socklen_t size = sizeof timeout;
-        if (getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, &size) == 0 &&
-            (timeout.tv_sec != 0 || timeout.tv_usec != 0))
-            io_wait.deadline_ns =
-                green_now_ns() + (int64_t)timeout.tv_sec * 1000000000 + (int64_t)timeout.tv_usec * 1000;
     }
     for (;;) {
         struct pollfd probe = {fd, POLLOUT, 0};

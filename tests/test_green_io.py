@@ -440,3 +440,50 @@ def test_fortified_recv_chk_aborts_like_glibc_on_overflow():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
     assert proc.returncode == -6  # SIGABRT from __chk_fail, as glibc's own __recv_chk
     assert b"buffer overflow detected" in proc.stderr
+
+
+def full_unix_listener(tmp_path):
+    """A Unix listener whose backlog is full: a non-blocking connect to it gets EAGAIN."""
+    path = str(tmp_path / "listener.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    queued = []
+    while True:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.setblocking(False)
+        try:
+            client.connect(path)
+        except BlockingIOError:
+            client.close()
+            break
+        queued.append(client)
+    sockaddr = ffi.new("char[]", struct.pack("=H", socket.AF_UNIX) + path.encode() + b"\0")
+    return listener, queued, sockaddr, len(ffi.buffer(sockaddr))
+
+
+def test_connect_to_a_full_unix_backlog_waits_cooperatively_for_room(tmp_path):
+    listener, queued, sockaddr, size = full_unix_listener(tmp_path)
+    gevent.spawn_later(0.2, listener.accept)
+    ticks = []
+    ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(10)])
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    start = time.monotonic()
+    assert call_green("connect", client.fileno(), ffi.cast("struct sockaddr *", sockaddr), size) == (0, 0)
+    assert 0.19 <= time.monotonic() - start < 1.0
+    ticker.join()
+    assert len(ticks) == 10  # the hub ran while connect waited for room
+    assert not fd_flags(client.fileno()) & os.O_NONBLOCK
+
+
+def test_connect_to_a_full_unix_backlog_ends_with_eagain_at_so_sndtimeo(tmp_path):
+    listener, queued, sockaddr, size = full_unix_listener(tmp_path)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 150000))
+    start = time.monotonic()
+    assert call_green("connect", client.fileno(), ffi.cast("struct sockaddr *", sockaddr), size) == (-1, errno.EAGAIN)
+    assert 0.14 <= time.monotonic() - start < 0.5
+    # libc's own blocking connect reports the same
+    native = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    native.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 150000))
+    assert call_libc("connect", native.fileno(), ffi.buffer(sockaddr)[:], size) == (-1, errno.EAGAIN)
