@@ -25,3 +25,15 @@ def no_interruption_left_behind():
     from greenify import _bridge
     gevent.sleep(0.01)
     assert not _bridge._interrupted, "an interruption was never delivered"
+
+
+@pytest.fixture(autouse=True)
+def fresh_loop_clock():
+    """libev times timers from the clock it cached at its last iteration: after
+    a test that kept the hub away (a subprocess, a native wait), a 0.2 s
+    spawn_later would fire at once.  Each test starts with the clock read anew."""
+    from gevent._hub_local import get_hub_if_exists
+    hub = get_hub_if_exists()
+    if hub is not None:
+        hub.loop.update_now()
+    yield

@@ -464,6 +464,7 @@ def full_unix_listener(tmp_path):
 
 def test_connect_to_a_full_unix_backlog_waits_cooperatively_for_room(tmp_path):
     listener, queued, sockaddr, size = full_unix_listener(tmp_path)
+    gevent.get_hub().loop.update_now()  # libev times from its cached clock, stale after a long test
     gevent.spawn_later(0.2, listener.accept)
     ticks = []
     ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(10)])
