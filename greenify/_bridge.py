@@ -15,6 +15,8 @@ exception in the greenlet (see csrc/green_core.c).
 from __future__ import annotations
 
 import atexit
+import errno
+import fcntl
 import logging
 from typing import Dict, Optional
 
@@ -51,6 +53,7 @@ def _watcher_for(hub, fd: int, events: int):
     except AttributeError:
         cache = hub._greenify_io_watchers = {}
         hub._greenify_private_watchers = set()
+        _start_sweeper(hub)
     key = fd << 2 | events
     watcher = cache.get(key)
     if watcher is None:
@@ -64,6 +67,52 @@ def _watcher_for(hub, fd: int, events: int):
     watcher = hub.loop.io(fd, events)
     hub._greenify_private_watchers.add(watcher)
     return watcher, True
+
+
+# How often waits on descriptors closed behind greenify's back are looked for.
+SWEEP_INTERVAL_S = 1.0
+
+
+def _waiting_watchers(hub, fd: Optional[int] = None) -> list:
+    """The hub's io watchers a greenlet is waiting on (on ``fd``, if given)."""
+    cache = getattr(hub, "_greenify_io_watchers", None)
+    if not cache:
+        return []
+    if fd is None:
+        candidates = list(cache.values())
+    else:
+        candidates = [cache.get(fd << 2 | events) for events in (1, 2, 3)]
+    candidates.extend(watcher for watcher in hub._greenify_private_watchers if fd is None or watcher.fd == fd)
+    return [watcher for watcher in candidates if watcher is not None and watcher.active]
+
+
+def _wake(hub, watchers) -> None:
+    # The waiter probes again and finds its descriptor gone (EBADF, POLLNVAL).
+    for watcher in watchers:
+        callback, args = watcher.callback, watcher.args
+        watcher.stop()
+        hub.loop.run_callback(callback, *args)
+
+
+def _sweep(hub) -> None:
+    """A descriptor closed without greenify's close twin (Python's os.close,
+    an unpatched library) silently leaves epoll: its waiter would wait for
+    ever.  Once a second, wake the waiters whose descriptor is gone."""
+    gone = []
+    for watcher in _waiting_watchers(hub):
+        try:
+            fcntl.fcntl(watcher.fd, fcntl.F_GETFD)
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                gone.append(watcher)
+    _wake(hub, gone)
+
+
+def _start_sweeper(hub) -> None:
+    # ref=False: the sweeper alone never keeps the loop running
+    sweeper = hub.loop.timer(SWEEP_INTERVAL_S, SWEEP_INTERVAL_S, ref=False)
+    sweeper.start(_sweep, hub)
+    hub._greenify_sweeper = sweeper
 
 
 def _release(hub, watcher, private: bool) -> None:
@@ -125,16 +174,8 @@ def greenify_closing(fd: int) -> None:
     # Called just before fd is closed: wake this hub's waiters on it, so
     # that they probe again and fail instead of waiting for ever.
     hub = get_hub_if_exists()
-    cache = getattr(hub, "_greenify_io_watchers", None) if hub is not None else None
-    if not cache:
-        return
-    waiting = [cache.get(fd << 2 | events) for events in (1, 2, 3)]
-    waiting.extend(watcher for watcher in hub._greenify_private_watchers if watcher.fd == fd)
-    for watcher in waiting:
-        if watcher is not None and watcher.active:
-            callback, args = watcher.callback, watcher.args
-            watcher.stop()
-            hub.loop.run_callback(callback, *args)
+    if hub is not None:
+        _wake(hub, _waiting_watchers(hub, fd))
 
 
 @ffi.def_extern(onerror=lambda *exc_info: 0)

@@ -133,6 +133,17 @@ def test_an_fd_closed_by_another_greenlet_wakes_its_waiter_with_an_error():
     assert time.process_time() - cpu < 0.1
 
 
+def test_an_fd_closed_behind_greenifys_back_wakes_its_waiter_within_the_sweep_interval():
+    # os.close is not greenify's close twin: epoll drops the fd silently, and
+    # only the once-a-second sweep finds the waiter's descriptor gone
+    a, b = socketpair()
+    fd = a.detach()
+    gevent.spawn_later(0.1, os.close, fd)
+    start = time.monotonic()
+    assert call_green("recv", fd, buffer(8), 8, 0) == (-1, __import__("errno").EBADF)
+    assert time.monotonic() - start < _bridge.SWEEP_INTERVAL_S + 0.6
+
+
 def test_a_closed_fd_in_a_poll_set_wakes_the_poll_with_pollnval():
     a, b = socketpair()
     fd = a.detach()
