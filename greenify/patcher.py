@@ -222,7 +222,7 @@ def _plan(obj: LoadedObject, functions: Optional[FrozenSet[str]]) -> Tuple[Objec
             reason = f"relocation has addend {imp.r_addend}"
         if reason is not None:
             report.skipped.append(SkippedImport(imp.symbol, imp.version, imp.relocation_type, slot_address, reason))
-        elif slot_address in record:
+        elif slot_address in record and _slot_value(slot_address) == record[slot_address].green:
             report.already_patched.append(record[slot_address])
         else:
             to_write.append((imp, slot_address, twin))
@@ -230,6 +230,13 @@ def _plan(obj: LoadedObject, functions: Optional[FrozenSet[str]]) -> Tuple[Objec
         report.skipped.append(SkippedImport(imp.symbol, imp.version, imp.relocation_type, obj.base + imp.r_offset,
                                             "defined by the object itself"))
     return report, to_write
+
+
+def _slot_value(slot_address: int) -> int:
+    """What a slot holds now.  A record whose slot no longer holds its twin
+    is stale (the object was unloaded and another loaded at the same base,
+    or someone re-hooked the slot): the slot is patched again."""
+    return ctypes.c_void_p.from_address(slot_address).value or 0
 
 
 def _write(obj: LoadedObject, report: ObjectReport, to_write: List[Tuple[elf.BlockingImport, int, int]]) -> None:

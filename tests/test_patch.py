@@ -16,6 +16,7 @@ import pytest
 import greenify
 from fixturelib import VARIANTS, build_library, maps_lines_of, slot_value
 from greenify import elf, loaded, patcher
+from greenify._green import ffi, lib
 
 LOADERS = {"CDLL": ctypes.CDLL, "PyDLL": ctypes.PyDLL}
 
@@ -289,3 +290,21 @@ def test_patch_lib_keeps_douban_greenify_spelling(fixture_libs, tmp_path):
         greenify.unpatch_library(str(path))
     assert greenify.patch_lib(str(tmp_path / "missing.so")) is False
     assert greenify.patch_lib(str(tmp_path)) is False
+
+
+def test_a_stale_record_whose_slot_no_longer_holds_the_twin_is_patched_again(tmp_path):
+    # as when a library is unloaded and another is loaded at the same base:
+    # the record says "patched", the slot says otherwise, and the slot wins
+    path = build_library("fx_client", "relro", tmp_path, name="libfxstale.so")
+    ctypes.CDLL(str(path))
+    with greenify.patched(str(path)) as report:
+        slot = report.objects[0].patched[0]
+        writes = ffi.new("struct slots_write[1]")
+        writes[0].slot = slot.slot_address
+        writes[0].value = slot.previous
+        writes[0].expected = 0
+        error = ffi.new("char[]", 256)
+        assert lib.slots_write_all(writes, 1, error, 256) == lib.SLOTS_OK  # put libc's address back behind greenify
+        again = greenify.patch_library(str(path))
+        assert [s.slot_address for s in again.objects[0].patched] == [slot.slot_address]
+        assert slot_value(slot.slot_address) == slot.green
