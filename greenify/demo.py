@@ -65,7 +65,7 @@ def run_round(label: str, count: int, call: Callable[[int], str]) -> float:
 
     def draw() -> None:
         bar = "#" * (done[0] * 40 // count)
-        sys.stdout.write(f"\r  {label:10} [{bar:40}] {done[0]:3}/{count}  {time.monotonic() - start:5.2f} s")
+        sys.stdout.write(f"{chr(13) if live else ''}  {label:10} [{bar:40}] {done[0]:3}/{count}  {time.monotonic() - start:5.2f} s")
         sys.stdout.flush()
 
     def one(i: int) -> str:
