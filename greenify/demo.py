@@ -20,20 +20,21 @@ import sys
 import time
 from typing import Callable, Tuple
 
-# The slow server: answers every request line with "echo: <line>" after a delay.
+# The slow server: answers every request with <prefix> + request after a delay,
+# serving connections concurrently (the tests use it too).
 SERVER = r"""
 import socket, sys, threading, time
-delay = float(sys.argv[1])
+delay, prefix = float(sys.argv[1]), sys.argv[2].encode()
 listener = socket.socket()
 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 listener.bind(("127.0.0.1", 0))
-listener.listen(128)
+listener.listen(512)
 print(listener.getsockname()[1], flush=True)
 def serve(conn):
     with conn:
         request = conn.recv(1024)
         time.sleep(delay)
-        conn.sendall(b"echo: " + request)
+        conn.sendall(prefix + request)
 while True:
     conn, _ = listener.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
@@ -50,8 +51,9 @@ def demo_client() -> ctypes.CDLL:
     return client
 
 
-def start_server(delay: float) -> Tuple[subprocess.Popen, int]:
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(delay)], stdout=subprocess.PIPE, text=True)
+def start_server(delay: float, prefix: str = "echo: ") -> Tuple[subprocess.Popen, int]:
+    """The slow server, in a subprocess on a free loopback port: (process, port)."""
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(delay), prefix], stdout=subprocess.PIPE, text=True)
     port = int(server.stdout.readline())
     return server, port
 

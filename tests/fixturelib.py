@@ -17,12 +17,12 @@ import ctypes
 import os
 import shutil
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import pytest
+
+from greenify import demo
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -60,32 +60,14 @@ def fixture_libs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Dict[str
             for variant in VARIANTS}
 
 
-SLOW_SERVER = textwrap.dedent("""
-    import socket, sys, threading, time
-    delay = float(sys.argv[1])
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(512)
-    print(listener.getsockname()[1], flush=True)
-    def answer(conn):
-        with conn:
-            request = conn.recv(256)
-            time.sleep(delay)
-            conn.sendall(b"pong:" + request)
-    while True:
-        conn, _ = listener.accept()
-        threading.Thread(target=answer, args=(conn,), daemon=True).start()
-""")
-
-
 @pytest.fixture(scope="session")
 def slow_server() -> Iterator[int]:
     """Port of a TCP server, in another process, that answers every request
-    with b"pong:" + request after 0.2 s, serving connections concurrently."""
-    process = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, "0.2"], stdout=subprocess.PIPE, text=True)
+    with b"pong:" + request after 0.2 s, serving connections concurrently
+    (the demo's server)."""
+    process, port = demo.start_server(0.2, "pong:")
     try:
-        yield int(process.stdout.readline())
+        yield port
     finally:
         process.kill()
         process.wait()
