@@ -650,6 +650,14 @@ if pytest is not None:
     def pymysql():
         return require_module("pymysql", "PyMySQL")
 
+    @pytest.fixture
+    def patched_libmariadb(MySQLdb, greenified):
+        """greenify active and libmariadb patched, through MySQLdb._mysql, for the test."""
+        import greenify
+        with greenify.patched(MySQLdb._mysql) as report:
+            assert report, f"nothing patched under MySQLdb._mysql: {report!r}"
+            yield report
+
 
 if __name__ == "__main__" and sys.argv[1:] == ["slow-http"]:
     serve_slow_http()

@@ -21,11 +21,10 @@ import time
 import gevent
 import pytest
 
-import greenify
 import servers
 from greenify import _bridge
 
-pytestmark = pytest.mark.compat("MySQLdb")
+pytestmark = [pytest.mark.compat("MySQLdb"), pytest.mark.usefixtures("patched_libmariadb")]
 
 LONG_SLEEP_S = 3  # the queries that get interrupted: far longer than any timeout here
 TIMEOUT_S = 0.3
@@ -33,16 +32,6 @@ TIMEOUT_S = 0.3
 DELIVERY_BOUND_S = 0.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def active():
-    greenify.greenify()
-
-
-@pytest.fixture(autouse=True)
-def patched_libmariadb(MySQLdb):
-    with greenify.patched(MySQLdb._mysql) as report:
-        assert report, f"nothing patched under MySQLdb._mysql: {report!r}"
-        yield
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,9 @@ import time
 import gevent
 import pytest
 
-import greenify
 import servers
 
-pytestmark = pytest.mark.compat("MySQLdb")
+pytestmark = [pytest.mark.compat("MySQLdb"), pytest.mark.usefixtures("patched_libmariadb")]
 
 WAITERS = 100
 WAITER_SLEEP_S = 5   # the queries that the fault ends: far longer than the test allows them
@@ -43,16 +42,6 @@ def mariadb_up(own_mariadb):
     return own_mariadb
 
 
-@pytest.fixture(scope="module", autouse=True)
-def active():
-    greenify.greenify()
-
-
-@pytest.fixture(autouse=True)
-def patched_libmariadb(MySQLdb):
-    with greenify.patched(MySQLdb._mysql) as report:
-        assert report, f"nothing patched under MySQLdb._mysql: {report!r}"
-        yield
 
 
 @pytest.fixture
