@@ -327,6 +327,28 @@ static int interrupted_eai(void)
     return EAI_SYSTEM;
 }
 
+/* Runs a job on the pool; `prepared` says whether filling it in worked.
+   Unless the outcome is OFFLOAD_DONE the job is released here: the caller
+   then calls libc itself (OFFLOAD_NATIVE) or reports the interruption. */
+static enum offload_outcome run_job(struct green_offload_job *job, int prepared)
+{
+    enum offload_outcome outcome = job != NULL && prepared ? offload(job) : OFFLOAD_NATIVE;
+    if (outcome != OFFLOAD_DONE && job != NULL)
+        job_release(job);
+    return outcome;
+}
+
+/* A finished job's result, with errno as the pool thread left it on failure;
+   releases the job. */
+static int job_result(struct green_offload_job *job)
+{
+    int result = job->result;
+    if (result != 0)
+        errno = job->error_number;
+    job_release(job);
+    return result;
+}
+
 static int interrupted_already(void)
 {
     return unlikely(green_state.interrupts_pending) && green_must_fail_fast();
@@ -335,7 +357,7 @@ static int interrupted_already(void)
 int green_getaddrinfo(const char *node, const char *service, const struct addrinfo *hints, struct addrinfo **res)
 {
     struct green_offload_job *job;
-    int saved_errno = errno, result;
+    int saved_errno = errno, prepared;
     int numeric = hints != NULL && (hints->ai_flags & AI_NUMERICHOST) &&
                   (service == NULL || (hints->ai_flags & AI_NUMERICSERV));
 
@@ -344,47 +366,35 @@ int green_getaddrinfo(const char *node, const char *service, const struct addrin
     if (interrupted_already())
         return interrupted_eai();
     job = job_new(JOB_GETADDRINFO);
-    if (job == NULL || copy_string(node, &job->node) || copy_string(service, &job->service))
-        goto native;
-    if (hints != NULL) {
+    prepared = job != NULL && !copy_string(node, &job->node) && !copy_string(service, &job->service);
+    if (prepared && hints != NULL) {
         job->hints = *hints;
         job->hints.ai_addr = NULL; /* must be NULL; glibc never reads them */
         job->hints.ai_canonname = NULL;
         job->hints.ai_next = NULL;
         job->has_hints = 1;
     }
-    switch (offload(job)) {
+    switch (run_job(job, prepared)) {
     case OFFLOAD_NATIVE:
-        goto native;
+        errno = saved_errno;
+        return getaddrinfo(node, service, hints, res);
     case OFFLOAD_INTERRUPTED:
-        job_release(job);
         return interrupted_eai();
     case OFFLOAD_DONE:
         break;
     }
-    result = job->result;
-    if (result == 0) {
+    if (job->result == 0) {
         *res = job->addrinfo;
         job->addrinfo = NULL; /* the caller's now, for freeaddrinfo */
     }
-    else {
-        errno = job->error_number;
-    }
-    job_release(job);
-    return result;
-
-native:
-    if (job != NULL)
-        job_release(job);
-    errno = saved_errno;
-    return getaddrinfo(node, service, hints, res);
+    return job_result(job);
 }
 
 int green_getnameinfo(const struct sockaddr *sa, socklen_t salen, char *host, socklen_t hostlen, char *serv,
                       socklen_t servlen, int flags)
 {
     struct green_offload_job *job;
-    int saved_errno = errno, result;
+    int saved_errno = errno, prepared;
     int numeric = (flags & NI_NUMERICHOST) && (serv == NULL || (flags & NI_NUMERICSERV));
 
     if (!green_state.active || numeric || sa == NULL || salen > MAX_COPIED_BUFFER ||
@@ -393,23 +403,25 @@ int green_getnameinfo(const struct sockaddr *sa, socklen_t salen, char *host, so
     if (interrupted_already())
         return interrupted_eai();
     job = job_new(JOB_GETNAMEINFO);
-    if (job == NULL)
-        goto native;
-    job->sockaddr = malloc(salen ? salen : 1);
-    job->host = copy_buffer(host, hostlen, &job->host_block);
-    job->serv = copy_buffer(serv, servlen, &job->serv_block);
-    if (job->sockaddr == NULL || (host != NULL && job->host == NULL) || (serv != NULL && job->serv == NULL))
-        goto native;
-    memcpy(job->sockaddr, sa, salen);
-    job->sockaddr_len = salen;
-    job->host_len = hostlen;
-    job->serv_len = servlen;
-    job->flags = flags;
-    switch (offload(job)) {
+    prepared = job != NULL;
+    if (prepared) {
+        job->sockaddr = malloc(salen ? salen : 1);
+        job->host = copy_buffer(host, hostlen, &job->host_block);
+        job->serv = copy_buffer(serv, servlen, &job->serv_block);
+        prepared = job->sockaddr != NULL && (host == NULL || job->host != NULL) && (serv == NULL || job->serv != NULL);
+    }
+    if (prepared) {
+        memcpy(job->sockaddr, sa, salen);
+        job->sockaddr_len = salen;
+        job->host_len = hostlen;
+        job->serv_len = servlen;
+        job->flags = flags;
+    }
+    switch (run_job(job, prepared)) {
     case OFFLOAD_NATIVE:
-        goto native;
+        errno = saved_errno;
+        return getnameinfo(sa, salen, host, hostlen, serv, servlen, flags);
     case OFFLOAD_INTERRUPTED:
-        job_release(job);
         return interrupted_eai();
     case OFFLOAD_DONE:
         break;
@@ -419,17 +431,7 @@ int green_getnameinfo(const struct sockaddr *sa, socklen_t salen, char *host, so
         memcpy(host, job->host, hostlen);
     if (serv != NULL)
         memcpy(serv, job->serv, servlen);
-    result = job->result;
-    if (result != 0)
-        errno = job->error_number;
-    job_release(job);
-    return result;
-
-native:
-    if (job != NULL)
-        job_release(job);
-    errno = saved_errno;
-    return getnameinfo(sa, salen, host, hostlen, serv, servlen, flags);
+    return job_result(job);
 }
 
 /* ---- gethostbyname: the result lives in storage of the calling thread ----
@@ -488,13 +490,11 @@ struct hostent *green_gethostbyname(const char *name)
         goto interrupted;
     mine = thread_hostent();
     job = mine == NULL ? NULL : job_new(JOB_GETHOSTBYNAME);
-    if (job == NULL || copy_string(name, &job->name))
-        goto native;
-    switch (offload(job)) {
+    switch (run_job(job, job != NULL && !copy_string(name, &job->name))) {
     case OFFLOAD_NATIVE:
-        goto native;
+        errno = saved_errno;
+        return gethostbyname(name);
     case OFFLOAD_INTERRUPTED:
-        job_release(job);
         goto interrupted;
     case OFFLOAD_DONE:
         break;
@@ -514,11 +514,6 @@ struct hostent *green_gethostbyname(const char *name)
     job_release(job);
     return &mine->hostent;
 
-native:
-    if (job != NULL)
-        job_release(job);
-    errno = saved_errno;
-    return gethostbyname(name);
 interrupted:
     h_errno = NETDB_INTERNAL; /* "see errno": not TRY_AGAIN, which invites a retry */
     errno = GREEN_INTERRUPTED_ERRNO;
@@ -551,7 +546,7 @@ int green_gethostbyname_r(const char *name, struct hostent *ret, char *buf, size
                           int *h_errnop)
 {
     struct green_offload_job *job;
-    int saved_errno = errno, error;
+    int saved_errno = errno, prepared;
 
     if (!green_state.active || name == NULL || ret == NULL || buf == NULL || result == NULL || h_errnop == NULL ||
         buflen > MAX_COPIED_BUFFER)
@@ -559,20 +554,19 @@ int green_gethostbyname_r(const char *name, struct hostent *ret, char *buf, size
     if (interrupted_already())
         goto interrupted;
     job = job_new(JOB_GETHOSTBYNAME_R);
-    if (job == NULL || copy_string(name, &job->name))
-        goto native;
-    job->buffer = copy_buffer(buf, buflen, &job->buffer_block);
-    if (job->buffer == NULL)
-        goto native;
-    job->buffer_len = buflen;
-    job->hostent = *ret;
-    job->hostent_result = NULL;
-    job->h_error = *h_errnop;
-    switch (offload(job)) {
+    prepared = job != NULL && !copy_string(name, &job->name) &&
+               (job->buffer = copy_buffer(buf, buflen, &job->buffer_block)) != NULL;
+    if (prepared) {
+        job->buffer_len = buflen;
+        job->hostent = *ret;
+        job->hostent_result = NULL;
+        job->h_error = *h_errnop;
+    }
+    switch (run_job(job, prepared)) {
     case OFFLOAD_NATIVE:
-        goto native;
+        errno = saved_errno;
+        return gethostbyname_r(name, ret, buf, buflen, result, h_errnop);
     case OFFLOAD_INTERRUPTED:
-        job_release(job);
         goto interrupted;
     case OFFLOAD_DONE:
         break;
@@ -584,17 +578,8 @@ int green_gethostbyname_r(const char *name, struct hostent *ret, char *buf, size
     ret->h_addr_list = moved_list(job->hostent.h_addr_list, job->buffer, buflen, buf);
     *result = job->hostent_result == &job->hostent ? ret : job->hostent_result;
     *h_errnop = job->h_error;
-    error = job->result;
-    if (error != 0)
-        errno = job->error_number;
-    job_release(job);
-    return error;
+    return job_result(job);
 
-native:
-    if (job != NULL)
-        job_release(job);
-    errno = saved_errno;
-    return gethostbyname_r(name, ret, buf, buflen, result, h_errnop);
 interrupted:
     *result = NULL;
     *h_errnop = NETDB_INTERNAL;
