@@ -142,14 +142,9 @@ def _install_hooks(objects: Iterable[LoadedObject]) -> None:
         if not all(obj.holds_slot(address, _POINTER_SIZE) for _imp, address in slots):
             log.warning("greenify: %s names a dlopen slot outside its writable segments: not hooked", obj.path)
             continue
-        writes = ffi.new("struct slots_write[]", len(slots))
-        for i, (imp, address) in enumerate(slots):
-            writes[i].slot = address
-            writes[i].value = _hook_address(imp.symbol)
-            writes[i].expected = 0
-        error = ffi.new("char[]", 512)
-        if lib.slots_write_all(writes, len(slots), error, len(error)) != lib.SLOTS_OK:
-            log.warning("greenify: %s: %s; its dlopen is not hooked", obj.path, ffi.string(error).decode())
+        writes, error = patcher.write_slots([(address, _hook_address(imp.symbol), 0) for imp, address in slots])
+        if writes is None:
+            log.warning("greenify: %s: %s; its dlopen is not hooked", obj.path, error)
             continue
         _hooked[key] = {address: HookedSlot(obj.path, imp.symbol, imp.version, address, writes[i].previous,
                                             writes[i].value)
@@ -164,14 +159,10 @@ def _remove_hooks() -> None:
         if key not in current:
             continue  # unloaded: nothing to put back
         slots = list(record.values())
-        writes = ffi.new("struct slots_write[]", len(slots))
-        for i, slot in enumerate(slots):
-            writes[i].slot = slot.slot_address
-            writes[i].value = slot.previous
-            writes[i].expected = slot.hook  # someone hooked it after us: leave theirs
-        error = ffi.new("char[]", 512)
-        if lib.slots_write_all(writes, len(slots), error, len(error)) != lib.SLOTS_OK:
-            log.warning("greenify: %s: %s; its dlopen stays hooked", slots[0].path, ffi.string(error).decode())
+        # expected: our hook; someone who hooked it after us keeps theirs
+        writes, error = patcher.write_slots([(slot.slot_address, slot.previous, slot.hook) for slot in slots])
+        if writes is None:
+            log.warning("greenify: %s: %s; its dlopen stays hooked", slots[0].path, error)
 
 
 def _patch_new(obj: LoadedObject, registration: OnLoadPatch) -> None:

@@ -21,7 +21,7 @@ import struct
 import types
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from gevent.monkey import get_original
 
@@ -232,6 +232,24 @@ def _plan(obj: LoadedObject, functions: Optional[FrozenSet[str]]) -> Tuple[Objec
     return report, to_write
 
 
+def write_slots(changes: Sequence[Tuple[int, int, int]]):
+    """Write every (slot address, new value, expected value or 0 for any)
+    through csrc/slots.c: all or nothing, each page's protection put back
+    exactly.  Returns the cffi array (``previous`` and ``written`` per
+    entry) and None, or None and the reason nothing was written."""
+    from greenify._green import ffi, lib
+
+    writes = ffi.new("struct slots_write[]", len(changes))
+    for entry, (slot_address, value, expected) in zip(writes, changes):
+        entry.slot = slot_address
+        entry.value = value
+        entry.expected = expected
+    error = ffi.new("char[]", 512)
+    if lib.slots_write_all(writes, len(changes), error, len(error)) != lib.SLOTS_OK:
+        return None, ffi.string(error).decode()
+    return writes, None
+
+
 def _slot_value(slot_address: int) -> int:
     """What a slot holds now.  A record whose slot no longer holds its twin
     is stale (the object was unloaded and another loaded at the same base,
@@ -240,18 +258,11 @@ def _slot_value(slot_address: int) -> int:
 
 
 def _write(obj: LoadedObject, report: ObjectReport, to_write: List[Tuple[elf.BlockingImport, int, int]]) -> None:
-    from greenify._green import ffi, lib
-
     if not to_write:
         return
-    writes = ffi.new("struct slots_write[]", len(to_write))
-    for i, (_imp, slot_address, twin) in enumerate(to_write):
-        writes[i].slot = slot_address
-        writes[i].value = twin
-        writes[i].expected = 0
-    error = ffi.new("char[]", 512)
-    if lib.slots_write_all(writes, len(to_write), error, len(error)) != lib.SLOTS_OK:
-        raise SlotWriteError(f"{obj.path}: {ffi.string(error).decode()}; nothing was patched", obj.path)
+    writes, error = write_slots([(slot_address, twin, 0) for _imp, slot_address, twin in to_write])
+    if writes is None:
+        raise SlotWriteError(f"{obj.path}: {error}; nothing was patched", obj.path)
     record = _records.setdefault((obj.realpath, obj.base), {})
     for i, (imp, slot_address, twin) in enumerate(to_write):
         slot = PatchedSlot(imp.symbol, imp.version, imp.relocation_type, slot_address, writes[i].previous, twin)
@@ -300,20 +311,14 @@ def patch_library(target: Target, *, functions: Optional[Iterable[str]] = None) 
 
 
 def _restore(key: Tuple[str, int], path: str, slot_addresses: Iterable[int]) -> int:
-    from greenify._green import ffi, lib
-
     record = _records.get(key, {})
     slots = [record[address] for address in slot_addresses if address in record]
     if not slots:
         return 0
-    writes = ffi.new("struct slots_write[]", len(slots))
-    for i, slot in enumerate(slots):
-        writes[i].slot = slot.slot_address
-        writes[i].value = slot.previous
-        writes[i].expected = slot.green  # someone else hooked it since: leave theirs
-    error = ffi.new("char[]", 512)
-    if lib.slots_write_all(writes, len(slots), error, len(error)) != lib.SLOTS_OK:
-        raise SlotWriteError(f"{path}: {ffi.string(error).decode()}; nothing was unpatched", path)
+    # expected: the twin; a slot someone else hooked since keeps theirs
+    writes, error = write_slots([(slot.slot_address, slot.previous, slot.green) for slot in slots])
+    if writes is None:
+        raise SlotWriteError(f"{path}: {error}; nothing was unpatched", path)
     for i, slot in enumerate(slots):
         if not writes[i].written:
             log.warning("greenify: %s slot %#x of %s no longer holds the green twin (holds %#x): left as is",

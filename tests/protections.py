@@ -1,9 +1,11 @@
 """A suite-wide guard (a pytest plugin): every GOT write greenify makes, to
 patch or to unpatch, must leave page protections exactly as they were.
 
-Around each of the patcher's two writing steps it reads /proc/self/maps and
-checks that every file-backed mapping that existed before keeps its
-protection, and that no mapping is writable and executable at once."""
+Around patcher.write_slots, the one function through which greenify writes
+slots (patching, unpatching, hooking dlopen for patch_on_load), it reads
+/proc/self/maps and checks that every file-backed mapping that existed
+before keeps its protection, and that no mapping is writable and executable
+at once."""
 from __future__ import annotations
 
 import functools
@@ -48,7 +50,7 @@ def guarded(step: str, write):
 @pytest.fixture(autouse=True, scope="session")
 def page_protections_restored_after_every_write():
     from greenify import patcher
-    saved = {name: getattr(patcher, name) for name in ("_write", "_restore")}
+    saved = {"write_slots": patcher.write_slots}
     for name, write in saved.items():
         setattr(patcher, name, guarded(f"patcher.{name}", write))
     yield

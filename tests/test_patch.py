@@ -16,7 +16,6 @@ import pytest
 import greenify
 from fixturelib import VARIANTS, build_library, maps_lines_of, slot_value
 from greenify import elf, loaded, patcher
-from greenify._green import ffi, lib
 
 LOADERS = {"CDLL": ctypes.CDLL, "PyDLL": ctypes.PyDLL}
 
@@ -299,12 +298,8 @@ def test_a_stale_record_whose_slot_no_longer_holds_the_twin_is_patched_again(tmp
     ctypes.CDLL(str(path))
     with greenify.patched(str(path)) as report:
         slot = report.objects[0].patched[0]
-        writes = ffi.new("struct slots_write[1]")
-        writes[0].slot = slot.slot_address
-        writes[0].value = slot.previous
-        writes[0].expected = 0
-        error = ffi.new("char[]", 256)
-        assert lib.slots_write_all(writes, 1, error, 256) == lib.SLOTS_OK  # put libc's address back behind greenify
+        writes, error = patcher.write_slots([(slot.slot_address, slot.previous, 0)])  # libc's address, behind greenify
+        assert writes is not None, error
         again = greenify.patch_library(str(path))
         assert [s.slot_address for s in again.objects[0].patched] == [slot.slot_address]
         assert slot_value(slot.slot_address) == slot.green
