@@ -85,6 +85,16 @@ void green_wake_waiters_on(int fd);
    every green call then fails at once instead of waiting or doing I/O. */
 int green_must_fail_fast(void);
 
+#define likely(x) __builtin_expect(!!(x), 1)
+#define unlikely(x) __builtin_expect(!!(x), 0)
+
+/* The check every green call makes first: one load of a global while no
+   greenlet anywhere is interrupted, the bridge's answer otherwise. */
+static inline int green_interrupted_here(void)
+{
+    return unlikely(green_state.interrupts_pending) && green_must_fail_fast();
+}
+
 /* One blocking data call's wait on one fd, with what it learns on the way:
    whether the fd is O_NONBLOCK and the socket's SO_RCVTIMEO/SO_SNDTIMEO. */
 struct green_io_wait {

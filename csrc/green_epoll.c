@@ -13,7 +13,6 @@
 
 #include "green_more.h"
 
-#define unlikely(x) __builtin_expect(!!(x), 0)
 
 /* Milliseconds left until a deadline, rounded up, for the native fallback. */
 static int ms_left(int64_t deadline_ns)
@@ -60,7 +59,7 @@ int green_epoll_pwait(int epfd, struct epoll_event *events, int maxevents, int t
     int ready, saved_errno;
     if (!green_state.active)
         return epoll_pwait(epfd, events, maxevents, timeout, sigmask);
-    if (unlikely(green_state.interrupts_pending) && green_must_fail_fast())
+    if (green_interrupted_here())
         return 0;
     saved_errno = errno;
     ready = epoll_pwait(epfd, events, maxevents, 0, sigmask);
@@ -74,7 +73,7 @@ int green_epoll_wait(int epfd, struct epoll_event *events, int maxevents, int ti
     int ready, saved_errno;
     if (!green_state.active)
         return epoll_wait(epfd, events, maxevents, timeout);
-    if (unlikely(green_state.interrupts_pending) && green_must_fail_fast())
+    if (green_interrupted_here())
         return 0;
     saved_errno = errno;
     ready = epoll_wait(epfd, events, maxevents, 0);

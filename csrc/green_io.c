@@ -15,8 +15,6 @@
 
 #include "green.h"
 
-#define likely(x) __builtin_expect(!!(x), 1)
-#define unlikely(x) __builtin_expect(!!(x), 0)
 
 /* The green road is taken only when activated and the caller did not ask
    for a non-blocking call itself. */
@@ -25,7 +23,7 @@
 /* An interrupted greenlet still inside C fails every call at once. */
 #define FAIL_IF_INTERRUPTED()                                                \
     do {                                                                     \
-        if (unlikely(green_state.interrupts_pending) && green_must_fail_fast()) { \
+        if (green_interrupted_here()) {                                      \
             errno = GREEN_INTERRUPTED_ERRNO;                                 \
             return -1;                                                       \
         }                                                                    \

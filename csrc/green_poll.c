@@ -15,7 +15,6 @@
 
 #include "green.h"
 
-#define unlikely(x) __builtin_expect(!!(x), 0)
 
 /* Masks libev can watch exactly; anything else (POLLPRI, POLLRDHUP alone,
    POLLERR alone, the band events) goes through a private epoll set. */
@@ -159,7 +158,7 @@ int green_poll(struct pollfd *fds, nfds_t nfds, int timeout)
     int ready, saved_errno;
     if (!green_state.active)
         return poll(fds, nfds, timeout);
-    if (unlikely(green_state.interrupts_pending) && green_must_fail_fast())
+    if (green_interrupted_here())
         return poll_fail_fast(fds, nfds);
     saved_errno = errno;
     ready = poll(fds, nfds, 0);
@@ -178,7 +177,7 @@ int green_ppoll(struct pollfd *fds, nfds_t nfds, const struct timespec *timeout,
     int ready, saved_errno;
     if (!green_state.active || !valid_timespec(timeout))
         return ppoll(fds, nfds, timeout, sigmask);
-    if (unlikely(green_state.interrupts_pending) && green_must_fail_fast())
+    if (green_interrupted_here())
         return poll_fail_fast(fds, nfds);
     saved_errno = errno;
     ready = ppoll(fds, nfds, &zero_timeout, sigmask);
@@ -329,7 +328,7 @@ int green_select(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds,
     if (!green_state.active || nfds < 0 || nfds > FD_SETSIZE ||
         (timeout != NULL && (timeout->tv_sec < 0 || timeout->tv_usec < 0)))
         return select(nfds, readfds, writefds, exceptfds, timeout);
-    if (unlikely(green_state.interrupts_pending) && green_must_fail_fast())
+    if (green_interrupted_here())
         return select_fail_fast(nfds, readfds, writefds, exceptfds);
     saved_errno = errno;
     select_sets_save(&sets, nfds, readfds, writefds, exceptfds);
@@ -352,7 +351,7 @@ int green_pselect(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds
 
     if (!green_state.active || nfds < 0 || nfds > FD_SETSIZE || !valid_timespec(timeout))
         return pselect(nfds, readfds, writefds, exceptfds, timeout, sigmask);
-    if (unlikely(green_state.interrupts_pending) && green_must_fail_fast())
+    if (green_interrupted_here())
         return select_fail_fast(nfds, readfds, writefds, exceptfds);
     saved_errno = errno;
     select_sets_save(&sets, nfds, readfds, writefds, exceptfds);

@@ -30,7 +30,6 @@
 
 #include "green_more.h"
 
-#define unlikely(x) __builtin_expect(!!(x), 0)
 
 /* Defined by cffi from greenify/_offload.py (extern "Python+C"). */
 extern int greenify_offload(struct green_offload_job *job);
@@ -349,11 +348,6 @@ static int job_result(struct green_offload_job *job)
     return result;
 }
 
-static int interrupted_already(void)
-{
-    return unlikely(green_state.interrupts_pending) && green_must_fail_fast();
-}
-
 int green_getaddrinfo(const char *node, const char *service, const struct addrinfo *hints, struct addrinfo **res)
 {
     struct green_offload_job *job;
@@ -363,7 +357,7 @@ int green_getaddrinfo(const char *node, const char *service, const struct addrin
 
     if (!green_state.active || numeric || res == NULL) /* numeric lookups never block */
         return getaddrinfo(node, service, hints, res);
-    if (interrupted_already())
+    if (green_interrupted_here())
         return interrupted_eai();
     job = job_new(JOB_GETADDRINFO);
     prepared = job != NULL && !copy_string(node, &job->node) && !copy_string(service, &job->service);
@@ -400,7 +394,7 @@ int green_getnameinfo(const struct sockaddr *sa, socklen_t salen, char *host, so
     if (!green_state.active || numeric || sa == NULL || salen > MAX_COPIED_BUFFER ||
         hostlen > MAX_COPIED_BUFFER || servlen > MAX_COPIED_BUFFER)
         return getnameinfo(sa, salen, host, hostlen, serv, servlen, flags);
-    if (interrupted_already())
+    if (green_interrupted_here())
         return interrupted_eai();
     job = job_new(JOB_GETNAMEINFO);
     prepared = job != NULL;
@@ -486,7 +480,7 @@ struct hostent *green_gethostbyname(const char *name)
 
     if (!green_state.active || name == NULL)
         return gethostbyname(name);
-    if (interrupted_already())
+    if (green_interrupted_here())
         goto interrupted;
     mine = thread_hostent();
     job = mine == NULL ? NULL : job_new(JOB_GETHOSTBYNAME);
@@ -551,7 +545,7 @@ int green_gethostbyname_r(const char *name, struct hostent *ret, char *buf, size
     if (!green_state.active || name == NULL || ret == NULL || buf == NULL || result == NULL || h_errnop == NULL ||
         buflen > MAX_COPIED_BUFFER)
         return gethostbyname_r(name, ret, buf, buflen, result, h_errnop);
-    if (interrupted_already())
+    if (green_interrupted_here())
         goto interrupted;
     job = job_new(JOB_GETHOSTBYNAME_R);
     prepared = job != NULL && !copy_string(name, &job->name) &&

@@ -22,7 +22,6 @@
 
 #include "green_more.h"
 
-#define unlikely(x) __builtin_expect(!!(x), 0)
 #define NS_PER_SECOND 1000000000LL
 
 /* Sleeps on the hub until deadline_ns.  Returns GREEN_TIMED_OUT (slept),
@@ -39,11 +38,6 @@ static int sleep_on_hub(struct green_call *call, int64_t deadline_ns, int *waite
             return status;
         *waited = 1; /* a spurious wake-up: sleep the rest */
     }
-}
-
-static int interrupted_already(void)
-{
-    return unlikely(green_state.interrupts_pending) && green_must_fail_fast();
 }
 
 /* What is left of a sleep, for the native fallback. */
@@ -82,7 +76,7 @@ unsigned int green_sleep(unsigned int seconds)
     int waited;
     if (!green_state.active || seconds == 0)
         return sleep(seconds);
-    if (interrupted_already())
+    if (green_interrupted_here())
         return 0;
     if (relative_sleep(&call, &req, &left, &waited) == 0)
         return 0;
@@ -101,7 +95,7 @@ int green_usleep(useconds_t usec)
     int waited;
     if (!green_state.active || usec == 0)
         return usleep(usec);
-    if (interrupted_already())
+    if (green_interrupted_here())
         return 0;
     if (relative_sleep(&call, &req, &left, &waited) == 0)
         return 0;
@@ -115,7 +109,7 @@ int green_nanosleep(const struct timespec *req, struct timespec *rem)
     int waited;
     if (!green_state.active || !valid_request(req) || (req->tv_sec == 0 && req->tv_nsec == 0))
         return nanosleep(req, rem);
-    if (interrupted_already())
+    if (green_interrupted_here())
         return 0;
     if (relative_sleep(&call, req, &left, &waited) == 0)
         return 0;
@@ -161,7 +155,7 @@ int green_clock_nanosleep(clockid_t clock_id, int flags, const struct timespec *
     if (!green_state.active || !sleepable_clock(clock_id) || !valid_request(req) ||
         (req->tv_sec == 0 && req->tv_nsec == 0))
         return clock_nanosleep(clock_id, flags, req, rem);
-    if (interrupted_already())
+    if (green_interrupted_here())
         return 0;
     saved_errno = errno;
     if (flags & TIMER_ABSTIME) {
