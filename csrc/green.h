@@ -73,6 +73,10 @@ extern struct green_state green_state;
 int64_t green_now_ns(void);
 int64_t green_deadline_after_ms(int timeout_ms);
 int64_t green_deadline_after_timespec(const struct timespec *timeout);
+/* Time left until a deadline, for native fallbacks: as a timespec (NULL
+   for none), or as poll's milliseconds, rounded up (-1 for none). */
+const struct timespec *green_time_left(int64_t deadline_ns, struct timespec *left);
+int green_ms_left(int64_t deadline_ns);
 
 /* Wait on the hub until one of the watches is ready or the deadline passes. */
 int green_wait(struct green_call *call, const struct green_watch *watches, int nwatches, int64_t deadline_ns);

@@ -15,6 +15,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <sys/time.h>
 
 #include "green.h"
@@ -96,6 +97,32 @@ int64_t green_deadline_after_timespec(const struct timespec *timeout)
     if (timeout->tv_sec > INT64_MAX / 1000000000 - 1)
         return GREEN_NO_DEADLINE;
     return green_now_ns() + (int64_t)timeout->tv_sec * 1000000000 + timeout->tv_nsec;
+}
+
+const struct timespec *green_time_left(int64_t deadline_ns, struct timespec *left)
+{
+    int64_t ns;
+    if (deadline_ns == GREEN_NO_DEADLINE)
+        return NULL;
+    ns = deadline_ns - green_now_ns();
+    if (ns < 0)
+        ns = 0;
+    left->tv_sec = ns / 1000000000;
+    left->tv_nsec = ns % 1000000000;
+    return left;
+}
+
+int green_ms_left(int64_t deadline_ns)
+{
+    int64_t ns;
+    if (deadline_ns == GREEN_NO_DEADLINE)
+        return -1;
+    ns = deadline_ns - green_now_ns();
+    if (ns <= 0)
+        return 0;
+    if (ns / 1000000 >= INT_MAX)
+        return INT_MAX;
+    return (int)((ns + 999999) / 1000000);
 }
 
 /* ---- delivering an interruption once the C call is back in Python ---- */
@@ -237,13 +264,13 @@ int green_wait(struct green_call *call, const struct green_watch *watches, int n
 
     if (!green_state.active || green_state.finalizing)
         return GREEN_CANNOT_WAIT;
+    started_ns = green_now_ns();
     if (deadline_ns != GREEN_NO_DEADLINE) {
-        int64_t left = deadline_ns - green_now_ns();
+        int64_t left = deadline_ns - started_ns;
         if (left <= 0)
             return GREEN_TIMED_OUT;
         timeout_s = (double)left / 1e9;
     }
-    started_ns = green_now_ns();
     __atomic_add_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
     result = greenify_wait(watches, nwatches, timeout_s);
     __atomic_sub_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);

@@ -14,20 +14,6 @@
 #include "green_more.h"
 
 
-/* Milliseconds left until a deadline, rounded up, for the native fallback. */
-static int ms_left(int64_t deadline_ns)
-{
-    int64_t ns;
-    if (deadline_ns == GREEN_NO_DEADLINE)
-        return -1;
-    ns = deadline_ns - green_now_ns();
-    if (ns <= 0)
-        return 0;
-    if (ns / 1000000 >= INT_MAX)
-        return INT_MAX;
-    return (int)((ns + 999999) / 1000000);
-}
-
 /* epoll_wait and epoll_pwait after a zero-timeout probe found nothing. */
 static int epoll_until(int function, int epfd, struct epoll_event *events, int maxevents, int64_t deadline_ns,
                        const sigset_t *sigmask, int saved_errno)
@@ -39,7 +25,7 @@ static int epoll_until(int function, int epfd, struct epoll_event *events, int m
         status = green_wait(&stats, &watch, 1, deadline_ns);
         if (status == GREEN_CANNOT_WAIT) {
             errno = saved_errno;
-            return epoll_pwait(epfd, events, maxevents, ms_left(deadline_ns), sigmask);
+            return epoll_pwait(epfd, events, maxevents, green_ms_left(deadline_ns), sigmask);
         }
         if (status == GREEN_INTERRUPTED) {
             errno = saved_errno;

@@ -589,11 +589,7 @@ int green_connect(int fd, const struct sockaddr *addr, socklen_t addrlen)
         case GREEN_CANNOT_WAIT: {
             /* block natively until connected, as libc's connect would */
             struct pollfd wait_fd = {fd, POLLOUT, 0};
-            int timeout_ms = -1;
-            if (io_wait.deadline_ns != GREEN_NO_DEADLINE) {
-                int64_t left = io_wait.deadline_ns - green_now_ns();
-                timeout_ms = left <= 0 ? 0 : (int)((left + 999999) / 1000000);
-            }
+            int timeout_ms = green_ms_left(io_wait.deadline_ns);
             while (poll(&wait_fd, 1, timeout_ms) < 0 && errno == EINTR)
                 ;
             if (wait_fd.revents == 0) {

@@ -97,20 +97,6 @@ static void poll_waiter_close(struct poll_waiter *waiter)
         close(waiter->epoll_fd);
 }
 
-/* Time left until a deadline, for the native fallback; NULL for none. */
-static const struct timespec *time_left(int64_t deadline_ns, struct timespec *left)
-{
-    int64_t ns;
-    if (deadline_ns == GREEN_NO_DEADLINE)
-        return NULL;
-    ns = deadline_ns - green_now_ns();
-    if (ns < 0)
-        ns = 0;
-    left->tv_sec = ns / 1000000000;
-    left->tv_nsec = ns % 1000000000;
-    return left;
-}
-
 /* poll and ppoll after a zero-timeout probe found nothing ready. */
 static int poll_until(int function, struct pollfd *fds, nfds_t nfds, int64_t deadline_ns, const sigset_t *sigmask,
                       int saved_errno)
@@ -122,14 +108,14 @@ static int poll_until(int function, struct pollfd *fds, nfds_t nfds, int64_t dea
 
     if (poll_waiter_init(&waiter, fds, nfds) != 0) {
         errno = saved_errno;
-        return ppoll(fds, nfds, time_left(deadline_ns, &left), sigmask);
+        return ppoll(fds, nfds, green_time_left(deadline_ns, &left), sigmask);
     }
     for (;;) {
         status = green_wait(&stats, waiter.watches, waiter.nwatches, deadline_ns);
         if (status == GREEN_CANNOT_WAIT) {
             poll_waiter_close(&waiter);
             errno = saved_errno;
-            return ppoll(fds, nfds, time_left(deadline_ns, &left), sigmask);
+            return ppoll(fds, nfds, green_time_left(deadline_ns, &left), sigmask);
         }
         if (status == GREEN_INTERRUPTED) {
             poll_waiter_close(&waiter);
@@ -290,7 +276,7 @@ static int select_until(int function, int nfds, struct select_sets *sets, int64_
             break;
         }
         select_sets_restore(sets);
-        wait_left = status == GREEN_CANNOT_WAIT ? time_left(deadline_ns, &left) : &zero_timeout;
+        wait_left = status == GREEN_CANNOT_WAIT ? green_time_left(deadline_ns, &left) : &zero_timeout;
         errno = saved_errno;
         ready = pselect(nfds, sets->live[0], sets->live[1], sets->live[2], wait_left, sigmask);
         if (ready != 0 || status != GREEN_WOKEN)
@@ -301,7 +287,7 @@ static int select_until(int function, int nfds, struct select_sets *sets, int64_
     if (fds != inline_fds)
         free(fds);
     if (timeval_left != NULL) {
-        time_left(deadline_ns, &left);
+        green_time_left(deadline_ns, &left);
         timeval_left->tv_sec = left.tv_sec;
         timeval_left->tv_usec = left.tv_nsec / 1000;
     }

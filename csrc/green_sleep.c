@@ -40,18 +40,6 @@ static int sleep_on_hub(struct green_call *call, int64_t deadline_ns, int *waite
     }
 }
 
-/* What is left of a sleep, for the native fallback. */
-static struct timespec time_left(int64_t deadline_ns)
-{
-    struct timespec left;
-    int64_t ns = deadline_ns == GREEN_NO_DEADLINE ? INT64_MAX : deadline_ns - green_now_ns();
-    if (ns < 0)
-        ns = 0;
-    left.tv_sec = ns / NS_PER_SECOND;
-    left.tv_nsec = ns % NS_PER_SECOND;
-    return left;
-}
-
 static int valid_request(const struct timespec *req)
 {
     return req != NULL && req->tv_sec >= 0 && req->tv_nsec >= 0 && req->tv_nsec < NS_PER_SECOND;
@@ -65,7 +53,8 @@ static int relative_sleep(struct green_call *call, const struct timespec *req, s
     int status = sleep_on_hub(call, deadline_ns, waited);
     if (status != GREEN_CANNOT_WAIT)
         return 0;
-    *left = *waited ? time_left(deadline_ns) : *req;
+    if (!*waited || green_time_left(deadline_ns, left) == NULL)
+        *left = *req; /* nothing slept yet, or a sleep too long to have a deadline */
     return GREEN_CANNOT_WAIT;
 }
 
