@@ -8,6 +8,8 @@ can compare results and errno exactly.
 from __future__ import annotations
 
 import ctypes
+import os
+import resource
 import socket
 import time
 from typing import Callable, Tuple
@@ -98,6 +100,17 @@ def drain_in_background(sock: socket.socket, total: int) -> Tuple[gevent.Greenle
                 gevent.sleep(0.001)
 
     return gevent.spawn(drain), received
+
+
+def open_fds() -> int:
+    """How many descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss_kb() -> int:
+    """This process's resident memory, in KiB."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() // 1024
 
 
 def fd_flags(fd: int) -> int:

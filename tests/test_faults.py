@@ -21,7 +21,7 @@ import pytest
 from gevent import socket as gsocket
 
 import greenify
-from green_support import buffer, call_green, run_concurrently, socketpair, tcp_pair
+from green_support import buffer, call_green, open_fds, rss_kb, run_concurrently, socketpair, tcp_pair
 from greenify import _bridge, demo
 from greenify._green import ffi, lib
 
@@ -44,15 +44,6 @@ def raise_fd_limit(needed: int) -> None:
         except (ValueError, OSError):
             pytest.skip(f"needs {needed} file descriptors; the hard limit is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
-
-def rss_kb() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() // 1024
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 # ---- load ----

@@ -20,7 +20,7 @@ import gevent
 import pytest
 from gevent._hub_local import get_hub_if_exists
 
-from green_support import libc, run_concurrently
+from green_support import libc, open_fds, run_concurrently
 from greenify import _bridge
 from greenify._green import ffi, lib
 
@@ -37,10 +37,6 @@ pytestmark = pytest.mark.usefixtures("greenified", "no_interruption_left_behind"
 
 def h_errno() -> int:
     return libc.__h_errno_location().contents.value
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 # ---- calling the green functions and reading their results ----

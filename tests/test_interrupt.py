@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import os
-import resource
 import subprocess
 import sys
 import sysconfig
@@ -20,7 +18,7 @@ import gevent
 import pytest
 
 import greenify
-from green_support import buffer, socketpair
+from green_support import buffer, open_fds, rss_kb, socketpair
 from greenify import _bridge
 from greenify._green import ffi, lib
 
@@ -183,15 +181,6 @@ def test_poll_interrupted_returns_a_timeout_result():
     gevent.sleep(0.05)
     g.kill()
     assert results == []  # GreenletExit raised at the next line
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def rss_kb() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() // 1024
 
 
 def test_a_thousand_cancellations_leave_nothing_behind(driver):

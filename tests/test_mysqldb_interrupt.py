@@ -13,8 +13,6 @@ closed and replaced.
 from __future__ import annotations
 
 import gc
-import os
-import resource
 import sys
 import time
 
@@ -22,6 +20,7 @@ import gevent
 import pytest
 
 import servers
+from green_support import open_fds, rss_kb
 from greenify import _bridge
 
 pytestmark = [pytest.mark.compat("MySQLdb"), pytest.mark.usefixtures("patched_libmariadb")]
@@ -150,15 +149,6 @@ def test_interrupted_connection_can_be_closed_and_a_new_one_works(MySQLdb, conne
     cursor = connect().cursor()
     cursor.execute("SELECT 1")
     assert cursor.fetchall() == ((1,),)
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def rss_kb() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() // 1024
 
 
 def cancel_queries(MySQLdb, mariadb, workers: int, per_worker: int) -> int:
