@@ -12,6 +12,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#if PY_VERSION_HEX < 0x030B0000
+#include <frameobject.h> /* 3.10: PyFrameObject's fields */
+#endif
 
 #include <errno.h>
 #include <fcntl.h>
@@ -152,7 +155,13 @@ static int inside_bridge(PyFrameObject *frame)
     int found = 0;
     Py_XINCREF(current);
     for (int depth = 0; current != NULL && depth < 32 && !found; depth++) {
+#if PY_VERSION_HEX < 0x030B0000
+        /* PyFrame_GetGlobals is 3.11's; 3.10's frame struct is public */
+        PyObject *globals = current->f_globals;
+        Py_XINCREF(globals);
+#else
         PyObject *globals = PyFrame_GetGlobals(current);
+#endif
         PyObject *name = globals ? PyDict_GetItemString(globals, "__name__") : NULL;
         found = name != NULL && PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, "greenify._bridge") == 0;
         Py_XDECREF(globals);

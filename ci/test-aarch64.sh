@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# `make test-aarch64`: greenify built and tested on arm64 Debian 12, under
+# qemu-user, on this x86-64 machine.
+#
+#   1. ci/aarch64-root.sh makes the root once (debootstrap), cached in ROOT;
+#   2. once per root: MariaDB, a venv (/opt/greenify-venv) with greenify's
+#      dependencies, pytest and mysqlclient (built there, against Debian's
+#      libmariadb);
+#   3. every run: this tree copied to ROOT/src, greenify built there,
+#      the test files named on the command line run in `chroot ROOT`, with
+#      /proc, /sys and /dev bind-mounted (unmounted on any exit), and the run
+#      recorded in ci/results.json as `aarch64`.
+#
+# The tests start their own MariaDB inside the root, as on x86-64
+# (tests/servers.py).  Needs root and binfmt_misc (ci/aarch64-binfmt.sh).
+#
+# usage: ci/test-aarch64.sh ROOT TEST_FILE...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(realpath -m "${1:?usage: $0 ROOT TEST_FILE...}")
+shift
+[ $# -gt 0 ] || { echo "usage: $0 ROOT TEST_FILE..." >&2; exit 2; }
+venv=/opt/greenify-venv
+started=$SECONDS
+step() { echo "test-aarch64: $* (at $((SECONDS - started)) s)"; }
+
+step "root $root"
+ci/aarch64-root.sh "$root"
+ci/aarch64-binfmt.sh   # a cached root still needs the handler (e.g. after a reboot)
+
+mounted=()
+cleanup() {
+    local i
+    for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do
+        umount -l "${mounted[i]}" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+for fs in proc sys dev dev/pts; do
+    mkdir -p "$root/$fs"
+    mountpoint -q "$root/$fs" && continue
+    mount --bind "/$fs" "$root/$fs"
+    mounted+=("$root/$fs")
+done
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+in_root() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
+    LANG=C.UTF-8 ${GREENIFY_REQUIRE_SERVERS:+GREENIFY_REQUIRE_SERVERS=$GREENIFY_REQUIRE_SERVERS} "$@"; }
+
+if [ ! -e "$root/.greenify-venv" ]; then
+    step "installing MariaDB and the venv in the root (once)"
+    # no service may start inside the root: the tests start their own server
+    printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
+    chmod 755 "$root/usr/sbin/policy-rc.d"
+    in_root apt-get -q -y -o Acquire::Retries=3 update
+    in_root env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Acquire::Retries=3 \
+        install --no-install-recommends mariadb-server mariadb-client
+    rm -rf "$root$venv"
+    in_root python3 -m venv "$venv"
+    in_root "$venv/bin/pip" install -q --upgrade pip 'setuptools>=77' wheel
+    # greenify's dependencies, from pyproject.toml, plus the suite's and MySQLdb
+    in_root "$venv/bin/pip" install -q 'gevent>=21.1' 'greenlet>=2.0' 'cffi>=1.15' 'pyelftools>=0.29' \
+        pytest pytest-timeout mysqlclient
+    touch "$root/.greenify-venv"
+fi
+
+step "copying the tree to $root/src and building greenify there"
+rm -rf "$root/src"
+mkdir -p "$root/src"
+git ls-files -z --cached --others --exclude-standard | grep -zv '^ci/results.json$' \
+    | tar --null -T - -cf - | tar -C "$root/src" -xf -
+in_root sh -c "cd /src && $venv/bin/pip install -q --no-deps --no-build-isolation -e ."
+in_root "$venv/bin/python" -c 'import platform, greenify._green as g; print("test-aarch64: built", g.__file__, platform.machine())'
+
+step "pytest $*"
+status=0
+in_root sh -c "cd /src && $venv/bin/python -m pytest -q -p no:cacheprovider --junitxml=/src/aarch64.xml $*" || status=$?
+python3 ci/results.py record --name aarch64 --junit "$root/src/aarch64.xml" \
+    --python "$(in_root "$venv/bin/python" -c 'import platform; print(platform.python_version())')" \
+    --machine "$(in_root uname -m)" --note "Debian 12 arm64 root under qemu-user" || status=1
+step "done (pytest exit status $status)"
+exit $status
