@@ -53,6 +53,15 @@ def save(results: Dict[str, dict], path: str = RESULTS_PATH) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _test_file(classname: str) -> str:
+    """tests/test_x.py from pytest's classname tests.test_x(.TestClass)."""
+    parts = classname.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("test_"):
+            return "/".join(parts[:i + 1]) + ".py"
+    return classname or "?"
+
+
 def summarize_junit(path: str) -> dict:
     """Counts per outcome, the test files and the seconds pytest measured."""
     root = ET.parse(path).getroot()
@@ -65,7 +74,7 @@ def summarize_junit(path: str) -> dict:
         seconds += float(suite.get("time", 0))
         for case in suite.iter("testcase"):
             classname = case.get("classname", "")
-            files.add(classname.split(".")[0] + ".py" if classname else "?")
+            files.add(_test_file(classname))
             if case.find("failure") is not None or case.find("error") is not None:
                 counts["failed"] += 1
                 failures.append(f"{classname}::{case.get('name')}")
@@ -76,9 +85,22 @@ def summarize_junit(path: str) -> dict:
     return {"counts": counts, "files": sorted(files), "failures": failures, "seconds": round(seconds, 1)}
 
 
-def record(name: str, junit: str, python: str, machine: str, note: str, path: str = RESULTS_PATH) -> dict:
+def read_deselect(path: str) -> List[List[str]]:
+    """[node id, reason] per line of a deselect list (ci/aarch64-deselect.txt)."""
+    found = []
+    with open(path) as listing:
+        for line in listing:
+            if line.strip() and not line.startswith("#"):
+                nodeid, _, reason = line.strip().partition(" ")
+                found.append([nodeid, reason.strip()])
+    return found
+
+
+def record(name: str, junit: str, python: str, machine: str, note: str, deselect: Optional[str] = None,
+           path: str = RESULTS_PATH) -> dict:
     entry = summarize_junit(junit)
-    entry.update(python=python, machine=machine, note=note, date=time.strftime("%Y-%m-%d", time.gmtime()))
+    entry.update(python=python, machine=machine, note=note, date=time.strftime("%Y-%m-%d", time.gmtime()),
+                 deselected=read_deselect(deselect) if deselect else [])
     results = load(path)
     results[name] = entry
     save(results, path)
@@ -89,11 +111,13 @@ def verdict(entry: dict) -> str:
     counts = entry["counts"]
     if counts["failed"]:
         return "failed"
-    return "passed" if counts["passed"] else "nothing ran"
+    if not counts["passed"]:
+        return "nothing ran"
+    return f"passed, {counts['skipped']} skipped" if counts["skipped"] else "passed"
 
 
 def _files(entry: dict) -> str:
-    return ", ".join(f"`{name.replace('tests.', '')}`" for name in entry["files"])
+    return ", ".join(f"`{name.rsplit('/', 1)[-1][:-3]}`" for name in entry["files"])
 
 
 def statement(results: Dict[str, dict]) -> str:
@@ -105,12 +129,14 @@ def statement(results: Dict[str, dict]) -> str:
         where = entry["machine"] + (f" ({entry['note']})" if entry.get("note") else "")
         lines.append(f"- `{name}`: CPython {entry['python']} on {where}: **{verdict(entry)}**; "
                      f"{_files(entry)}")
+        for nodeid, reason in entry.get("deselected", []):
+            lines.append(f"  - not run there: `{nodeid.split('/')[-1]}`: {reason}")
     return "\n".join(lines)
 
 
 def passed_minor_versions(results: Dict[str, dict]) -> List[str]:
     return sorted({".".join(entry["python"].split(".")[:2]) for entry in results.values()
-                   if verdict(entry) == "passed"}, key=lambda v: tuple(map(int, v.split("."))))
+                   if verdict(entry).startswith("passed")}, key=lambda v: tuple(map(int, v.split("."))))
 
 
 def pyproject_problems(results: Dict[str, dict], suite_python: str, path: str = PYPROJECT_PATH) -> List[str]:
@@ -158,6 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rec.add_argument("--python", required=True, help="the interpreter's full version, e.g. 3.10.13")
     rec.add_argument("--machine", required=True, help="e.g. x86_64, aarch64")
     rec.add_argument("--note", default="", help="how it ran, e.g. 'Debian 12 arm64 under qemu-user'")
+    rec.add_argument("--deselect", help="the list of tests deselected in this run, with reasons")
     text = commands.add_parser("readme", help="write (or --check) the README's statement")
     text.add_argument("path")
     text.add_argument("--check", action="store_true")
@@ -166,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "record":
-        entry = record(args.name, args.junit, args.python, args.machine, args.note, args.results)
+        entry = record(args.name, args.junit, args.python, args.machine, args.note, args.deselect, args.results)
         print(f"{args.name}: {entry['counts']} in {entry['seconds']} s -> {args.results}")
         for failure in entry["failures"]:
             print(f"  failed: {failure}")

@@ -36,6 +36,7 @@ cleanup() {
     done
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM   # so that the EXIT trap unmounts on a signal too
 for fs in proc sys dev dev/pts; do
     mkdir -p "$root/$fs"
     mountpoint -q "$root/$fs" && continue
@@ -43,8 +44,13 @@ for fs in proc sys dev dev/pts; do
     mounted+=("$root/$fs")
 done
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# mariadb-install-db wants this host's name or localhost to resolve
+cp /etc/hosts "$root/etc/hosts"
+grep -qw localhost "$root/etc/hosts" || echo "127.0.0.1 localhost" >>"$root/etc/hosts"
+# pip inside the root trusts what the host's pip trusts (a proxy's CA, if any)
+cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$root/etc/greenify-host-ca.crt"
 in_root() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
-    LANG=C.UTF-8 ${GREENIFY_REQUIRE_SERVERS:+GREENIFY_REQUIRE_SERVERS=$GREENIFY_REQUIRE_SERVERS} "$@"; }
+    LANG=C.UTF-8 PIP_CERT=/etc/greenify-host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 ${GREENIFY_REQUIRE_SERVERS:+GREENIFY_REQUIRE_SERVERS=$GREENIFY_REQUIRE_SERVERS} "$@"; }
 
 if [ ! -e "$root/.greenify-venv" ]; then
     step "installing MariaDB and the venv in the root (once)"
@@ -71,11 +77,20 @@ git ls-files -z --cached --others --exclude-standard | grep -zv '^ci/results.jso
 in_root sh -c "cd /src && $venv/bin/pip install -q --no-deps --no-build-isolation -e ."
 in_root "$venv/bin/python" -c 'import platform, greenify._green as g; print("test-aarch64: built", g.__file__, platform.machine())'
 
-step "pytest $*"
+# the tests that cannot run here, each with its reason (ci/aarch64-deselect.txt)
+deselect=()
+while read -r nodeid _; do
+    case $nodeid in ''|'#'*) continue ;; esac
+    deselect+=("--deselect=$nodeid")
+done <ci/aarch64-deselect.txt
+
+step "pytest $* (${#deselect[@]} deselected: ci/aarch64-deselect.txt)"
 status=0
-in_root sh -c "cd /src && $venv/bin/python -m pytest -q -p no:cacheprovider --junitxml=/src/aarch64.xml $*" || status=$?
+in_root /bin/sh -c 'cd /src && exec "$@"' sh "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+    --junitxml=/src/aarch64.xml "${deselect[@]}" "$@" || status=$?
 python3 ci/results.py record --name aarch64 --junit "$root/src/aarch64.xml" \
     --python "$(in_root "$venv/bin/python" -c 'import platform; print(platform.python_version())')" \
-    --machine "$(in_root uname -m)" --note "Debian 12 arm64 root under qemu-user" || status=1
+    --machine "$(in_root uname -m)" --note "Debian 12 arm64 root under qemu-user" \
+    --deselect ci/aarch64-deselect.txt || status=1
 step "done (pytest exit status $status)"
 exit $status
