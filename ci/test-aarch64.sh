@@ -11,8 +11,11 @@
 #      /proc, /sys and /dev bind-mounted (unmounted on any exit), and the run
 #      recorded in ci/results.json as `aarch64`.
 #
-# The tests start their own MariaDB inside the root, as on x86-64
-# (tests/servers.py).  Needs root and binfmt_misc (ci/aarch64-binfmt.sh).
+# MariaDB runs natively on the host (ci/host_mariadb.py, tests/servers.py's
+# own server): emulated, mariadb-install-db alone takes over a minute.  The
+# tests inside the root reach it over loopback (qemu-user shares the host's
+# network) through GREENIFY_TEST_MARIADB.  Needs root and binfmt_misc
+# (ci/aarch64-binfmt.sh).
 #
 # usage: ci/test-aarch64.sh ROOT TEST_FILE...
 set -euo pipefail
@@ -29,8 +32,10 @@ ci/aarch64-root.sh "$root"
 ci/aarch64-binfmt.sh   # a cached root still needs the handler (e.g. after a reboot)
 
 mounted=()
+server_pid=
 cleanup() {
     local i
+    if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null; wait "$server_pid" || true; fi
     for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do
         umount -l "${mounted[i]}" 2>/dev/null || true
     done
@@ -49,17 +54,14 @@ cp /etc/hosts "$root/etc/hosts"
 grep -qw localhost "$root/etc/hosts" || echo "127.0.0.1 localhost" >>"$root/etc/hosts"
 # pip inside the root trusts what the host's pip trusts (a proxy's CA, if any)
 cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$root/etc/greenify-host-ca.crt"
+mariadb_address=
 in_root() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
-    LANG=C.UTF-8 PIP_CERT=/etc/greenify-host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 ${GREENIFY_REQUIRE_SERVERS:+GREENIFY_REQUIRE_SERVERS=$GREENIFY_REQUIRE_SERVERS} "$@"; }
+    LANG=C.UTF-8 PIP_CERT=/etc/greenify-host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    ${GREENIFY_REQUIRE_SERVERS:+GREENIFY_REQUIRE_SERVERS=$GREENIFY_REQUIRE_SERVERS} \
+    ${mariadb_address:+GREENIFY_TEST_MARIADB=$mariadb_address} "$@"; }
 
 if [ ! -e "$root/.greenify-venv" ]; then
-    step "installing MariaDB and the venv in the root (once)"
-    # no service may start inside the root: the tests start their own server
-    printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
-    chmod 755 "$root/usr/sbin/policy-rc.d"
-    in_root apt-get -q -y -o Acquire::Retries=3 update
-    in_root env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Acquire::Retries=3 \
-        install --no-install-recommends mariadb-server mariadb-client
+    step "installing the venv in the root (once)"
     rm -rf "$root$venv"
     in_root python3 -m venv "$venv"
     in_root "$venv/bin/pip" install -q --upgrade pip 'setuptools>=77' wheel
@@ -84,7 +86,15 @@ while read -r nodeid _; do
     deselect+=("--deselect=$nodeid")
 done <ci/aarch64-deselect.txt
 
-step "pytest $* (${#deselect[@]} deselected: ci/aarch64-deselect.txt)"
+step "starting MariaDB on the host"
+fifo=$(mktemp -u)
+mkfifo "$fifo"
+python3 ci/host_mariadb.py >"$fifo" &
+server_pid=$!
+read -r mariadb_address <"$fifo" || { echo "test-aarch64: ci/host_mariadb.py did not start MariaDB" >&2; exit 1; }
+rm -f "$fifo"
+
+step "pytest $* (${#deselect[@]} deselected: ci/aarch64-deselect.txt; MariaDB at $mariadb_address)"
 status=0
 in_root /bin/sh -c 'cd /src && exec "$@"' sh "$venv/bin/python" -m pytest -q -p no:cacheprovider \
     --junitxml=/src/aarch64.xml "${deselect[@]}" "$@" || status=$?
