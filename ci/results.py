@@ -204,7 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.check:
         problems += pyproject_problems(results, args.suite_python)
         problems += [f"{args.results}: run {name} {verdict(entry)}" for name, entry in sorted(results.items())
-                     if verdict(entry) != "passed"]
+                     if not verdict(entry).startswith("passed")]
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0

@@ -119,7 +119,8 @@ def test_module_without_a_shared_library(nothing_written):
     refused(sys, TargetNotFoundError, "sys")
 
 
-@pytest.mark.parametrize("target", ["libc.so.6", "libc", "ld-linux-x86-64.so.2"])
+@pytest.mark.parametrize("target", ["libc.so.6", "libc", {"aarch64": "ld-linux-aarch64.so.1"}.get(platform.machine(),
+                                                                                      "ld-linux-x86-64.so.2")])
 def test_libc_and_the_loader_are_never_patched(nothing_written, target):
     if not loaded.match_name(target):
         pytest.skip(f"{target} is not loaded under that name here")
