@@ -16,7 +16,14 @@ here=$(cd "$(dirname "$0")" && pwd)
 # Debian's packages inside the root: a compiler and Python headers to build
 # greenify and mysqlclient, libmariadb for MySQLdb.
 include=python3,python3-venv,python3-dev,python3-pip,gcc,libc6-dev,pkg-config,libmariadb-dev,libmariadb-dev-compat,ca-certificates
-rm -rf "$root"
+# never remove through a bind mount left by an interrupted test-aarch64
+root=$(realpath -m "$root")
+if grep -q " $root/" /proc/mounts; then
+    echo "aarch64-root: file systems are still mounted under $root; unmount them first:" >&2
+    grep " $root/" /proc/mounts >&2
+    exit 1
+fi
+rm -rf --one-file-system "$root"
 mkdir -p "$(dirname "$root")"
 echo "aarch64-root: debootstrap bookworm arm64 into $root"
 debootstrap --arch=arm64 --variant=minbase --include="$include" \
