@@ -28,11 +28,9 @@
 #include <string.h>
 #include <sys/eventfd.h>
 
-#include "green_more.h"
-
-
-/* Defined by cffi from greenify/_offload.py (extern "Python+C"). */
-extern int greenify_offload(struct green_offload_job *job);
+#include "green_offload.h"
+#include "green_python.h"
+#include "green_twins.h"
 
 enum job_kind { JOB_GETADDRINFO, JOB_GETNAMEINFO, JOB_GETHOSTBYNAME, JOB_GETHOSTBYNAME_R };
 enum job_state { JOB_QUEUED, JOB_RUNNING, JOB_FINISHED, JOB_DROPPED, JOB_TAKEN_BACK };
@@ -289,9 +287,8 @@ static enum offload_outcome offload(struct green_offload_job *job)
     struct green_watch watch = {job->done_fd, GREEN_READ};
     struct green_call stats = {function_of_kind[job->kind], 0};
     int saved_errno = errno;
-    int can_wait = greenify_offload(job) == GREEN_OFFLOAD_SUBMITTED;
+    int can_wait = green_python_offload(job) == GREEN_OFFLOAD_SUBMITTED;
 
-    errno = saved_errno;
     if (!can_wait && (job_move_state(job, JOB_QUEUED, JOB_TAKEN_BACK) ||
                       __atomic_load_n(&job->state, __ATOMIC_SEQ_CST) == JOB_DROPPED))
         return OFFLOAD_NATIVE;

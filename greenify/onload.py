@@ -9,7 +9,7 @@ slots (every symbol version) of each loaded object that imports them point
 at ``greenify_dlopen_hook``/``greenify_dlmopen_hook`` (csrc/onload.c): the
 interpreter (its import machinery), ``_ctypes``, drivers, and every object
 loaded later.  The hook calls glibc's function and, when the load added
-objects, calls ``greenify_loaded`` below before returning to the caller:
+objects, calls ``patch_what_was_loaded`` below before returning to the caller:
 new objects get their own dlopen hooked, and those that match a registered
 target are patched by the patcher.  So a library is patched before the code
 that loaded it can call it; only its own constructors run unpatched.
@@ -29,7 +29,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
-from gevent.monkey import get_original
+from greenify._native import get_original
 
 from greenify import elf, loaded, patcher
 from greenify._green import ffi, lib
@@ -217,12 +217,8 @@ def _working() -> Iterator[bool]:
             _busy_thread = None
 
 
-def _callback_failed(exc_type, exc_value, traceback) -> None:
-    log.error("greenify: patching a newly loaded library failed", exc_info=(exc_type, exc_value, traceback))
-
-
-@ffi.def_extern(onerror=_callback_failed)
-def greenify_loaded() -> None:
+def patch_what_was_loaded() -> None:
+    """After a hooked load added objects (entry greenify_loaded, greenify/_entries.py)."""
     with _working() as first:
         if first and _registrations:
             _catch_up()

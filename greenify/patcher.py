@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from gevent.monkey import get_original
+from greenify._native import get_original
 
 from greenify import elf, loaded
 from greenify.errors import (BuildIdMismatchError, GreenifyError, ProtectedTargetError, SlotOutsideSegmentsError,

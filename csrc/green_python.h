@@ -1,0 +1,41 @@
+/*
+ * Every entry from C into Python, in one list.  Each one takes the GIL
+ * (whether the thread held it or not), saves and clears the thread's
+ * pending exception, calls the Python side, and puts the exception, errno
+ * and the GIL back exactly as found (csrc/green_python.c).  The Python side
+ * of each is in greenify/_entries.py, the module named below.
+ */
+#ifndef GREENIFY_GREEN_PYTHON_H
+#define GREENIFY_GREEN_PYTHON_H
+
+#include "green.h"
+
+/* The Python module that holds the Python side of every entry. */
+#define GREENIFY_ENTRIES_MODULE "greenify._entries"
+
+struct green_offload_job;
+
+/* Wait until a watch is ready or timeout_s passes (< 0: no deadline):
+   GREEN_WOKEN, GREEN_TIMED_OUT, GREEN_CANNOT_WAIT or GREEN_INTERRUPTED. */
+int green_python_wait(const struct green_watch *watches, int nwatches, double timeout_s);
+/* Whether the calling greenlet was interrupted and is still inside C. */
+int green_python_interrupted(void);
+/* fd is about to be closed: wake whoever waits on it. */
+void green_python_closing(int fd);
+/* Hand a resolver job to a worker thread: GREEN_OFFLOAD_SUBMITTED or _NATIVE. */
+int green_python_offload(struct green_offload_job *job);
+/* A hooked dlopen added objects: patch what matches (csrc/onload.c). */
+void green_python_loaded(void);
+
+#ifdef Py_PYTHON_H
+/* The exception kept for the calling greenlet after an interrupted wait
+   (a new reference; None if there is none), for the trace function that
+   delivers it (csrc/green_deliver.c); NULL, reported, if the call failed. */
+PyObject *green_python_take_interrupt(void);
+#endif
+
+/* After a wait reported GREEN_INTERRUPTED: raise the kept exception in the
+   greenlet once its C call is back in Python (csrc/green_deliver.c). */
+void green_arm_delivery(void);
+
+#endif
