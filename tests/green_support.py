@@ -121,3 +121,20 @@ def fd_flags(fd: int) -> int:
 def errno_name(code: int) -> str:
     import errno
     return errno.errorcode.get(code, str(code))
+
+
+def twin_address(name: str) -> int:
+    """The address of libc's `name`'s green twin, as a library's patched slot holds it."""
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, "green_" + name)))
+
+
+def pending_interruptions() -> dict:
+    """Interruptions thrown into green waits and not delivered yet: greenlet -> exception."""
+    from greenify import _bridge
+    return _bridge.pending_interruptions()
+
+
+def no_interruption_pending() -> bool:
+    """Every interruption thrown into a green wait was delivered (what each
+    test should leave behind)."""
+    return not pending_interruptions()
