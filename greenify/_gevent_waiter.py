@@ -50,7 +50,7 @@ class HubWaiter:
     def _watcher(self, fd: int, events: int) -> Tuple[object, bool]:
         """The io watcher for (fd, events), and whether it is a private one
         (closed after the wait)."""
-        key = _key(fd, events)
+        key = fd << _EVENT_BITS | events  # _key(), inline: this is on every wait
         watcher = self.io_watchers.get(key)
         if watcher is None:
             watcher = self.io_watchers[key] = self.loop.io(fd, events)
