@@ -46,7 +46,7 @@
 #define GREEN_FUNCTIONS(X)                                                                                    \
     X(connect, "socket") X(accept, "socket") X(accept4, "socket") X(recv, "socket") X(recvfrom, "socket")    \
     X(recvmsg, "socket") X(send, "socket") X(sendto, "socket") X(sendmsg, "socket") X(read, "io")            \
-    X(write, "io") X(readv, "io") X(writev, "io") X(close, "io") X(poll, "poll") X(ppoll, "poll")            \
+    X(write, "io") X(readv, "io") X(writev, "io") X(close, "descriptor") X(poll, "poll") X(ppoll, "poll")            \
     X(select, "poll") X(pselect, "poll") X(epoll_wait, "poll") X(epoll_pwait, "poll") X(sleep, "sleep")      \
     X(usleep, "sleep") X(nanosleep, "sleep") X(clock_nanosleep, "sleep") X(getaddrinfo, "resolver")          \
     X(getnameinfo, "resolver") X(gethostbyname, "resolver") X(gethostbyname_r, "resolver")
@@ -70,7 +70,8 @@ enum green_function { GREEN_FUNCTIONS(GREEN_FUNCTION_ID) GREEN_FUNCTION_COUNT };
 struct green_function_entry {
     const char *name;         /* libc's symbol */
     void *twin;               /* green_<name>; NULL for a call without a twin */
-    const char *family;       /* "socket", "io", "poll", "sleep", "resolver", "lock", "process" */
+    const char *family;       /* "socket", "io", "poll", "sleep", "resolver", "lock", "process", or
+                                 "descriptor" for close, which never blocks (it wakes waiters) */
     const char *fortified_of; /* the plain function of a _FORTIFY_SOURCE form, else NULL */
 };
 /* The index-th row, NULL past the last. */

@@ -125,7 +125,8 @@ def errno_name(code: int) -> str:
 
 def twin_address(name: str) -> int:
     """The address of libc's `name`'s green twin, as a library's patched slot holds it."""
-    return int(ffi.cast("uintptr_t", ffi.addressof(lib, "green_" + name)))
+    from greenify import patcher
+    return patcher.green_twins()[name]
 
 
 def pending_interruptions() -> dict:
@@ -138,3 +139,9 @@ def no_interruption_pending() -> bool:
     """Every interruption thrown into a green wait was delivered (what each
     test should leave behind)."""
     return not pending_interruptions()
+
+
+def sweep_interval_s() -> float:
+    """How often the hub's waiter looks for waits on descriptors closed behind greenify's back."""
+    from greenify._gevent_waiter import SWEEP_INTERVAL_S
+    return SWEEP_INTERVAL_S
