@@ -29,6 +29,7 @@ class SelectWaiter:
         self.offload_to_thread = offload_to_thread
         self.offloaded = 0
         self.workers = []
+        self.ran_in = []  # the threads job runners ran in
 
     def wait(self, watches, timeout):
         self.waits.append((list(watches), timeout))
@@ -44,7 +45,11 @@ class SelectWaiter:
         self.offloaded += 1
         if not self.offload_to_thread:
             return False
-        worker = threading.Thread(target=job_runner)
+        def run():
+            self.ran_in.append(threading.get_ident())
+            job_runner()
+
+        worker = threading.Thread(target=run)
         worker.start()
         self.workers.append(worker)
         return True
@@ -152,7 +157,10 @@ def test_a_resolver_call_is_offered_to_the_waiter(in_thread):
     assert run_with(waiter, lambda: lib.green_getaddrinfo(b"localhost", ffi.NULL, ffi.NULL, result)) == 0
     lib.freeaddrinfo(result[0])
     assert waiter.offloaded == 1
-    assert bool(waiter.waits) == in_thread  # refused: libc called directly, no wait
+    if in_thread:
+        assert waiter.ran_in and threading.get_ident() not in waiter.ran_in
+    else:
+        assert waiter.waits == []  # refused: libc called directly, nothing to wait for
     for worker in waiter.workers:
         worker.join()  # the worker drops its reference to the job when its thread ends
     assert lib.green_offload_live_jobs() == 0
