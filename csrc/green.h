@@ -94,7 +94,7 @@ struct green_state {
     volatile int active;             /* greenify.greenify() was called */
     volatile int finalizing;         /* the interpreter is shutting down: never enter Python */
     volatile int interrupts_pending; /* greenlets interrupted and not yet back in Python */
-    int waiting;                     /* waits on a hub in progress, all threads (atomic) */
+    int waiting;                     /* waits in Python in progress, all threads (atomic) */
 };
 extern struct green_state green_state;
 

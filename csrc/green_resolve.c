@@ -4,10 +4,10 @@
  *
  * Resolution reads files, loads NSS modules and talks to DNS servers:
  * nothing a green function can wait on through one descriptor of its own.
- * So the real libc call runs on gevent's thread pool (hub.threadpool) while
- * the calling greenlet waits on the hub for an eventfd that the pool thread
- * signals when it is done.  The results are libc's own: freeaddrinfo frees a
- * green getaddrinfo's list as usual.
+ * So the real libc call runs on a worker thread (the waiter's: with gevent,
+ * hub.threadpool) while the calling greenlet waits, through green_wait, for
+ * an eventfd that the pool thread signals when it is done.  The results are
+ * libc's own: freeaddrinfo frees a green getaddrinfo's list as usual.
  *
  * A call is a heap-allocated job holding copies of the inputs and its own
  * outputs, shared by the caller and the pool through a reference count.  A
@@ -249,7 +249,7 @@ static void job_call(struct green_offload_job *job)
     job->error_number = errno;
 }
 
-/* ---- the pool's side, called from greenify/_offload.py ---- */
+/* ---- the pool's side, called from the job runner greenify/_offload.py hands over ---- */
 
 struct green_offload_job *green_offload_retain(struct green_offload_job *job)
 {
@@ -279,7 +279,7 @@ void green_offload_drop(struct green_offload_job *job)
 
 /* ---- the caller's side ---- */
 
-/* Hands the job to the pool and waits for it on the hub. */
+/* Hands the job to a worker (green_python_offload) and waits for it. */
 static enum offload_outcome offload(struct green_offload_job *job)
 {
     static const int function_of_kind[] = {GREEN_FN_getaddrinfo, GREEN_FN_getnameinfo, GREEN_FN_gethostbyname,
@@ -306,7 +306,7 @@ static enum offload_outcome offload(struct green_offload_job *job)
             }
             can_wait = status != GREEN_CANNOT_WAIT;
         }
-        else { /* the pool has it and there is no hub to wait on: block, as libc would */
+        else { /* the pool has it and nothing can wait here: block, as libc would */
             struct pollfd done = {job->done_fd, POLLIN, 0};
             poll(&done, 1, -1);
             errno = saved_errno;
