@@ -183,7 +183,8 @@ def _read_for_report(path: str) -> Tuple[Optional[elf.ElfImports], Optional[str]
     except StaticExecutableError as exc:
         return None, _without_path(str(exc), path)
     except WrongMachineError as exc:
-        return elf.read_blocking_imports(path, _wanted_symbols()), _without_path(str(exc), path)
+        reason = _without_path(str(exc), path) + ", and greenify patches only the process it runs in"
+        return elf.read_blocking_imports(path, _wanted_symbols()), reason
 
 
 def inspect_file(path: str) -> LibraryReport:
