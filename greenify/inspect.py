@@ -213,8 +213,13 @@ class TlsIo:
         return {"name": self.name, "path": self.path, "io_calls": list(self.io_calls)}
 
 
+# the hash auditwheel adds to the libraries it bundles: libssl-3a5f0b4e.so.3
+_BUNDLED_HASH = re.compile(r"-[0-9a-f]{6,}$")
+
+
 def is_tls_library(path_or_name: str) -> bool:
-    return os.path.basename(path_or_name).split(".so")[0] in TLS_LIBRARY_STEMS
+    stem = os.path.basename(path_or_name).split(".so")[0]
+    return _BUNDLED_HASH.sub("", stem) in TLS_LIBRARY_STEMS
 
 
 def tls_io_libraries(needed: Sequence[str], locate: Callable[[str], Optional[str]]) -> List[TlsIo]:

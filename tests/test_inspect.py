@@ -16,6 +16,7 @@ import pytest
 import greenify
 from fixturelib import build_extension_module, build_library, compiler
 from greenify import elf
+from greenify import inspect as inspect_module
 from greenify.inventory import LibraryReport
 from greenify.patcher import green_twins
 from elf_fixtures import CROSS_MACHINES, CROSS_SYMBOLS, cross_libs  # noqa: F401 - a fixture
@@ -459,3 +460,23 @@ def test_pid_of_a_shell_names_its_main_program_as_what_it_is():
     executable = os.path.basename(document["executable"])
     (main_program,) = [library for library in document["libraries"] if library["path"] == document["executable"]]
     assert main_program["protected"] == f"the main program ({executable})" and executable.startswith("bash")
+
+
+def test_wheel_bundled_tls_libraries_are_recognised_under_their_hashed_names():
+    require_module("psycopg2", "psycopg2-binary")
+    document = inspect_json("--import", "psycopg2")
+    (libpq,) = [library for library in document["libraries"] if Path(library["path"]).name.startswith("libpq")]
+    assert libpq["recommended"]
+    names = [item["name"] for item in libpq["tls"]]
+    assert names and all(inspect_module.is_tls_library(name) for name in names)
+    assert any(name.startswith("libcrypto") for name in names)
+    for item in libpq["tls"]:  # each one is what this libpq needs, found where the process loaded it
+        assert item["name"] in elf.needed_libraries(libpq["path"]) or item["name"].startswith("libcrypto")
+        assert {"read", "write"} & set(item["io_calls"])
+
+
+@pytest.mark.parametrize("name, tls", [("libssl.so.3", True), ("libcrypto-fb8d5b21.so.3", True),
+                                       ("libgnutls.so.30", True), ("libssl3.so", True), ("libsslx.so.1", False),
+                                       ("libmariadb.so.3", False), ("libcrypt.so.1", False)])
+def test_tls_libraries_are_known_by_stem(name, tls):
+    assert inspect_module.is_tls_library(name) is tls
