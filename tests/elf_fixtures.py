@@ -24,7 +24,7 @@ from elftools.elf.relocation import RelocationSection
 
 from fixturelib import FIXTURES
 from greenify import elf
-from servers import missing
+from servers import missing, servers_required
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,32 @@ def build_cross_library(machine: str, variant: str, folder: Path, name: Optional
     return output
 
 
+class CrossLibraries:
+    """fx_cross built for each machine and variant on first use, once per
+    session: ``libs[machine][variant]`` skips (fails under CI) without the
+    machine's compiler; ``libs.optional(machine, variant)`` gives None then,
+    for a test that also has other files to work on."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.built: Dict[str, Dict[str, Path]] = {}
+
+    def __getitem__(self, machine: str) -> Dict[str, Path]:
+        if machine not in self.built:
+            self.built[machine] = {variant: build_cross_library(machine, variant, self.folder)
+                                   for variant in CROSS_VARIANTS}
+        return self.built[machine]
+
+    def optional(self, machine: str, variant: str) -> Optional[Path]:
+        if shutil.which(CROSS_MACHINES[machine].compiler) is None and not servers_required():
+            return None
+        return self[machine][variant]
+
+
 @pytest.fixture(scope="session")
-def cross_libs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Dict[str, Path]]:
-    """{machine: {variant: path}} of fx_cross, built once per session."""
-    folder = tmp_path_factory.mktemp("cross-libs")
-    return {machine: {variant: build_cross_library(machine, variant, folder) for variant in CROSS_VARIANTS}
-            for machine in CROSS_MACHINES}
+def cross_libs(tmp_path_factory: pytest.TempPathFactory) -> CrossLibraries:
+    """fx_cross for other machines (see CrossLibraries)."""
+    return CrossLibraries(tmp_path_factory.mktemp("cross-libs"))
 
 
 def section_scan(path: Path, wanted=elf.BLOCKING_SYMBOLS) -> Set[Tuple[str, str, int]]:
