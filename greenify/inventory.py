@@ -174,18 +174,30 @@ def _imports_of(imports: elf.ElfImports, base: Optional[int] = None,
     return tuple(rows)
 
 
+def _read_for_report(path: str) -> Tuple[Optional[elf.ElfImports], Optional[str]]:
+    """The file's imports (None for a static executable) and why this process
+    cannot patch it (None when it can).  Another machine's or class's library
+    is still read and listed: only this process cannot patch it."""
+    try:
+        return patcher.read_target_file(path, _wanted_symbols()), None
+    except StaticExecutableError as exc:
+        return None, _without_path(str(exc), path)
+    except WrongMachineError as exc:
+        reason = _without_path(str(exc), path) + ", and greenify patches only the process it runs in"
+        return elf.read_blocking_imports(path, _wanted_symbols()), reason
+
+
 def inspect_file(path: str) -> LibraryReport:
     """The report for the ELF file at ``path``, as a library on disk.  Raises
     TargetNotFoundError or NotElfError for bad input; a file greenify cannot
     patch for another reason (static, another machine) comes back with
-    ``error`` set."""
+    ``error`` set (and another machine's imports listed)."""
     protected = loaded.protected_reason(LoadedObject(path, 0, (), None))
-    try:
-        imports = patcher.read_target_file(path, _wanted_symbols())
-    except (StaticExecutableError, WrongMachineError) as exc:
-        return LibraryReport(path, error=_without_path(str(exc), path), protected=protected)
+    imports, error = _read_for_report(path)
+    if imports is None:
+        return LibraryReport(path, error=error, protected=protected)
     return LibraryReport(path, imports.soname, imports.build_id_hex, imports.needed, _imports_of(imports),
-                         protected=protected)
+                         error=error, protected=protected)
 
 
 def _without_path(message: str, path: str) -> str:
@@ -196,12 +208,14 @@ def _without_path(message: str, path: str) -> str:
 def _inspect_loaded(obj: LoadedObject, in_this_process: bool) -> LibraryReport:
     protected = loaded.protected_reason(obj)
     try:
-        imports = patcher.read_target_file(obj.path, _wanted_symbols())
+        imports, error = _read_for_report(obj.path)
     except GreenifyError as exc:
         return LibraryReport(obj.path, error=_without_path(str(exc), obj.path), protected=protected)
-    if not in_this_process:
+    if imports is None:
+        return LibraryReport(obj.path, error=error, protected=protected)
+    if not in_this_process or error is not None:
         return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed, _imports_of(imports),
-                             protected=protected)
+                             error=error, protected=protected)
     if obj.build_id != imports.build_id:
         # its relocations would describe some other layout than what is mapped
         return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed, protected=protected,

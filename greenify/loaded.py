@@ -108,7 +108,7 @@ def protected_reason(obj: LoadedObject) -> Optional[str]:
     """Why greenify never patches ``obj`` (None when it may)."""
     name = obj.name
     if obj.is_main_program:
-        return "the main program (the Python interpreter)"
+        return f"the main program ({obj.name})"
     if name.startswith("libc.so") or name.startswith("libc-"):
         return "libc itself: its calls are what the green functions use"
     if name.startswith("ld-linux") or name.startswith("ld64.so") or name.startswith("ld-"):
