@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
-from greenify import elf, loaded, patcher
+from greenify import elf, loaded, patcher, slots
 from greenify.errors import GreenifyError, StaticExecutableError, WrongMachineError
 from greenify.loaded import LoadedObject
 
@@ -206,7 +206,7 @@ def _inspect_loaded(obj: LoadedObject, in_this_process: bool) -> LibraryReport:
         # its relocations would describe some other layout than what is mapped
         return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed, protected=protected,
                              error="the file on disk is not the loaded object (GNU build-ids differ)")
-    patched_slots = patcher.patched_slots(obj)  # {slot address: PatchedSlot}
+    patched_slots = slots.written_slots(obj, slots.TWIN).get(slots.object_key(obj), {})  # {slot address: PatchedSlot}
     return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed,
                          _imports_of(imports, obj.base, patched_slots), protected=protected)
 

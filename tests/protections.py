@@ -1,7 +1,7 @@
 """A suite-wide guard (a pytest plugin): every GOT write greenify makes, to
 patch or to unpatch, must leave page protections exactly as they were.
 
-Around patcher.write_slots, the one function through which greenify writes
+Around slots.write_slots, the one function through which greenify writes
 slots (patching, unpatching, hooking dlopen for patch_on_load), it reads
 /proc/self/maps and checks that every file-backed mapping that existed
 before keeps its protection, and that no mapping is writable and executable
@@ -49,10 +49,10 @@ def guarded(step: str, write):
 
 @pytest.fixture(autouse=True, scope="session")
 def page_protections_restored_after_every_write():
-    from greenify import patcher
-    saved = {"write_slots": patcher.write_slots}
+    from greenify import slots
+    saved = {"write_slots": slots.write_slots}
     for name, write in saved.items():
-        setattr(patcher, name, guarded(f"patcher.{name}", write))
+        setattr(slots, name, guarded(f"slots.{name}", write))
     yield
     for name, write in saved.items():
-        setattr(patcher, name, write)
+        setattr(slots, name, write)

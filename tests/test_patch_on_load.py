@@ -16,6 +16,7 @@ import pytest
 
 import greenify
 from fixturelib import build_extension_module, build_library, compiler, slot_value
+from patch_support import hooked_slots
 from greenify import elf, loaded, onload, patcher
 from greenify._green import lib as green_lib
 
@@ -193,16 +194,16 @@ def test_loading_an_already_loaded_library_does_not_enter_python(tmp_path):
 def test_cancel_puts_back_the_dlopen_slots_and_stops_patching(tmp_path):
     before = file_mapping_perms()
     registration = greenify.patch_on_load("libfxol_late")
-    hooked = [slot for slots in onload.hooked_slots().values() for slot in slots]
-    assert any(slot.path.endswith(".so") and "_ctypes" in slot.path for slot in hooked)
-    assert all(slot_value(slot.slot_address) == slot.hook for slot in hooked)
+    hooked = hooked_slots()
+    assert any(path.endswith(".so") and "_ctypes" in path for path, _slot in hooked)
+    assert all(slot_value(slot.slot_address) == slot.value for _path, slot in hooked)
     assert file_mapping_perms() == before  # RELRO pages went back to read-only
 
     registration.cancel()
 
     assert not registration.active and not onload.registrations()
-    assert onload.hooked_slots() == {}
-    assert all(slot_value(slot.slot_address) == slot.previous for slot in hooked)
+    assert hooked_slots() == []
+    assert all(slot_value(slot.slot_address) == slot.previous for _path, slot in hooked)
     assert file_mapping_perms() == before
     path = build_library("fx_client", "default", tmp_path, name="libfxol_late.so")
     ctypes.CDLL(str(path))
@@ -213,7 +214,7 @@ def test_several_registrations_share_the_hooks(tmp_path):
     first = greenify.patch_on_load("libfxol_one")
     second = greenify.patch_on_load("libfxol_two")
     first.cancel()
-    assert onload.hooked_slots()  # the second still needs them
+    assert hooked_slots()  # the second still needs them
     path = build_library("fx_client", "default", tmp_path, name="libfxol_two.so")
     ctypes.CDLL(str(path))
     assert holds_twins(path)
@@ -227,7 +228,7 @@ def test_protected_targets_and_bad_targets_are_refused():
         greenify.patch_on_load(os)
     with pytest.raises(TypeError):
         greenify.patch_on_load()
-    assert not onload.registrations() and onload.hooked_slots() == {}
+    assert not onload.registrations() and hooked_slots() == []
 
 
 def test_dlopen_errors_reach_the_caller_unchanged(tmp_path):
