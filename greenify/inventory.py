@@ -147,6 +147,12 @@ class ProcessReport:
     def can_patch(self) -> bool:
         return any(library.can_patch for library in self.libraries)
 
+    def __str__(self) -> str:
+        """The text greenify-inspect prints for it, without colour."""
+        from greenify.inspect import Painter, render_process
+
+        return "\n".join(render_process(self, Painter(False), verbose=False))
+
     def to_dict(self) -> Dict[str, Any]:
         return {
             "source": self.source, "pid": self.pid, "executable": self.executable,

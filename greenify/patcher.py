@@ -86,7 +86,7 @@ class PatchReport:
             lines += [f"    already  {slot!r}" for slot in obj.already_patched]
             lines += [f"    skipped  {skip!r}" for skip in obj.skipped]
             if not (obj.patched or obj.already_patched or obj.skipped):
-                lines.append("    nothing to patch: it imports no blocking call (the C library under it does)")
+                lines.append("    nothing to patch: it imports no blocking call itself")
         lines += [f"  skipped object {path}: {reason}" for path, reason in self.skipped_objects]
         return "\n".join(lines) + ">"
 

@@ -329,3 +329,17 @@ def test_an_unloaded_library_leaves_no_record_and_patches_anew_when_loaded_again
         assert no_slot_recorded(path)
     finally:
         _ctypes.dlclose(handle)
+
+
+def test_report_prints_what_greenify_inspect_prints(fixture_libs):
+    path = fixture_libs["noplt"]["fx_client"]
+    ctypes.CDLL(str(path))
+    with greenify.patched(str(path)) as patch:
+        text = str(greenify.report())
+    lines = text.splitlines()
+    assert lines[0].startswith("this process: ") and "import blocking functions" in lines[0]
+    assert "    " + str(path) in lines
+    row = lines.index("    " + str(path))
+    assert f"{len(patch.patched_slots)} patched now" in " ".join(lines[row:row + 4])
+    assert all(len(line) <= 80 for line in lines if not line.strip().startswith("/")), text
+    assert "LibraryReport(" not in text

@@ -17,7 +17,8 @@ from fixturelib import build_library, slot_value
 from patch_support import imports_matching_the_loaded_object, recorded_slots
 from greenify import elf, loaded, patcher
 from greenify.errors import (BuildIdMismatchError, GreenifyError, NotElfError, NotLoadedError, ProtectedTargetError,
-                             SlotOutsideSegmentsError, StaticExecutableError, TargetNotFoundError, WrongMachineError)
+                             SlotOutsideSegmentsError, StaticExecutableError, TargetNotFoundError, UnknownFunctionError,
+                             WrongMachineError)
 
 
 def all_slots() -> Dict[int, int]:
@@ -173,3 +174,54 @@ def test_unpatch_refuses_the_same_bad_input(nothing_written, tmp_path):
         greenify.unpatch_library(str(tmp_path / "libgone.so"))
     with pytest.raises(NotLoadedError, match="libgreenify-nowhere"):
         greenify.unpatch_library("libgreenify-nowhere")
+
+
+@pytest.mark.parametrize("target", [None, 42, ["libfx_client_default.so"]])
+def test_a_target_of_another_type_is_named_in_a_type_error(nothing_written, target):
+    with pytest.raises(TypeError, match=f"patch_library\\(\\) takes a path.*not {type(target).__name__}"):
+        greenify.patch_library(target)
+    with pytest.raises(TypeError, match="unpatch_library"):
+        greenify.unpatch_library(target)
+    with pytest.raises(ValueError, match="empty target"):
+        greenify.patch_library("")
+
+
+def test_a_bytes_path_or_name_works_as_douban_greenify_callers_pass_it(fixture_libs):
+    path = fixture_libs["noplt"]["fx_client"]
+    ctypes.CDLL(str(path))
+    with greenify.patched(os.fsencode(path)) as report:
+        assert report.target == str(path) and {"recv", "send"} <= {slot.symbol for slot in report.patched_slots}
+        assert greenify.patch_library(os.fsencode(path.name)).objects[0].already_patched == report.patched_slots
+    assert greenify.patch_lib(os.fsencode(path)) is True
+    assert greenify.unpatch_library(os.fsencode(path)) == len(report.patched_slots)
+
+
+def test_a_pure_python_module_is_not_a_c_extension(nothing_written):
+    refused(os, NotElfError, "module os is not a C extension module", os.__file__, "MySQLdb._mysql")
+
+
+def test_unknown_function_names_are_listed_with_the_known_ones(nothing_written, fixture_libs):
+    path = str(fixture_libs["default"]["fx_client"])
+    with pytest.raises(UnknownFunctionError) as caught:
+        greenify.patch_library(path, functions=["recv", "nonexistent", "strlen"])
+    message = str(caught.value)
+    assert "'nonexistent', 'strlen'" in message and "recv" not in message.split(";")[0]
+    assert "greenify has twins for: " in message and "poll" in message.split(";")[1]
+    assert isinstance(caught.value, ValueError) and caught.value.unknown == ("nonexistent", "strlen")
+    with pytest.raises(UnknownFunctionError, match="nonexistent"):
+        greenify.patch_on_load("libfx_never_loaded", functions=["nonexistent"])
+
+
+def test_functions_must_be_names(nothing_written, fixture_libs):
+    path = str(fixture_libs["default"]["fx_client"])
+    with pytest.raises(TypeError, match="functions: names of C functions \\(str\\), not NoneType None"):
+        greenify.patch_library(path, functions=[None])
+    with pytest.raises(TypeError, match="not bytes b'recv'"):
+        greenify.patch_library(path, functions=[b"recv"])
+
+
+def test_functions_given_as_one_string_is_one_name(fixture_libs):
+    path = fixture_libs["relro"]["fx_client"]
+    ctypes.CDLL(str(path))
+    with greenify.patched(str(path), functions="recv") as report:
+        assert [slot.symbol for slot in report.patched_slots] == ["recv"]
