@@ -16,7 +16,7 @@ import greenify
 from fixturelib import build_library, slot_value
 from patch_support import imports_matching_the_loaded_object, recorded_slots
 from greenify import elf, loaded, patcher
-from greenify.errors import (BuildIdMismatchError, GreenifyError, NotElfError, NotLoadedError, ProtectedTargetError,
+from greenify.errors import (BuildIdMismatchError, NotElfError, NotLoadedError, ProtectedTargetError,
                              SlotOutsideSegmentsError, StaticExecutableError, TargetNotFoundError, UnknownFunctionError,
                              WrongMachineError)
 
