@@ -100,15 +100,27 @@ def test_patch_unpatch_and_on_load_hooks_never_write_at_once(tmp_path):
 
 
 CONCURRENT_LOADS = textwrap.dedent("""
-    import ctypes, faulthandler, json, sys, threading
-    faulthandler.dump_traceback_later(float(sys.argv[3]), exit=True)  # a deadlock shows every thread's stack
+    import collections, ctypes, faulthandler, json, sys, threading, time
+    faulthandler.dump_traceback_later(float(sys.argv[4]), exit=True)  # a deadlock shows every thread's stack
     import greenify
-    from greenify import slots
+    from greenify import elf, slots
 
-    folder, count = sys.argv[1], int(sys.argv[2])
+    folder, count, inner = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     greenify.greenify()
     other = f"{folder}/libfxdlother.so"
     ctypes.CDLL(other)
+
+    # A library loaded while patch_library() reads a file, as when pyelftools
+    # imports a module: its dlopen enters the hook in the thread that patches.
+    pending = []  # the next library to load so
+    read = elf.read_blocking_imports
+
+    def read_and_load(path, *args, **kwargs):
+        if str(path) == other and pending:
+            ctypes.CDLL(f"{folder}/{pending.pop()}/libfxdl.so")
+        return read(path, *args, **kwargs)
+
+    elf.read_blocking_imports = read_and_load
     barrier = threading.Barrier(6)
     errors, registrations = [], []
 
@@ -126,14 +138,18 @@ CONCURRENT_LOADS = textwrap.dedent("""
             ctypes.CDLL(f"{folder}/{i}/libfxdl.so")
 
     def patching():
-        for _ in range(10):
+        while not registrations:  # loads are announced once a registration is active
+            time.sleep(0.001)
+        for i in range(count, count + inner):
+            pending.append(i)
             greenify.patch_library(other)
             greenify.unpatch_library(other)
 
-    def registering():
+    def registering():  # each registration patches what is loaded, under the on-load work
         registrations.append(greenify.patch_on_load("libfxdl.so"))
-        for _ in range(5):
-            greenify.patch_on_load("libfxdl_never").cancel()
+        for _ in range(inner):
+            registrations.append(greenify.patch_on_load("libfxdl.so"))
+            registrations[-1].cancel()
 
     bodies = [lambda first=first: loads(first) for first in range(4)] + [patching, registering]
     threads = [threading.Thread(target=started(body)) for body in bodies]
@@ -141,25 +157,29 @@ CONCURRENT_LOADS = textwrap.dedent("""
         thread.start()
     for thread in threads:
         thread.join()
-    patched = sorted(key[0] for key in slots.written_slots(purpose=slots.TWIN) if key[0].endswith("libfxdl.so"))
+    written = collections.Counter(obj.path for registration in registrations for report in registration.reports
+                                  for obj in report.objects if obj.patched)
+    recorded = sorted(key[0] for key in slots.written_slots(purpose=slots.TWIN) if key[0].endswith("libfxdl.so"))
     registrations[0].cancel()
-    print(json.dumps({"errors": errors, "patched": patched,
-                      "written": sum(bool(obj.patched) for report in registrations[0].reports for obj in report.objects)}))
+    print(json.dumps({"errors": errors, "written": written, "recorded": recorded}))
 """)
 
 
 def test_patch_and_patch_on_load_with_concurrent_dlopens_finish(tmp_path):
-    count = 12
-    for i in range(count):
+    count, inner = 12, 6
+    for i in range(count + inner):
         (tmp_path / str(i)).mkdir()
         build_library("fx_client", "default", tmp_path / str(i), name="libfxdl.so")
     build_library("fx_client", "default", tmp_path, name="libfxdlother.so")
-    deadline = 120  # seconds: the work takes a few; a deadlock never ends
-    process = subprocess.run([sys.executable, "-c", CONCURRENT_LOADS, str(tmp_path), str(count), str(deadline)],
-                             capture_output=True, text=True, timeout=deadline + 60)
+    # Seconds: the work takes a few; a deadlock never ends.  The code before
+    # the one lock (commit 3cac549) deadlocked here in three runs of three.
+    deadline = 120
+    process = subprocess.run([sys.executable, "-c", CONCURRENT_LOADS, str(tmp_path), str(count), str(inner),
+                              str(deadline)], capture_output=True, text=True, timeout=deadline + 60)
     assert process.returncode == 0, (process.returncode, process.stderr[-6000:])
     result = json.loads(process.stdout)
     assert not result["errors"], result
-    # loaded before the registration or after it: every one patched, once
-    assert result["patched"] == sorted(str(tmp_path / str(i) / "libfxdl.so") for i in range(count)), result
-    assert result["written"] == count, result
+    # loaded before a registration, after it or inside patch_library: every one patched, and written once
+    libraries = sorted(str(tmp_path / str(i) / "libfxdl.so") for i in range(count + inner))
+    assert result["recorded"] == libraries, result
+    assert sorted(result["written"]) == libraries and set(result["written"].values()) == {1}, result
