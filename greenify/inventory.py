@@ -208,10 +208,11 @@ def _inspect_loaded(obj: LoadedObject, in_this_process: bool) -> LibraryReport:
     if not in_this_process:
         return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed, _imports_of(imports),
                              protected=protected)
-    if obj.build_id != imports.build_id:
-        # its relocations would describe some other layout than what is mapped
+    try:
+        slots.check_object(obj, imports)  # the patcher's own check: else its relocations describe another layout
+    except GreenifyError as exc:
         return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed, protected=protected,
-                             error="the file on disk is not the loaded object (GNU build-ids differ)")
+                             error=_without_path(str(exc), obj.path))
     patched_slots = slots.written_slots(obj, slots.TWIN).get(slots.object_key(obj), {})  # {slot address: PatchedSlot}
     return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed,
                          _imports_of(imports, obj.base, patched_slots), protected=protected)

@@ -140,6 +140,8 @@ def test_replaced_file_with_another_build_id_is_refused(nothing_written, tmp_pat
     os.replace(rebuilt, path)  # what a package upgrade does under a running process
     refused(str(path), BuildIdMismatchError, "build-id", "ab" * 20)
     refused("libfxrebuilt.so", BuildIdMismatchError, "build-id")
+    (library,) = [library for library in greenify.report().libraries if library.path == str(path)]
+    assert "build-id" in library.error and not library.imports  # report() applies the patcher's own check
 
 
 def test_same_build_id_but_another_layout_is_refused(nothing_written, tmp_path):
@@ -149,6 +151,8 @@ def test_same_build_id_but_another_layout_is_refused(nothing_written, tmp_path):
     other = build_library("fx_client", "default", tmp_path, name="other.so", extra=[same_id, "-O0", "-g0"])
     os.replace(other, path)
     refused(str(path), BuildIdMismatchError, "PT_LOAD")
+    (library,) = [library for library in greenify.report().libraries if library.path == str(path)]
+    assert "PT_LOAD" in library.error
 
 
 def test_relocation_naming_a_slot_outside_the_object_is_refused(nothing_written, tmp_path):
