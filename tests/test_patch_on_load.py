@@ -5,6 +5,7 @@ hooks taken out again when the last registration is cancelled."""
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import threading
 import time
@@ -15,9 +16,9 @@ import gevent
 import pytest
 
 import greenify
-from fixturelib import build_extension_module, build_library, compiler, slot_value
+from fixturelib import build_extension_module, build_library, compiler, maps_lines_of, slot_value
 from patch_support import hooked_slots
-from greenify import elf, loaded, onload, patcher
+from greenify import elf, loaded, onload, patcher, slots
 from greenify._green import lib as green_lib
 
 CONCURRENT = 10
@@ -240,3 +241,28 @@ def test_dlopen_errors_reach_the_caller_unchanged(tmp_path):
     with pytest.raises(OSError, match="invalid ELF header|file too short"):
         ctypes.CDLL(str(not_elf))
     assert compiler()
+
+
+def test_a_protection_change_inside_the_dlopen_hook_fails_the_test(tmp_path, monkeypatch):
+    import protections
+
+    victim = build_library("fx_client", "default", tmp_path, name="libfxol_victim.so")
+    ctypes.CDLL(str(victim))
+    page = int(next(line for line in maps_lines_of(victim) if line.split()[1] == "r--p").split("-")[0], 16)
+    mprotect = ctypes.CDLL(None).mprotect
+    mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    greenify.patch_on_load("libfxol_nothing")
+    write = slots.write_slots.__wrapped__  # the real write, under the suite's guard
+
+    def write_and_open_a_page(*args, **kwargs):  # the fault to catch: a protection left changed
+        result = write(*args, **kwargs)
+        mprotect(page, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE)
+        return result
+
+    monkeypatch.setattr(slots, "write_slots", protections.guarded("injected", write_and_open_a_page))
+    try:
+        build_loader(tmp_path)  # it imports dlopen: the hook hooks it, through the injected write
+        assert any(str(victim) in failure and "injected" in failure for failure in protections.failures)
+    finally:
+        mprotect(page, mmap.PAGESIZE, mmap.PROT_READ)
+    protections.failures.clear()  # caught: this test passes
