@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
-from greenify import elf, loaded, patcher
+from greenify import elf, loaded, patcher, slots
 from greenify.errors import GreenifyError, StaticExecutableError, WrongMachineError
 from greenify.loaded import LoadedObject
 
@@ -147,6 +147,12 @@ class ProcessReport:
     def can_patch(self) -> bool:
         return any(library.can_patch for library in self.libraries)
 
+    def __str__(self) -> str:
+        """The text greenify-inspect prints for it, without colour."""
+        from greenify.inspect import Painter, render_process
+
+        return "\n".join(render_process(self, Painter(False), verbose=False))
+
     def to_dict(self) -> Dict[str, Any]:
         return {
             "source": self.source, "pid": self.pid, "executable": self.executable,
@@ -216,11 +222,12 @@ def _inspect_loaded(obj: LoadedObject, in_this_process: bool) -> LibraryReport:
     if not in_this_process or error is not None:
         return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed, _imports_of(imports),
                              error=error, protected=protected)
-    if obj.build_id != imports.build_id:
-        # its relocations would describe some other layout than what is mapped
+    try:
+        slots.check_object(obj, imports)  # the patcher's own check: else its relocations describe another layout
+    except GreenifyError as exc:
         return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed, protected=protected,
-                             error="the file on disk is not the loaded object (GNU build-ids differ)")
-    patched_slots = patcher.patched_slots(obj)  # {slot address: PatchedSlot}
+                             error=_without_path(str(exc), obj.path))
+    patched_slots = slots.written_slots(obj, slots.TWIN).get(slots.object_key(obj), {})  # {slot address: PatchedSlot}
     return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed,
                          _imports_of(imports, obj.base, patched_slots), protected=protected)
 
