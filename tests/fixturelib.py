@@ -23,6 +23,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import pytest
 
 from greenify import demo
+from servers import missing
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -37,7 +38,7 @@ VARIANTS: Dict[str, List[str]] = {
 def compiler() -> str:
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
-        pytest.skip("no C compiler (cc) to build the fixture libraries: install gcc")
+        missing("no C compiler (cc) to build the fixture libraries: apt-get install gcc")
     return cc
 
 
