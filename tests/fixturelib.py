@@ -23,7 +23,6 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import pytest
 
 from greenify import demo
-from servers import missing
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -38,6 +37,8 @@ VARIANTS: Dict[str, List[str]] = {
 def compiler() -> str:
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
+        from servers import missing  # here: fixturelib is loaded before the servers plugin
+
         missing("no C compiler (cc) to build the fixture libraries: apt-get install gcc")
     return cc
 

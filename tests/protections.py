@@ -5,11 +5,16 @@ Around patcher.write_slots, the one function through which greenify writes
 slots (patching, unpatching, hooking dlopen for patch_on_load), it reads
 /proc/self/maps and checks that every file-backed mapping that existed
 before keeps its protection, and that no mapping is writable and executable
-at once."""
+at once.
+
+A failed check raises where the write was made and is also recorded: the
+dlopen hook (greenify/onload.py) catches and logs whatever its patching
+raises, so a failure there would otherwise pass unseen.  After each test,
+any recorded failure fails that test."""
 from __future__ import annotations
 
 import functools
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 
@@ -36,6 +41,17 @@ def check_unchanged(before, after, step: str) -> None:
     assert not changed, f"{step} changed page protections: {changed}"
 
 
+_failures: List[str] = []  # failed checks not yet charged to a test
+
+
+def take_failures() -> List[str]:
+    """The failed checks recorded since the last call (a test that injects a
+    protection change on purpose takes its own)."""
+    failures = list(_failures)
+    _failures.clear()
+    return failures
+
+
 def guarded(step: str, write):
     @functools.wraps(write)
     def wrapper(*args, **kwargs):
@@ -43,8 +59,22 @@ def guarded(step: str, write):
         try:
             return write(*args, **kwargs)
         finally:
-            check_unchanged(before, file_mappings(), step)
+            try:
+                check_unchanged(before, file_mappings(), step)
+            except AssertionError as failure:
+                _failures.append(str(failure))
+                raise
     return wrapper
+
+
+@pytest.fixture(autouse=True)
+def no_protection_change_left_unreported():
+    """Fails the test during which a guarded write changed page protections,
+    even where the write's caller swallowed the failure (the dlopen hook)."""
+    take_failures()
+    yield
+    failures = take_failures()
+    assert not failures, "a slot write during this test changed page protections:\n" + "\n".join(failures)
 
 
 @pytest.fixture(autouse=True, scope="session")
