@@ -29,15 +29,17 @@ def test_a_protection_change_made_inside_the_dlopen_hook_fails_the_test(tmp_path
     path = build_library("fx_client", "default", tmp_path, name="libfxguarded.so")
     guarded_write = patcher.write_slots
     real_write = guarded_write.__wrapped__
-    changed = []
+    changed, undo = [], []
 
     def write_then_change_a_protection(changes):
         # the fault injected: a write that leaves a page of the new library writable
-        result = real_write(changes)
+        writes, error = real_write(changes)
         if not changed and maps_lines_of(path):
             changed.append(first_page(path))
             assert libc.mprotect(changed[0], mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE) == 0
-        return result
+            # the guard's failure leaves these slots unrecorded: put back at the end
+            undo.extend((change[0], entry.previous, change[1]) for change, entry in zip(changes, writes))
+        return writes, error
 
     registration = greenify.patch_on_load("libfxguarded")
     monkeypatch.setattr(patcher, "write_slots", protections.guarded("patcher.write_slots",
@@ -50,10 +52,11 @@ def test_a_protection_change_made_inside_the_dlopen_hook_fails_the_test(tmp_path
             libc.mprotect(changed[0], mmap.PAGESIZE, mmap.PROT_READ)
         registration.cancel()
         greenify.cancel_patch_on_load()
+        if undo:  # other tests check that no fixture library stays patched
+            assert real_write(undo)[1] is None
     assert changed, "the hook wrote no slot of the new library"
     failures = protections.take_failures()  # charged to this test: taken, so that it passes
     assert len(failures) == 1, failures
     assert "changed page protections" in failures[0] and os.path.realpath(path) in failures[0]
     assert "r--p -> rw-p" in failures[0]
-    greenify.unpatch_library(str(path))  # other tests check no fixture library stays patched
     del library
