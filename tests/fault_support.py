@@ -6,9 +6,10 @@ import time
 
 import gevent
 
-# A fault (a server killed, a connection terminated) must reach every waiter
-# promptly.  The queries it ends would go on for LONG_WAIT_S; the bound is
-# wide enough for a loaded 2-core machine and still far below that.
+# A fault (a server killed, a connection terminated, a peer's reset) must
+# reach every waiter promptly.  The waits it ends would go on for LONG_WAIT_S
+# (or for ever); the bound is wide enough for a loaded 2-core machine and
+# still far below that.
 FAULT_BOUND_S = 2.5
 LONG_WAIT_S = 10
 # A timeout or a kill ends the wait itself: no round trip to any server.
