@@ -9,7 +9,9 @@ Honest by construction:
 * A session that runs any marked test owns tests/compat-results.json: it
   marks the file "running" before the first test and rewrites it whole when
   it finishes.  Nothing is merged with earlier runs, so a crashed session
-  leaves a file that says so, and rendering or checking it fails.
+  leaves a file that says so, and rendering or checking it fails.  So
+  running one driver test file leaves the other rows "not run": render the
+  README's table from a whole `make test` (or `git checkout` the file).
 * Every row of ROWS is in the table.  A marked test that was collected but
   did not run (an interrupted session) counts as not run; a test file that
   names a row in a compat mark but failed to import puts that row's result
