@@ -90,6 +90,7 @@ void green_fast_closing(int fd);
 uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, void *io_stop, void *feed_event);
 void green_fast_hub_gone(uintptr_t handle);
 int green_fast_waiting_fds(int *fds, int max);
+unsigned long long green_fast_waits(void);
 
 /* Before an fd is closed: greenlets waiting on it wake and probe again, to
    find it gone, instead of waiting for ever on a descriptor epoll dropped. */
