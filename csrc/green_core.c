@@ -299,11 +299,10 @@ int green_must_fail_fast(void)
 void green_wake_waiters_on(int fd)
 {
     int saved_errno = errno;
-    if (!green_state.active || green_state.finalizing)
-        return;
-    green_fast_closing(fd);
-    if (__atomic_load_n(&green_state.waiting, __ATOMIC_RELAXED))
+    if (green_state.active && !green_state.finalizing && __atomic_load_n(&green_state.waiting, __ATOMIC_RELAXED)) {
+        green_fast_closing(fd);
         greenify_closing(fd);
+    }
     errno = saved_errno;
 }
 

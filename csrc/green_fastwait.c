@@ -51,7 +51,6 @@ struct fast_watch {
     struct libev_io io;       /* first: libev's callback gets this address */
     struct fast_hub *hub;
     PyObject *waiter;         /* borrowed: the greenlet is inside green_fast_wait */
-    unsigned long closes_seen; /* close_count when last started: libev must register a number anew after a close */
 };
 
 /* One thread's hub, as the fast wait uses it. */
@@ -69,7 +68,6 @@ struct fast_hub {
 static __thread struct fast_hub *this_thread;
 static int greenlet_imported;
 static unsigned long long fast_waits; /* waits this path carried out, all threads */
-static unsigned long close_count;     /* descriptors closed by the close twin, all threads */
 
 unsigned long long green_fast_waits(void) { return __atomic_load_n(&fast_waits, __ATOMIC_RELAXED); }
 
@@ -172,7 +170,6 @@ static struct fast_watch *watch_for(struct fast_hub *fast, int fd)
             return NULL;
         watch->io.cb = fast_io_ready;
         watch->hub = fast;
-        watch->closes_seen = (unsigned long)-1;
         fast->by_fd[fd] = watch;
     }
     return fast->by_fd[fd];
@@ -242,19 +239,14 @@ int green_fast_wait(const struct green_watch *watch_asked)
     watch = watch_for(fast, watch_asked->fd);
     if (watch == NULL || watch->io.active || watch->waiter != NULL)
         goto done; /* another greenlet waits on this descriptor: the bridge handles sharing */
-    /* A watcher stopped and started again on the same number before the
-       loop looks (the common case: woken, read, asked again) costs libev no
-       system call.  Marking the fd set anew would cost a failing epoll_ctl
-       each time; it is needed only where the number may name another file
-       than libev registered: after greenify's close twin closed any descriptor
-       (in any thread; closes are rare next to waits).  (A
-       close and a reuse of the number by code that bypasses the twin, both
-       between one wake-up and the next wait, is the one case this misses;
-       across loop iterations libev registers the number anew by itself.) */
-    unsigned long closes = __atomic_load_n(&close_count, __ATOMIC_RELAXED);
+    /* Set the fd anew each time: the number may name another file than
+       libev registered (closed and reused behind greenify's back, with no
+       loop iteration in between), and libev registers it again only when
+       told so.  That costs an epoll_ctl per wait (ADD, failing with EEXIST
+       while the registration is still there), as gevent's own sockets pay;
+       test_fast_wait's reused-number test hangs without it. */
     watch->io.fd = watch_asked->fd;
-    watch->io.events = watch_asked->events | (watch->closes_seen != closes ? LIBEV_IOFDSET : 0);
-    watch->closes_seen = closes;
+    watch->io.events = watch_asked->events | LIBEV_IOFDSET;
     watch->waiter = current;
     fast->io_start(fast->loop, &watch->io);
     __atomic_add_fetch(&fast_waits, 1, __ATOMIC_RELAXED);
@@ -276,16 +268,14 @@ done:
     return status;
 }
 
-/* Before fd is closed by the close twin (always, waiters or not): its
-   waiter in this thread wakes, probes again and finds it gone, and every
-   watcher registers its number anew at its next start. */
+/* Before fd is closed by the close twin: its waiter in this thread wakes,
+   probes again and finds it gone. */
 void green_fast_closing(int fd)
 {
     struct fast_hub *fast = this_thread;
-    struct fast_watch *watch = fast != NULL && fd >= 0 && fd < fast->capacity ? fast->by_fd[fd] : NULL;
-    __atomic_add_fetch(&close_count, 1, __ATOMIC_RELAXED);
-    if (watch != NULL && watch->waiter != NULL && watch->io.active)
-        fast->feed_event(fast->loop, &watch->io, watch->io.events & (GREEN_READ | GREEN_WRITE));
+    if (fast != NULL && fd >= 0 && fd < fast->capacity && fast->by_fd[fd] != NULL &&
+        fast->by_fd[fd]->waiter != NULL && fast->by_fd[fd]->io.active)
+        fast->feed_event(fast->loop, &fast->by_fd[fd]->io, fast->by_fd[fd]->io.events & (GREEN_READ | GREEN_WRITE));
 }
 
 /* The descriptors this thread's fast waiters wait on (for the sweeper,

@@ -127,3 +127,25 @@ def test_threads_with_hubs_of_their_own_each_wait_in_c():
         thread.join(60)
     assert errors == []
     assert lib.green_fast_waits() - before >= 4 * 29
+
+
+def test_a_number_closed_and_reused_behind_greenifys_back_is_registered_anew():
+    """Woken, then the socket is closed by Python (not the close twin) and
+    its number reused by a new socket before the loop runs again: the next
+    wait on that number must be registered with the kernel anew, or it
+    would never wake."""
+    ping_pong(1)
+
+    def reuse_numbers():
+        numbers = set()
+        for _ in range(5):
+            a, b = socketpair()
+            numbers.add(a.fileno())
+            gevent.spawn_later(0.01, b.send, b"x")
+            assert call_green("recv", a.fileno(), buffer(1), 1, 0) == (1, 0)
+            a.close()
+            b.close()
+        return numbers
+
+    numbers = gevent.spawn(reuse_numbers).get(timeout=10)
+    assert len(numbers) == 1  # the number really was reused each time
