@@ -34,6 +34,7 @@
 #define GREEN_CANNOT_WAIT 2 /* no waiter or hub here: block natively instead */
 #define GREEN_INTERRUPTED 3 /* an exception was thrown into the waiting greenlet */
 #define GREEN_NONBLOCKING 4 /* green_wait_io only: the fd is O_NONBLOCK, give the caller EAGAIN */
+#define GREEN_FAST_UNAVAILABLE 5 /* green_fast_wait only: take the general bridge */
 
 /* The errno a data call fails with after an interruption: libraries treat it
    as fatal for the call, unlike EINTR and EAGAIN, which they retry. */
@@ -95,6 +96,7 @@ struct green_state {
     volatile int finalizing;         /* the interpreter is shutting down: never enter Python */
     volatile int interrupts_pending; /* greenlets interrupted and not yet back in Python */
     int waiting;                     /* waits in Python in progress, all threads (atomic) */
+    volatile int waiters_registered; /* greenlets with a waiter of their own (greenify._bridge.use_waiter) */
 };
 extern struct green_state green_state;
 
@@ -111,6 +113,16 @@ int green_ms_left(int64_t deadline_ns);
 /* Wait, through the bridge, until one of the watches is ready or the
    deadline passes (csrc/green_core.c); errno is left as found. */
 int green_wait(struct green_call *call, const struct green_watch *watches, int nwatches, int64_t deadline_ns);
+
+/* The common wait (one fd, no deadline) below Python (csrc/green_fastwait.c):
+   GREEN_WOKEN, GREEN_INTERRUPTED, or GREEN_FAST_UNAVAILABLE where the
+   general bridge must do it. */
+int green_fast_wait(const struct green_watch *watch);
+void green_fast_closing(int fd);
+uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, void *io_stop, void *feed_event);
+void green_fast_hub_gone(uintptr_t handle);
+int green_fast_waiting_fds(int *fds, int max);
+unsigned long long green_fast_waits(void);
 
 /* Before an fd is closed: greenlets waiting on it wake and probe again, to
    find it gone, instead of waiting for ever on a descriptor epoll dropped. */
@@ -149,6 +161,7 @@ void green_set_active(int active);
 int green_is_active(void);
 void green_set_finalizing(void);
 void green_set_interrupts_pending(int count);
+void green_set_waiters_registered(int count);
 
 /* Wait statistics (csrc/green_stats.c): a call that waited, counted once,
    and the time it waited; read by greenify.stats(). */

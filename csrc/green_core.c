@@ -16,12 +16,13 @@
 #define NS_PER_MS 1000000LL
 #define NS_PER_US 1000LL
 
-struct green_state green_state = {0, 0, 0, 0};
+struct green_state green_state = {0, 0, 0, 0, 0};
 
 void green_set_active(int active) { green_state.active = active; }
 int green_is_active(void) { return green_state.active; }
 void green_set_finalizing(void) { green_state.finalizing = 1; }
 void green_set_interrupts_pending(int count) { green_state.interrupts_pending = count; }
+void green_set_waiters_registered(int count) { green_state.waiters_registered = count; }
 
 int64_t green_now_ns(void)
 {
@@ -91,8 +92,12 @@ int green_wait(struct green_call *call, const struct green_watch *watches, int n
         timeout_s = (double)left / 1e9;
     }
     __atomic_add_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
-    /* (a wait that needs no Python, e.g. one descriptor, may be tried here) */
-    result = green_python_wait(watches, nwatches, timeout_s);
+    /* The common wait (one descriptor, no deadline) below Python first
+       (csrc/green_fastwait.c); everything else, and whatever it declines,
+       through the bridge. */
+    result = nwatches == 1 && deadline_ns == GREEN_NO_DEADLINE ? green_fast_wait(watches) : GREEN_FAST_UNAVAILABLE;
+    if (result == GREEN_FAST_UNAVAILABLE)
+        result = green_python_wait(watches, nwatches, timeout_s);
     __atomic_sub_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
     if (result != GREEN_CANNOT_WAIT)
         green_stats_count_wait(call, started_ns);
@@ -111,8 +116,10 @@ int green_must_fail_fast(void)
 
 void green_wake_waiters_on(int fd)
 {
-    if (green_state.active && !green_state.finalizing && __atomic_load_n(&green_state.waiting, __ATOMIC_RELAXED))
+    if (green_state.active && !green_state.finalizing && __atomic_load_n(&green_state.waiting, __ATOMIC_RELAXED)) {
+        green_fast_closing(fd);
         green_python_closing(fd);
+    }
 }
 
 /* SO_RCVTIMEO/SO_SNDTIMEO of a socket, as a deadline from now; none for

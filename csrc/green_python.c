@@ -1,6 +1,7 @@
 /*
- * Every entry from C into Python goes through python_enter()/python_leave()
- * below, the one place that knows what entering Python must leave as found.
+ * Every entry from C into Python goes through green_python_enter() and
+ * green_python_leave() (csrc/green_python.h), the one place that knows what
+ * entering Python must leave as found.
  *
  * A library may call a green function while a Python exception is pending
  * (psycopg2 sets one, releases the GIL and drains the connection with
@@ -31,99 +32,62 @@ extern void greenify_closing(int fd);
 extern int greenify_offload(struct green_offload_job *job);
 extern void greenify_loaded(void);
 
-/* What python_leave() puts back. */
-struct python_entry {
-    PyGILState_STATE gil;
-    int saved_errno;
-#if PY_VERSION_HEX >= 0x030C0000
-    PyObject *pending;
-#else
-    PyObject *pending_type, *pending_value, *pending_traceback;
-#endif
-};
-
-static inline void python_enter(struct python_entry *entry)
-{
-    entry->saved_errno = errno;
-    entry->gil = PyGILState_Ensure();
-#if PY_VERSION_HEX >= 0x030C0000
-    entry->pending = PyErr_GetRaisedException();
-#else
-    PyErr_Fetch(&entry->pending_type, &entry->pending_value, &entry->pending_traceback);
-#endif
-}
-
-static inline void python_leave(struct python_entry *entry)
-{
-    /* cffi's onerror handlers catch everything the Python side raises; an
-       error still set here would be lost anyway: report it, keep ours. */
-    if (PyErr_Occurred())
-        PyErr_WriteUnraisable(NULL);
-#if PY_VERSION_HEX >= 0x030C0000
-    PyErr_SetRaisedException(entry->pending);
-#else
-    PyErr_Restore(entry->pending_type, entry->pending_value, entry->pending_traceback);
-#endif
-    PyGILState_Release(entry->gil);
-    errno = entry->saved_errno;
-}
-
 int green_python_wait(const struct green_watch *watches, int nwatches, double timeout_s)
 {
-    struct python_entry entry;
+    struct green_python_entry entry;
     int result;
-    python_enter(&entry);
+    green_python_enter(&entry);
     result = greenify_wait(watches, nwatches, timeout_s);
-    python_leave(&entry);
+    green_python_leave(&entry);
     return result;
 }
 
 int green_python_interrupted(void)
 {
-    struct python_entry entry;
+    struct green_python_entry entry;
     int interrupted;
-    python_enter(&entry);
+    green_python_enter(&entry);
     interrupted = greenify_interrupted();
-    python_leave(&entry);
+    green_python_leave(&entry);
     return interrupted;
 }
 
 void green_python_closing(int fd)
 {
-    struct python_entry entry;
-    python_enter(&entry);
+    struct green_python_entry entry;
+    green_python_enter(&entry);
     greenify_closing(fd);
-    python_leave(&entry);
+    green_python_leave(&entry);
 }
 
 int green_python_offload(struct green_offload_job *job)
 {
-    struct python_entry entry;
+    struct green_python_entry entry;
     int outcome;
-    python_enter(&entry);
+    green_python_enter(&entry);
     outcome = greenify_offload(job);
-    python_leave(&entry);
+    green_python_leave(&entry);
     return outcome;
 }
 
 void green_python_loaded(void)
 {
-    struct python_entry entry;
-    python_enter(&entry);
+    struct green_python_entry entry;
+    green_python_enter(&entry);
     greenify_loaded();
-    python_leave(&entry);
+    green_python_leave(&entry);
 }
 
 PyObject *green_python_take_interrupt(void)
 {
-    struct python_entry entry;
+    struct green_python_entry entry;
     PyObject *entries, *exc = NULL;
-    python_enter(&entry);
+    green_python_enter(&entry);
     entries = PyImport_ImportModule(GREENIFY_ENTRIES_MODULE);
     if (entries != NULL) {
         exc = PyObject_CallMethod(entries, "take_pending_interrupt", NULL);
         Py_DECREF(entries);
     }
-    python_leave(&entry); /* reports a failure */
+    green_python_leave(&entry); /* reports a failure */
     return exc;
 }

@@ -28,6 +28,48 @@ int green_python_offload(struct green_offload_job *job);
 void green_python_loaded(void);
 
 #ifdef Py_PYTHON_H
+#include <errno.h>
+
+/* Entering Python from C, the one way (for the files that include
+   Python.h): take the GIL as found, set the pending exception and errno
+   aside; leaving puts all three back. */
+/* What green_python_leave() puts back. */
+struct green_python_entry {
+    PyGILState_STATE gil;
+    int saved_errno;
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *pending;
+#else
+    PyObject *pending_type, *pending_value, *pending_traceback;
+#endif
+};
+
+static inline void green_python_enter(struct green_python_entry *entry)
+{
+    entry->saved_errno = errno;
+    entry->gil = PyGILState_Ensure();
+#if PY_VERSION_HEX >= 0x030C0000
+    entry->pending = PyErr_GetRaisedException();
+#else
+    PyErr_Fetch(&entry->pending_type, &entry->pending_value, &entry->pending_traceback);
+#endif
+}
+
+static inline void green_python_leave(struct green_python_entry *entry)
+{
+    /* cffi's onerror handlers catch everything the Python side raises; an
+       error still set here would be lost anyway: report it, keep ours. */
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable(NULL);
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(entry->pending);
+#else
+    PyErr_Restore(entry->pending_type, entry->pending_value, entry->pending_traceback);
+#endif
+    PyGILState_Release(entry->gil);
+    errno = entry->saved_errno;
+}
+
 /* The exception kept for the calling greenlet after an interrupted wait
    (a new reference; None if there is none), for the trace function that
    delivers it (csrc/green_deliver.c); NULL, reported, if the call failed. */

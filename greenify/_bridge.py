@@ -94,11 +94,13 @@ def _thread_root(glet: greenlet) -> greenlet:
 def use_waiter(glet: greenlet, waiter: Waiter) -> None:
     """From now on the green calls made in ``glet`` wait through ``waiter``."""
     _waiters[glet] = _Registered(waiter, _thread_root(glet))
+    lib.green_set_waiters_registered(len(_waiters))  # the wait below Python defers to the bridge
 
 
 def drop_waiter(glet: greenlet) -> None:
     """``glet``'s green calls wait as if use_waiter had never been called."""
     _waiters.pop(glet, None)
+    lib.green_set_waiters_registered(len(_waiters))
 
 
 # gevent's get_hub_if_exists, once gevent is imported; and the module that

@@ -73,7 +73,13 @@ def greenify_offload(job) -> int:
 @ffi.def_extern(onerror=_loaded_failed)
 def greenify_loaded() -> None:
     """A hooked dlopen added objects (csrc/onload.c): patch what matches."""
-    onload.patch_what_was_loaded()
+    onload.on_loaded()
+
+
+def record_interruption(current, exc: BaseException) -> int:
+    """The wait below Python (csrc/green_fastwait.c) was interrupted: keep
+    the exception as the bridge does."""
+    return _bridge.interrupted_by(current, exc)
 
 
 def take_pending_interrupt() -> Optional[BaseException]:

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import gevent
 
-from greenify import _bridge
+from greenify import _bridge, _fastwait
 from greenify._bridge import READ, TIMED_OUT, WOKEN, WRITE
 
 log = logging.getLogger("greenify")
@@ -46,6 +46,7 @@ class HubWaiter:
         # ref=False: the sweeper alone never keeps the loop running
         self.sweeper = self.loop.timer(SWEEP_INTERVAL_S, SWEEP_INTERVAL_S, ref=False)
         self.sweeper.start(self.sweep)
+        _fastwait.attach(hub)  # from now on the common wait on this hub stays in C
 
     def _watcher(self, fd: int, events: int) -> Tuple[object, bool]:
         """The io watcher for (fd, events), and whether it is a private one
@@ -128,20 +129,24 @@ class HubWaiter:
         os.close, an unpatched library) silently leaves epoll: its waiter
         would wait for ever.  Once a second, wake the waiters whose
         descriptor is gone."""
-        gone = []
-        for watcher in self.waiting_watchers():
-            try:
-                fcntl.fcntl(watcher.fd, fcntl.F_GETFD)
-            except OSError as exc:
-                if exc.errno == errno.EBADF:
-                    gone.append(watcher)
-        self._wake(gone)
+        self._wake([watcher for watcher in self.waiting_watchers() if _closed(watcher.fd)])
+        for fd in _fastwait.waiting_fds():  # the waits below Python (csrc/green_fastwait.c)
+            if _closed(fd):
+                _fastwait.wake(fd)
 
     def offload(self, job_runner: Callable[[], None]) -> bool:
         """Run job_runner on the hub's thread pool; the caller meanwhile
         waits in C, interruptible."""
         gevent.spawn(_submit, self.hub, job_runner)
         return True
+
+
+def _closed(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError as exc:
+        return exc.errno == errno.EBADF
+    return False
 
 
 def _submit(hub, job_runner: Callable[[], None]) -> None:

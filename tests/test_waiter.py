@@ -211,3 +211,17 @@ def test_patch_library_does_not_import_gevent(fixture_libs):
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_registered_waiter_comes_before_the_threads_hub_and_its_wait_below_python():
+    import gevent
+    a, b = socketpair()
+    into = buffer(8)
+    # a wait on this thread's hub first: the hub is attached to the wait below Python
+    gevent.spawn_later(0.02, b.send, b"hub")
+    assert gevent.spawn(lib.green_recv, a.fileno(), into, 8, 0).get(timeout=10) == 3
+    threading.Timer(0.05, b.send, (b"hi",)).start()
+    waiter = SelectWaiter()
+    assert run_with(waiter, lambda: lib.green_recv(a.fileno(), into, 8, 0)) == 2
+    assert waiter.waits == [([(a.fileno(), _bridge.READ)], None)]
+    a.close(), b.close()
