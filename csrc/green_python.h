@@ -2,8 +2,13 @@
  * Every entry from C into Python, in one list.  Each one takes the GIL
  * (whether the thread held it or not), saves and clears the thread's
  * pending exception, calls the Python side, and puts the exception, errno
- * and the GIL back exactly as found (csrc/green_python.c).  The Python side
- * of each is in greenify/_entries.py, the module named below.
+ * and the GIL back exactly as found: green_python_enter()/_leave() below.
+ * The Python side of each is in greenify/_entries.py, the module named
+ * below.  Besides the five cffi callbacks declared here, two places call
+ * that module through the CPython API: the trace function that delivers an
+ * interruption (csrc/green_deliver.c, take_pending_interrupt) and the wait
+ * below Python (csrc/green_fastwait.c, which enters through the same helper
+ * and calls record_interruption).
  */
 #ifndef GREENIFY_GREEN_PYTHON_H
 #define GREENIFY_GREEN_PYTHON_H

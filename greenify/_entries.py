@@ -1,9 +1,13 @@
 """Every entry from C into Python, side by side.
 
-Each function here is an ``extern "Python+C"`` callback (declared in
-csrc/green_python.cdef) that csrc/green_python.c calls with the GIL held and
-no exception pending: it set the caller's pending exception aside and puts
-it back, identical, afterwards, whatever happens here.  Each delegates to
+The ``greenify_*`` functions are ``extern "Python+C"`` callbacks (declared
+in csrc/green_python.cdef) that csrc/green_python.c calls with the GIL held
+and no exception pending: it set the caller's pending exception aside and
+puts it back, identical, afterwards, whatever happens here.  The last two
+are called through the CPython API: ``record_interruption`` by the wait
+below Python (csrc/green_fastwait.c, through the same helper) and
+``take_pending_interrupt`` by the trace function that delivers an
+interruption (csrc/green_deliver.c).  Each delegates to
 the module that owns the rule; none lets an exception reach C (the onerror
 handlers report what slips through and give C an answer that blocks
 natively or does nothing).
