@@ -16,7 +16,6 @@ unpatching restores exactly what was there.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import types
@@ -93,20 +92,11 @@ class PatchReport:
 
 @lru_cache(maxsize=None)
 def green_twins() -> Dict[str, int]:
-    """symbol -> address of its green twin: every ``green_<name>`` in
-    greenify._green.lib whose <name> is a function libc exports."""
-    from greenify._green import ffi, lib
+    """symbol -> address of its green twin, from the list of green
+    functions (csrc/green.h, read by greenify._functions)."""
+    from greenify import _functions
 
-    libc = ctypes.CDLL(None)
-    twins = {}
-    for attribute in dir(lib):
-        if not attribute.startswith("green_"):
-            continue
-        symbol = attribute[len("green_"):]
-        if not hasattr(libc, symbol):  # green_set_active and friends are not twins
-            continue
-        twins[symbol] = int(ffi.cast("uintptr_t", ffi.addressof(lib, attribute)))
-    return twins
+    return _functions.twins()
 
 
 @lru_cache(maxsize=None)
