@@ -25,7 +25,7 @@ from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence
 
 from gevent.monkey import get_original
 
-from greenify import elf, loaded
+from greenify import companions, elf, loaded
 from greenify.errors import (BuildIdMismatchError, GreenifyError, ProtectedTargetError, SlotOutsideSegmentsError,
                              SlotWriteError, WrongMachineError)
 from greenify.loaded import LoadedObject, Target
@@ -91,6 +91,7 @@ class ObjectReport:
     patched: List[PatchedSlot] = field(default_factory=list)          # written by this call
     already_patched: List[PatchedSlot] = field(default_factory=list)  # written by an earlier call
     skipped: List[SkippedImport] = field(default_factory=list)
+    reason: Optional[str] = None  # why an object the target did not name was patched (greenify.companions)
 
     def __bool__(self) -> bool:
         return bool(self.patched or self.already_patched)
@@ -116,7 +117,8 @@ class PatchReport:
     def __repr__(self) -> str:
         lines = [f"<PatchReport {self.target}: {len(self.patched_slots)} slot(s) in {sum(map(bool, self.objects))} object(s)"]
         for obj in self.objects:
-            lines.append(f"  {obj.path} (base {obj.base:#x}, build-id {obj.build_id or 'none'})")
+            lines.append(f"  {obj.path} (base {obj.base:#x}, build-id {obj.build_id or 'none'})"
+                         + (f": {obj.reason}" if obj.reason else ""))
             lines += [f"    patched  {slot!r}" for slot in obj.patched]
             lines += [f"    already  {slot!r}" for slot in obj.already_patched]
             lines += [f"    skipped  {skip!r}" for skip in obj.skipped]
@@ -304,6 +306,11 @@ def patch_library(target: Target, *, functions: Optional[Iterable[str]] = None) 
         description, objects, left_out = _resolve(target)
         report = PatchReport(description, skipped_objects=left_out)
         plans = [(obj,) + _plan(obj, wanted) for obj in objects]  # every object checked before any write
+        # The TLS libraries that do the objects' socket I/O, narrowed to it (greenify.companions)
+        for companion in companions.tls_companions_of(objects):
+            io_symbols = companions.TLS_IO_SYMBOLS if wanted is None else companions.TLS_IO_SYMBOLS & wanted
+            plans.append((companion.obj,) + _plan(companion.obj, io_symbols))
+            plans[-1][1].reason = companion.reason
         for obj, object_report, to_write in plans:
             _write(obj, object_report, to_write)
             report.objects.append(object_report)
@@ -335,6 +342,7 @@ def unpatch_library(target: Target) -> int:
     restored (a slot someone else re-hooked since is left alone)."""
     with _lock:
         _description, objects, _left_out = _resolve(target)
+        objects = objects + [companion.obj for companion in companions.tls_companions_of(objects)]
         return sum(_restore((obj.realpath, obj.base), obj.path, list(_records.get((obj.realpath, obj.base), {})))
                    for obj in objects)
 
