@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: test demo bench build clean
+.PHONY: test demo bench build clean driver-suites
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ test: build
 
 demo: build
 	$(PY) -m greenify.demo
+
+# psycopg2's and mysqlclient's own test suites (sdists from PyPI), stock and
+# greenified, against the suite's servers; fails if greenify breaks a test.
+driver-suites: build
+	$(PIP) install -q -e '.[test,drivers]'
+	$(PY) tests/driver_suites/run.py
+	$(PY) tests/driver_suites/run.py --readme README.md
 
 bench: build
 	$(PIP) install -q -e '.[bench]'

@@ -479,7 +479,8 @@ def _postgres_bin_dirs() -> List[str]:
 
 
 @contextlib.contextmanager
-def start_postgres() -> Iterator[PostgreSQL]:
+def start_postgres(settings: Sequence[str] = ()) -> Iterator[PostgreSQL]:
+    """Start PostgreSQL; `settings` are extra ``name=value`` server settings."""
     bin_dirs = _postgres_bin_dirs()
     initdb = find_binary(["initdb"], "postgresql", bin_dirs)
     bin_dir = os.path.dirname(os.path.realpath(initdb))
@@ -510,7 +511,8 @@ def start_postgres() -> Iterator[PostgreSQL]:
                     "-c", f"listen_addresses={HOST}", "-c", f"unix_socket_directories={base}",
                     "-c", "max_connections=200", "-c", "shared_buffers=32MB",
                     "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                    "-c", "ssl=on", "-c", f"ssl_cert_file={tls.certificate}", "-c", f"ssl_key_file={tls.key}"]
+                    "-c", "ssl=on", "-c", f"ssl_cert_file={tls.certificate}", "-c", f"ssl_key_file={tls.key}",
+                    *(option for setting in settings for option in ("-c", setting))]
 
         def accepts_queries(port: int) -> bool:
             if not tcp_answers(port):
