@@ -28,7 +28,6 @@ demo: build
 # psycopg2's and mysqlclient's own test suites (sdists from PyPI), stock and
 # greenified, against the suite's servers; fails if greenify breaks a test.
 driver-suites: build
-	$(PIP) install -q -e '.[test,drivers]'
 	$(PY) tests/driver_suites/run.py
 	$(PY) tests/driver_suites/run.py --readme README.md
 
