@@ -12,14 +12,16 @@ libcurl-gnutls sets its own GnuTLS push/pull functions.
 ``tls_companions(client, objects)`` finds, among the loaded objects the
 client needs (DT_NEEDED, followed transitively), the TLS library that does
 the I/O for it, when the client's imports show that it hands its socket over
-(a table per TLS stack below).  ``patch_library`` patches those too,
-narrowed to TLS_IO_SYMBOLS, and the PatchReport says why.
+(a table per TLS stack below).  ``patch_library`` patches those too, with
+the twins of ``tls_twins()``, and the PatchReport says why.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Dict, FrozenSet, List, Optional, Sequence
 
 from greenify import elf, loaded
@@ -27,16 +29,20 @@ from greenify.loaded import LoadedObject
 
 log = logging.getLogger("greenify")
 
-# What a TLS library does on a socket handed to it: data transfer and the
-# waits for it, and close (so that greenlets waiting on a descriptor the TLS
-# library closes are woken).  Not connect, name resolution or sleeps: the
-# client connects the socket itself, and the library's other users (Python's
-# ssl module shares the system's libcrypto) keep every other call native.
-TLS_IO_CALLS: FrozenSet[str] = frozenset({
-    "read", "write", "readv", "writev", "recv", "recvfrom", "recvmsg", "send", "sendto", "sendmsg",
-    "poll", "ppoll", "select", "pselect", "close",
-})
-TLS_IO_SYMBOLS: FrozenSet[str] = elf.with_fortified_forms(TLS_IO_CALLS)
+
+@lru_cache(maxsize=None)
+def tls_twins() -> Dict[str, int]:
+    """symbol -> address of its twin for TLS libraries: every
+    ``green_tls_<name>`` of greenify._green (csrc/green_tls.c) whose <name>
+    libc exports.  They cover data transfer and close, and go green only on
+    a descriptor a patched library connected: the library's other users
+    (Python's ssl module shares the system's libcrypto) keep libc's calls."""
+    from greenify._green import ffi, lib
+
+    libc = ctypes.CDLL(None)
+    prefix = "green_tls_"
+    return {name[len(prefix):]: int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
+            for name in dir(lib) if name.startswith(prefix) and hasattr(libc, name[len(prefix):])}
 
 
 @dataclass(frozen=True)

@@ -197,10 +197,12 @@ def _check_identity(obj: LoadedObject, imports: elf.ElfImports) -> None:
         raise BuildIdMismatchError(f"{obj.path}: the file's PT_LOAD segments differ from the loaded object's", obj.path)
 
 
-def _plan(obj: LoadedObject, functions: Optional[FrozenSet[str]]) -> Tuple[ObjectReport, List[Tuple[elf.BlockingImport, int, int]]]:
+def _plan(obj: LoadedObject, functions: Optional[FrozenSet[str]],
+          twins: Optional[Dict[str, int]] = None) -> Tuple[ObjectReport, List[Tuple[elf.BlockingImport, int, int]]]:
     """Read, check and decide; writes nothing.  Returns the report so far
-    and the (import, slot address, twin address) to write."""
-    twins = green_twins()
+    and the (import, slot address, twin address) to write.  ``twins``:
+    symbol -> twin address, green_twins() unless given."""
+    twins = green_twins() if twins is None else twins
     imports = read_target_file(obj.path, elf.BLOCKING_SYMBOLS | twins.keys())
     _check_identity(obj, imports)
     report = ObjectReport(obj.path, obj.base, imports.build_id_hex)
@@ -306,10 +308,9 @@ def patch_library(target: Target, *, functions: Optional[Iterable[str]] = None) 
         description, objects, left_out = _resolve(target)
         report = PatchReport(description, skipped_objects=left_out)
         plans = [(obj,) + _plan(obj, wanted) for obj in objects]  # every object checked before any write
-        # The TLS libraries that do the objects' socket I/O, narrowed to it (greenify.companions)
+        # The TLS libraries that do the objects' socket I/O get their own twins (greenify.companions)
         for companion in companions.tls_companions_of(objects):
-            io_symbols = companions.TLS_IO_SYMBOLS if wanted is None else companions.TLS_IO_SYMBOLS & wanted
-            plans.append((companion.obj,) + _plan(companion.obj, io_symbols))
+            plans.append((companion.obj,) + _plan(companion.obj, wanted, companions.tls_twins()))
             plans[-1][1].reason = companion.reason
         for obj, object_report, to_write in plans:
             _write(obj, object_report, to_write)

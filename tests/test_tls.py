@@ -13,9 +13,10 @@ Each driver is tested with the call the README shows and with the call that
 `greenify-inspect --import DRIVER` recommends (its human and --json output
 must agree).  Timings go to tests/tls-results.json (tests/tls_results.py).
 
-Python's ssl module shares the system's libcrypto with libmariadb: with it
-patched, gevent's SSL sockets, blocking ssl in a plain thread and urllib over
-https behave as before (same results, no wait on a hub).
+Python's ssl module shares the system's libcrypto with libmariadb: libcrypto
+gets twins that go green only on descriptors a patched library connected
+(csrc/green_tls.c), so gevent's SSL sockets, blocking ssl in a plain thread
+and urllib over https behave as before (same results, no wait on a hub).
 """
 from __future__ import annotations
 
@@ -196,7 +197,8 @@ def test_libmariadb_brings_libcrypto_and_libpq_libcurl_bring_nothing(MySQLdb, ps
         (crypto,) = [obj for obj in report.objects if obj.reason]
         symbols = {slot.symbol for slot in crypto.patched + crypto.already_patched}
     assert crypto.path.endswith("libcrypto.so.3") and "TLS I/O of libmariadb.so.3" in repr(report)
-    assert {"read", "write"} <= symbols <= companions.TLS_IO_SYMBOLS, symbols
+    assert {"read", "write"} <= symbols <= set(companions.tls_twins()), symbols
+    assert all(slot.green == companions.tls_twins()[slot.symbol] for slot in crypto.patched + crypto.already_patched)
 
 
 # --- 10 x 0.3 s over TLS: serial stock, together greenified -------------------------
@@ -419,21 +421,31 @@ def _gevent_https_get(slow_http, index: int) -> bytes:
                 data += chunk
 
 
-def test_gevent_ssl_sockets_and_blocking_urllib_in_a_greenlet_give_the_same_results(slow_http, MySQLdb):
-    # The one difference libcrypto's patch makes for other users: a TLS read
-    # on a descriptor without O_NONBLOCK, in a thread with a hub, waits on
-    # the hub instead of stopping the thread.  gevent 26.9's SSLSocket made
-    # from a connected socket is such a descriptor: stock, ten such requests
-    # run one after another; with libcrypto patched, together.  Results are
-    # the same either way.
+def test_gevent_ssl_sockets_and_blocking_urllib_in_a_greenlet_behave_as_before(slow_http, MySQLdb):
+    # Descriptors without O_NONBLOCK in a thread with a hub, where a green
+    # twin would wait on the hub: gevent 26.9's SSLSocket made from a
+    # connected socket is one (stock, ten such requests run one after
+    # another), urllib without a timeout another.  libcrypto's twins are
+    # libc's calls on them: no wait on the hub, the same results.
     def both():
+        greenify.stats(reset=True)
         bodies = run_together(lambda index: _gevent_https_get(slow_http, index))[1]
         plain = _https_get(slow_http, slow_http.https_url(SLEEP_S, "greenlet"))
-        return bodies, plain
+        return bodies, plain, _waits(greenify.stats())
 
     expected = ([f"slept {SLEEP_S} for {index}".encode() for index in range(COUNT)],
-                f"slept {SLEEP_S} for greenlet".encode())
+                f"slept {SLEEP_S} for greenlet".encode(), 0)
     assert both() == expected
     with greenify.patched("libmariadb") as report:
         assert any(obj.reason for obj in report.objects), repr(report)
         assert both() == expected
+
+
+def test_unpatching_the_client_puts_its_tls_library_back(MySQLdb):
+    before = {obj.realpath: greenify.patcher.patched_slots(obj) for obj in greenify.loaded.find_loaded("libcrypto.so.3")}
+    report = greenify.patch_library("libmariadb")
+    (crypto,) = [obj for obj in report.objects if obj.reason]
+    assert crypto.patched or crypto.already_patched
+    greenify.unpatch_library("libmariadb")
+    after = {obj.realpath: greenify.patcher.patched_slots(obj) for obj in greenify.loaded.find_loaded("libcrypto.so.3")}
+    assert after == before == {path: {} for path in before}
