@@ -145,10 +145,11 @@ def tls_companions(client: LoadedObject, objects: Optional[Sequence[LoadedObject
 
 def tls_companions_of(clients: Sequence[LoadedObject],
                       objects: Optional[Sequence[LoadedObject]] = None) -> List[Companion]:
-    """The companions of every object in ``clients`` that is not itself one
-    of ``clients``, each once (the first client that needs it names it)."""
+    """The companions of the objects in ``clients``, each once (the first
+    client that needs it names it); one may be in ``clients`` itself (a
+    module target lists every library under the module)."""
     objects = loaded.loaded_objects() if objects is None else objects
-    seen = {client.realpath for client in clients}
+    seen: set = set()
     found = []
     for client in clients:
         for companion in tls_companions(client, objects):

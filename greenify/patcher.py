@@ -307,9 +307,11 @@ def patch_library(target: Target, *, functions: Optional[Iterable[str]] = None) 
     with _lock:
         description, objects, left_out = _resolve(target)
         report = PatchReport(description, skipped_objects=left_out)
-        plans = [(obj,) + _plan(obj, wanted) for obj in objects]  # every object checked before any write
-        # The TLS libraries that do the objects' socket I/O get their own twins (greenify.companions)
-        for companion in companions.tls_companions_of(objects):
+        # The TLS libraries that do the objects' socket I/O, found among them (a module target) or
+        # brought along, get twins of their own (greenify.companions)
+        tls = {companion.obj.realpath: companion for companion in companions.tls_companions_of(objects)}
+        plans = [(obj,) + _plan(obj, wanted) for obj in objects if obj.realpath not in tls]  # all checked first
+        for companion in tls.values():
             plans.append((companion.obj,) + _plan(companion.obj, wanted, companions.tls_twins()))
             plans[-1][1].reason = companion.reason
         for obj, object_report, to_write in plans:
@@ -343,7 +345,8 @@ def unpatch_library(target: Target) -> int:
     restored (a slot someone else re-hooked since is left alone)."""
     with _lock:
         _description, objects, _left_out = _resolve(target)
-        objects = objects + [companion.obj for companion in companions.tls_companions_of(objects)]
+        objects = objects + [companion.obj for companion in companions.tls_companions_of(objects)
+                             if companion.obj not in objects]
         return sum(_restore((obj.realpath, obj.base), obj.path, list(_records.get((obj.realpath, obj.base), {})))
                    for obj in objects)
 

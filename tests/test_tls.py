@@ -449,3 +449,12 @@ def test_unpatching_the_client_puts_its_tls_library_back(MySQLdb):
     greenify.unpatch_library("libmariadb")
     after = {obj.realpath: greenify.patcher.patched_slots(obj) for obj in greenify.loaded.find_loaded("libcrypto.so.3")}
     assert after == before == {path: {} for path in before}
+
+
+def test_a_module_target_gives_its_tls_library_the_tls_twins(MySQLdb):
+    with greenify.patched(MySQLdb._mysql) as report:
+        (crypto,) = [obj for obj in report.objects if obj.path.endswith("libcrypto.so.3")]
+        slots = crypto.patched + crypto.already_patched
+    assert crypto.reason == "TLS I/O of libmariadb.so.3 (it hands its socket to OpenSSL: SSL_set_fd)"
+    assert {"read", "write"} <= {slot.symbol for slot in slots}
+    assert all(slot.green == companions.tls_twins()[slot.symbol] for slot in slots)
