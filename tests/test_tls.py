@@ -77,30 +77,12 @@ class Driver:
     @staticmethod
     def _mysqldb(request, sleep_s):
         MySQLdb, mariadb = request.getfixturevalue("MySQLdb"), request.getfixturevalue("mariadb")
-
-        def query(index):
-            connection = MySQLdb.connect(**mariadb.tls_connect_kwargs())
-            try:
-                cursor = connection.cursor()
-                cursor.execute("SELECT %s, SLEEP(%s)", (index, sleep_s))
-                return cursor.fetchall()
-            finally:
-                connection.close()
-        return query
+        return _querier(lambda: MySQLdb.connect(**mariadb.tls_connect_kwargs()), "SELECT %s, SLEEP(%s)", sleep_s)
 
     @staticmethod
     def _psycopg2(request, sleep_s):
         psycopg2, postgres = request.getfixturevalue("psycopg2"), request.getfixturevalue("postgres")
-
-        def query(index):
-            connection = psycopg2.connect(postgres.tls_dsn)
-            try:
-                with connection.cursor() as cursor:
-                    cursor.execute("SELECT %s FROM pg_sleep(%s)", (index, sleep_s))
-                    return cursor.fetchall()
-            finally:
-                connection.close()
-        return query
+        return _querier(lambda: psycopg2.connect(postgres.tls_dsn), "SELECT %s FROM pg_sleep(%s)", sleep_s)
 
     @staticmethod
     def _pycurl(request, sleep_s):
@@ -120,6 +102,20 @@ class Driver:
             finally:
                 curl.close()
         return fetch
+
+
+def _querier(connect, sql: str, sleep_s: float):
+    """function(index): a new connection runs `sql` with (index, sleep_s),
+    returns its rows and is closed."""
+    def query(index):
+        connection = connect()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(sql, (index, sleep_s))
+            return cursor.fetchall()
+        finally:
+            connection.close()
+    return query
 
 
 DRIVERS = [

@@ -35,10 +35,14 @@ def record(driver: str, key: str, value) -> None:
     entry = results.setdefault("drivers", {}).setdefault(driver, {})
     entry[key] = value
     results["environment"] = f"Python {platform.python_version()}, {platform.machine()}"
-    with open(RESULTS_PATH + ".tmp", "w") as out:
-        json.dump(results, out, indent=2, sort_keys=True)
-        out.write("\n")
-    os.replace(RESULTS_PATH + ".tmp", RESULTS_PATH)
+    replace_file(RESULTS_PATH, json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def replace_file(path: str, text: str) -> None:
+    """Write `text` to `path` atomically (a reader sees the old or the new file)."""
+    with open(path + ".tmp", "w") as out:
+        out.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def markdown_table(results: dict) -> str:
@@ -58,6 +62,16 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def rewrite_section(path: str, start_marker: str, end_marker: str, text: str) -> None:
+    """Replace what lies between the two markers in the file at `path`."""
+    with open(path) as readme:
+        content = readme.read()
+    start, end = content.find(start_marker), content.find(end_marker)
+    if start < 0 or end < start:
+        raise SystemExit(f"{path}: no {start_marker} ... {end_marker} markers to write between")
+    replace_file(path, content[:start + len(start_marker)] + "\n" + text + "\n" + content[end:])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Render tests/tls-results.json as a Markdown table.")
     parser.add_argument("--readme", help="rewrite this file between the tls markers instead of printing")
@@ -70,14 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.readme:
         print(table)
         return 0
-    with open(args.readme) as readme:
-        text = readme.read()
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        raise SystemExit(f"{args.readme}: no {README_START} ... {README_END} markers")
-    with open(args.readme + ".tmp", "w") as out:
-        out.write(text[:start + len(README_START)] + "\n" + table + "\n" + text[end:])
-    os.replace(args.readme + ".tmp", args.readme)
+    rewrite_section(args.readme, README_START, README_END, table)
     return 0
 
 

@@ -38,6 +38,8 @@ from typing import Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 ROOT = os.path.dirname(TESTS)
+sys.path.insert(0, TESTS)
+from tls_results import replace_file, rewrite_section  # noqa: E402 - after the path it lives on
 RESULTS_PATH = os.path.join(HERE, "results.json")
 CACHE = os.path.join(ROOT, "build", "driver-suites")
 README_START = "<!-- driver-suites:start -->"
@@ -268,7 +270,6 @@ def compare(stock: Dict[str, str], greenified: Dict[str, str]) -> dict:
 
 
 def main_run(only: Optional[List[str]]) -> int:
-    sys.path.insert(0, TESTS)
     import servers
 
     results = load_results()
@@ -315,10 +316,7 @@ def load_results() -> dict:
 
 
 def save_results(results: dict) -> None:
-    with open(RESULTS_PATH + ".tmp", "w") as out:
-        json.dump(results, out, indent=1, sort_keys=True)
-        out.write("\n")
-    os.replace(RESULTS_PATH + ".tmp", RESULTS_PATH)
+    replace_file(RESULTS_PATH, json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
 # --- the README table --------------------------------------------------------------
@@ -345,15 +343,7 @@ def markdown_table(results: dict) -> str:
 
 
 def rewrite_readme(path: str) -> None:
-    with open(path) as readme:
-        text = readme.read()
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        raise SystemExit(f"{path}: no {README_START} ... {README_END} markers")
-    table = markdown_table(load_results())
-    with open(path + ".tmp", "w") as out:
-        out.write(text[:start + len(README_START)] + "\n" + table + "\n" + text[end:])
-    os.replace(path + ".tmp", path)
+    rewrite_section(path, README_START, README_END, markdown_table(load_results()))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
