@@ -454,3 +454,23 @@ def test_a_module_target_gives_its_tls_library_the_tls_twins(MySQLdb):
     assert crypto.reason == "TLS I/O of libmariadb.so.3 (it hands its socket to OpenSSL: SSL_set_fd)"
     assert {"read", "write"} <= {slot.symbol for slot in slots}
     assert all(slot.green == companions.tls_twins()[slot.symbol] for slot in slots)
+
+
+def test_companions_are_found_in_another_process_s_objects_too(MySQLdb):
+    # What greenify-inspect reads: /proc/PID/maps of a child that imported MySQLdb.
+    from greenify.inspect import imported_objects
+
+    objects, _source, _pid = imported_objects(["MySQLdb"])
+    (client,) = [obj for obj in objects if obj.name == "libmariadb.so.3"]
+    assert [(companion.obj.name, companion.reason) for companion in companions.tls_companions(client, objects)] == [
+        ("libcrypto.so.3", "TLS I/O of libmariadb.so.3 (it hands its socket to OpenSSL: SSL_set_fd)")]
+
+
+def test_pylibmcs_libmemcached_has_no_tls(pylibmc):
+    import _pylibmc
+
+    under, _left_out = greenify.loaded.module_objects(_pylibmc)
+    tls_stacks = [obj.name for obj in under for stack in companions.TLS_STACKS if stack.io_library.match(obj.name)]
+    tls_stacks += [obj.name for obj in under if obj.name.startswith(("libssl", "libnss3", "libwolfssl", "libmbedtls"))]
+    assert any(obj.name.startswith("libmemcached") for obj in under), under
+    assert tls_stacks == [], f"pylibmc now loads a TLS library ({tls_stacks}): test TLS for it"
