@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CC ?= cc
 
-.PHONY: build test demo bench check-readme clean
+.PHONY: build test demo bench check-readme driver-suites clean
 
 build: $(VENV)/.installed $(VENV)/.drivers
 
@@ -58,6 +58,12 @@ test: build
 
 demo: $(VENV)/.base
 	$(PY) -m greenify.demo
+
+# psycopg2's and mysqlclient's own test suites (sdists from PyPI), stock and
+# greenified, against the suite's servers; fails if greenify breaks a test.
+driver-suites: build
+	$(PY) tests/driver_suites/run.py
+	$(PY) tests/driver_suites/run.py --readme README.md
 
 bench: build
 	$(PIP) install -q -e '.[bench]'
