@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import greenlet
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
@@ -29,11 +30,13 @@ ffibuilder.set_source(
     "#define _GNU_SOURCE 1\n" + _prelude,
     # setuptools wants sources relative to setup.py's folder
     sources=[str(path.relative_to(HERE)) for path in sorted(CSRC.glob("*.c"))],
-    include_dirs=[str(CSRC.relative_to(HERE))],
+    # greenlet.h: the fast wait switches greenlets through greenlet's C API
+    include_dirs=[str(CSRC.relative_to(HERE)), str(Path(greenlet.__file__).parent)],
     define_macros=[("_GNU_SOURCE", "1")],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter", "-fno-strict-aliasing"],
-    # Not the stable ABI: green_core.c reads PyThreadState's trace fields and
-    # frames, which the limited API hides.  So the module is named and the
+    # Not the stable ABI: green_deliver.c reads PyThreadState's trace fields
+    # and frames, and the fast wait uses greenlet's C API, which the limited
+    # API does not offer.  So the module is named and the
     # wheel tagged for one CPython (_green.cpython-311-...so, cp311-cp311),
     # not abi3 (cffi's default would name it _green.abi3.so).
     py_limited_api=False,
