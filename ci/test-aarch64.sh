@@ -49,7 +49,7 @@ for fs in proc sys dev dev/pts; do
     mounted+=("$root/$fs")
 done
 cp /etc/resolv.conf "$root/etc/resolv.conf"
-# mariadb-install-db wants this host's name or localhost to resolve
+# names the tests resolve (localhost, this host)
 cp /etc/hosts "$root/etc/hosts"
 grep -qw localhost "$root/etc/hosts" || echo "127.0.0.1 localhost" >>"$root/etc/hosts"
 # pip inside the root trusts what the host's pip trusts (a proxy's CA, if any)
