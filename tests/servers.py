@@ -712,6 +712,21 @@ def serve(start):
         pytest.fail(str(exc), pytrace=False)
 
 
+# GREENIFY_TEST_MARIADB=HOST:PORT: the `mariadb` fixture uses a server that
+# start_mariadb() started elsewhere (same user, password and database) instead
+# of starting one; `make test-aarch64` starts it natively on the host
+# (ci/host_mariadb.py) and the emulated tests reach it over loopback.
+EXTERNAL_MARIADB = "GREENIFY_TEST_MARIADB"
+
+
+@contextlib.contextmanager
+def external_mariadb() -> Iterator[MariaDB]:
+    host, _, port = os.environ[EXTERNAL_MARIADB].rpartition(":")
+    yield MariaDB(host=host, port=int(port), unix_socket="", user="greenify", password="greenify",
+                  database="greenify", log_path=f"(started outside: {EXTERNAL_MARIADB})", startup_s=0.0,
+                  process=None)
+
+
 try:
     import pytest
 except ImportError:  # run as the slow HTTP server's script, outside pytest
@@ -721,7 +736,7 @@ if pytest is not None:
     @pytest.fixture(scope="session")
     def mariadb() -> Iterator[MariaDB]:
         """A MariaDB server with user, password and database `greenify`."""
-        yield from serve(start_mariadb)
+        yield from serve(external_mariadb if os.environ.get(EXTERNAL_MARIADB) else start_mariadb)
 
     @pytest.fixture(scope="session")
     def postgres() -> Iterator[PostgreSQL]:
