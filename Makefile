@@ -69,10 +69,14 @@ bench: build
 	$(PIP) install -q -e '.[bench]'
 	$(PY) bench/run.py $(if $(QUICK),--quick) $(if $(PEER),--peer-python $(PEER))
 
-# Fails when the README's generated parts differ from what the last test run
-# recorded (the compatibility table: tests/compat.py --check).
+# Fails when any of the README's generated parts (tests/readme_sections.py)
+# differs from the recorded run it is rendered from.
 check-readme: $(VENV)/.base
 	$(PY) tests/compat.py --check README.md
+	$(PY) tests/tls_results.py --check README.md
+	$(PY) tests/driver_suites/run.py --check README.md
+	$(PY) ci/results.py readme README.md --check
+	$(PY) bench/run.py --check README.md
 
 clean:
 	rm -rf $(VENV) build greenify/_green*.so greenify/_green.c greenify/_green.o *.egg-info

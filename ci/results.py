@@ -32,11 +32,13 @@ import time
 import xml.etree.ElementTree as ET
 from typing import Dict, List, Optional
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import readme_sections  # noqa: E402 - after the path it lives on
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_PATH = os.path.join(HERE, "results.json")
 PYPROJECT_PATH = os.path.join(os.path.dirname(HERE), "pyproject.toml")
-README_START = "<!-- platforms:start -->"
-README_END = "<!-- platforms:end -->"
+README_SECTION = "platforms"  # the README's generated part (tests/readme_sections.py)
 
 
 def load(path: str = RESULTS_PATH) -> Dict[str, dict]:
@@ -159,18 +161,11 @@ def pyproject_problems(results: Dict[str, dict], suite_python: str, path: str = 
 
 
 def readme(path: str, check: bool, results: Dict[str, dict]) -> List[str]:
-    with open(path) as readme_file:
-        text = readme_file.read()
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        return [f"{path}: no {README_START} ... {README_END} markers"]
-    new = text[:start + len(README_START)] + "\n" + statement(results) + "\n" + text[end:]
     if check:
-        return [] if new == text else [f"{path}: the platforms statement differs from ci/results.json; "
-                                       f"run `python ci/results.py readme {path}` and commit both"]
-    with open(path + ".tmp", "w") as out:
-        out.write(new)
-    os.replace(path + ".tmp", path)
+        differences = readme_sections.differences(path, README_SECTION, statement(results), RESULTS_PATH)
+        return differences + ([f"{path}: run `python ci/results.py readme {path}` and commit both"]
+                              if differences else [])
+    readme_sections.write(path, README_SECTION, statement(results))
     return []
 
 

@@ -16,9 +16,10 @@ import platform
 import sys
 from typing import List, Optional
 
+import readme_sections
+
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tls-results.json")
-README_START = "<!-- tls:start -->"
-README_END = "<!-- tls:end -->"
+README_SECTION = "tls"  # the README's generated part (tests/readme_sections.py)
 
 
 def load(path: str = RESULTS_PATH) -> dict:
@@ -35,14 +36,7 @@ def record(driver: str, key: str, value) -> None:
     entry = results.setdefault("drivers", {}).setdefault(driver, {})
     entry[key] = value
     results["environment"] = f"Python {platform.python_version()}, {platform.machine()}"
-    replace_file(RESULTS_PATH, json.dumps(results, indent=2, sort_keys=True) + "\n")
-
-
-def replace_file(path: str, text: str) -> None:
-    """Write `text` to `path` atomically (a reader sees the old or the new file)."""
-    with open(path + ".tmp", "w") as out:
-        out.write(text)
-    os.replace(path + ".tmp", path)
+    readme_sections.replace_file(RESULTS_PATH, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
 def markdown_table(results: dict) -> str:
@@ -62,29 +56,25 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def rewrite_section(path: str, start_marker: str, end_marker: str, text: str) -> None:
-    """Replace what lies between the two markers in the file at `path`."""
-    with open(path) as readme:
-        content = readme.read()
-    start, end = content.find(start_marker), content.find(end_marker)
-    if start < 0 or end < start:
-        raise SystemExit(f"{path}: no {start_marker} ... {end_marker} markers to write between")
-    replace_file(path, content[:start + len(start_marker)] + "\n" + text + "\n" + content[end:])
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Render tests/tls-results.json as a Markdown table.")
-    parser.add_argument("--readme", help="rewrite this file between the tls markers instead of printing")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--readme", help="rewrite this file between the tls markers instead of printing")
+    action.add_argument("--check", metavar="README", help="exit 1 if this file's table differs from the results")
     args = parser.parse_args(argv)
     results = load()
     if not results["drivers"]:
         print(f"{RESULTS_PATH}: no results; run tests/test_tls.py first", file=sys.stderr)
         return 1
     table = markdown_table(results)
+    if args.check:
+        differences = readme_sections.differences(args.check, README_SECTION, table, RESULTS_PATH)
+        print("\n".join(differences), file=sys.stderr)
+        return 1 if differences else 0
     if not args.readme:
         print(table)
         return 0
-    rewrite_section(args.readme, README_START, README_END, table)
+    readme_sections.write(args.readme, README_SECTION, table)
     return 0
 
 

@@ -39,11 +39,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 ROOT = os.path.dirname(TESTS)
 sys.path.insert(0, TESTS)
-from tls_results import replace_file, rewrite_section  # noqa: E402 - after the path it lives on
+import readme_sections  # noqa: E402 - after the path it lives on
 RESULTS_PATH = os.path.join(HERE, "results.json")
 CACHE = os.path.join(ROOT, "build", "driver-suites")
-README_START = "<!-- driver-suites:start -->"
-README_END = "<!-- driver-suites:end -->"
+README_SECTION = "driver-suites"  # the README's generated part (tests/readme_sections.py)
 SUITE_TIMEOUT_S = 900
 # What psycopg2's suite needs beyond the defaults: two-phase commit
 # (test_tpc) and logical replication (test_replication).
@@ -316,7 +315,7 @@ def load_results() -> dict:
 
 
 def save_results(results: dict) -> None:
-    replace_file(RESULTS_PATH, json.dumps(results, indent=1, sort_keys=True) + "\n")
+    readme_sections.replace_file(RESULTS_PATH, json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
 # --- the README table --------------------------------------------------------------
@@ -343,7 +342,7 @@ def markdown_table(results: dict) -> str:
 
 
 def rewrite_readme(path: str) -> None:
-    rewrite_section(path, README_START, README_END, markdown_table(load_results()))
+    readme_sections.write(path, README_SECTION, markdown_table(load_results()))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -354,10 +353,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", choices=list(SUITES), help="run only this suite (repeatable)")
     parser.add_argument("--readme", help="only render results.json into this README between the markers")
+    parser.add_argument("--check", metavar="README", help="only check that this README's table is results.json's")
     args = parser.parse_args(argv)
     if args.readme:
         rewrite_readme(args.readme)
         return 0
+    if args.check:
+        differences = readme_sections.differences(args.check, README_SECTION, markdown_table(load_results()),
+                                                  RESULTS_PATH)
+        print("\n".join(differences), file=sys.stderr)
+        return 1 if differences else 0
     return main_run(args.only)
 
 
