@@ -22,9 +22,8 @@
 
 
 /* The green road is taken only when activated and the caller did not ask
-   for a non-blocking call itself (a receive from the error queue never
-   waits either). */
-#define GOES_NATIVE(flags) (!green_state.active || ((flags) & (MSG_DONTWAIT | MSG_ERRQUEUE)))
+   for a non-blocking call itself. */
+#define GOES_NATIVE(flags) (!green_state.active || ((flags) & MSG_DONTWAIT))
 
 /* An interrupted greenlet still inside C fails every call at once. */
 #define FAIL_IF_INTERRUPTED()                                                \
@@ -71,6 +70,21 @@ static int receive_side_shut(int fd)
     int shut = poll(&probe, 1, 0) == 1 && (probe.revents & POLLRDHUP);
     errno = saved_errno;
     return shut;
+}
+
+/* A receive from a socket's error queue never waits (EAGAIN when it is
+   empty); AF_UNIX sockets have none and take MSG_ERRQUEUE for an ordinary
+   receive. */
+static int reads_error_queue(int fd, int flags)
+{
+    int domain = AF_UNIX;
+    socklen_t size = sizeof domain;
+    int saved_errno = errno;
+    if (!(flags & MSG_ERRQUEUE))
+        return 0;
+    getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &size);
+    errno = saved_errno;
+    return domain != AF_UNIX;
 }
 
 /* After a first attempt failed with EAGAIN on a call that may block: wait on
@@ -422,7 +436,7 @@ static inline __attribute__((always_inline)) ssize_t recvfrom_as(int function, i
         return recv_whole(&call, &peek, len > max_rw_count() ? max_rw_count() : len, flags, saved_errno);
     }
     n = recvfrom(fd, buf, len, flags | MSG_DONTWAIT, addr, addrlen);
-    if (likely(n >= 0) || errno != EAGAIN)
+    if (likely(n >= 0) || errno != EAGAIN || reads_error_queue(fd, flags))
         return n;
     return wait_and_retry(&call, flags, saved_errno);
 }
@@ -456,7 +470,7 @@ ssize_t green_recvmsg(int fd, struct msghdr *msg, int flags)
         return recv_whole(&call, &peek, SIZE_MAX, flags, saved_errno);
     }
     n = recvmsg(fd, msg, flags | MSG_DONTWAIT);
-    if (likely(n >= 0) || errno != EAGAIN)
+    if (likely(n >= 0) || errno != EAGAIN || reads_error_queue(fd, flags))
         return n;
     return wait_and_retry(&call, flags, saved_errno);
 }
