@@ -132,17 +132,20 @@ static size_t max_rw_count(void)
     return (size_t)(INT_MAX & ~(sysconf(_SC_PAGESIZE) - 1));
 }
 
-/* read() and write() check the caller's whole buffer first (EFAULT where it
-   runs past the address space, EINVAL for a negative count); recv, send and
-   the vector calls check only the MAX_RW_COUNT bytes they could move.  For a
-   longer count, the kernel makes read()'s checks on /dev/null, which moves
-   nothing: -1 with its errno when it refuses the buffer, 0 otherwise. */
-static int buffer_refused(void *buf, size_t count, int events)
+/* read() and write() check the descriptor, then the caller's whole buffer
+   (EFAULT where it runs past the address space, EINVAL for a negative
+   count); recv, send and the vector calls check only the MAX_RW_COUNT bytes
+   they could move.  For a longer count the kernel makes read()'s checks
+   without moving anything: on fd with an empty vector (EBADF, EINVAL), then
+   on /dev/null with the buffer.  -1 with its errno when it refuses, else 0. */
+static int arguments_refused(int fd, void *buf, size_t count, int events)
 {
+    struct iovec nothing = {NULL, 0};
     int saved_errno = errno;
-    int null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
-    int refused = 0, refusal = 0;
-    if (null_fd >= 0) {
+    int null_fd, refused, refusal;
+    refused = (events == GREEN_READ ? preadv2(fd, &nothing, 1, -1, 0) : pwritev2(fd, &nothing, 1, -1, 0)) < 0;
+    refusal = errno;
+    if (!refused && (null_fd = open("/dev/null", O_RDWR | O_CLOEXEC)) >= 0) {
         refused = (events == GREEN_READ ? read(null_fd, buf, count) : write(null_fd, buf, count)) < 0;
         refusal = errno;
         close(null_fd);
@@ -280,6 +283,18 @@ static ssize_t send_all(int function, int fd, const struct msghdr *msg, int flag
     if (result >= 0)
         errno = saved_errno;
     return result;
+}
+
+/* recv and send check the buffer before the descriptor, read and write the
+   descriptor first: after ENOTSOCK, or EFAULT on something that is not a
+   socket (or not open), read/write's own path gives the kernel's answer. */
+static int not_a_socket(int fd, int error)
+{
+    int type, saved_errno = errno;
+    socklen_t size = sizeof type;
+    int other = error == ENOTSOCK || (error == EFAULT && getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &size) != 0);
+    errno = saved_errno;
+    return other;
 }
 
 static int is_stream_socket(int fd)
@@ -613,12 +628,12 @@ ssize_t green_read(int fd, void *buf, size_t count)
         return read(fd, buf, count);
     FAIL_IF_INTERRUPTED();
     saved_errno = errno;
-    if (unlikely(count > max_rw_count()) && buffer_refused(buf, count, GREEN_READ) != 0)
+    if (unlikely(count > max_rw_count()) && arguments_refused(fd, buf, count, GREEN_READ) != 0)
         return -1;
     n = recv(fd, buf, count, MSG_DONTWAIT); /* on a socket, read() is this call */
     if (likely(n >= 0))
         return n;
-    if (errno == ENOTSOCK) {
+    if (not_a_socket(fd, errno)) {
         struct iovec iov = {buf, count};
         struct file_call call = {GREEN_FN_read, fd, GREEN_READ, &iov, 1};
         return file_io(&call, saved_errno);
@@ -637,13 +652,13 @@ ssize_t green_write(int fd, const void *buf, size_t count)
         return write(fd, buf, count);
     FAIL_IF_INTERRUPTED();
     saved_errno = errno;
-    if (unlikely(count > max_rw_count()) && buffer_refused((void *)buf, count, GREEN_WRITE) != 0)
+    if (unlikely(count > max_rw_count()) && arguments_refused(fd, (void *)buf, count, GREEN_WRITE) != 0)
         return -1;
     n = send(fd, buf, count, MSG_DONTWAIT); /* on a socket, write() is this call */
     if (likely(n >= 0 && (size_t)n == count))
         return n;
     struct iovec iov = {(void *)buf, count};
-    if (n < 0 && errno == ENOTSOCK)
+    if (n < 0 && not_a_socket(fd, errno))
         return write_all(GREEN_FN_write, fd, &iov, 1, saved_errno);
     if (n < 0 && errno != EAGAIN)
         return n;
@@ -739,17 +754,12 @@ int green_connect(int fd, const struct sockaddr *addr, socklen_t addrlen)
     }
     for (;;) {
         struct pollfd probe = {fd, POLLOUT, 0};
-        int error = 0;
-        socklen_t size = sizeof error;
         if (poll(&probe, 1, 0) == 1) {
-            if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &size) != 0)
-                return -1;
-            if (error != 0) {
-                errno = error;
-                return -1;
-            }
+            /* Connected or failed: the kernel's own connect, which no longer
+               waits, says which, and leaves the socket in the state a
+               blocking connect leaves it in (connected, or unconnected). */
             errno = saved_errno;
-            return 0;
+            return connect(fd, addr, addrlen);
         }
         switch (green_wait_io(fd, GREEN_WRITE, &io_wait)) {
         case GREEN_WOKEN:
