@@ -29,5 +29,12 @@ bench: build
 	$(PIP) install -q -e '.[bench]'
 	$(PY) bench/run.py $(if $(QUICK),--quick) $(if $(PEER),--peer-python $(PEER))
 
+# The differential test of the green twins against libc, run long:
+# `make fuzz` (EXAMPLES=n per mode, default 2000; SEED=n to replay a run).
+.PHONY: fuzz
+fuzz: build
+	GREENIFY_FUZZ_EXAMPLES=$(or $(EXAMPLES),2000) $(PY) -m pytest tests/test_differential.py -q -s --timeout 0 \
+		$(if $(SEED),--hypothesis-seed=$(SEED))
+
 clean:
 	rm -rf $(VENV) build greenify/_green*.so greenify/_green.c greenify/_green.o *.egg-info

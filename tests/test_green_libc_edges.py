@@ -379,3 +379,26 @@ def test_connected_twins_in_struct_layout():
     for name in ("struct msghdr", "struct iovec", "struct pollfd", "fd_set", "struct timeval", "struct timespec"):
         assert ffi.sizeof(name) == green_ffi.sizeof(name), name
     assert struct.calcsize("P") == 8
+
+
+def test_a_pipe_write_larger_than_its_room_completes_on_the_hub():
+    r, w = os.pipe()
+    try:
+        data = os.urandom(1 << 20)  # sixteen times the pipe's default size
+        received = bytearray()
+
+        def drain():
+            os.set_blocking(r, False)
+            while len(received) < len(data):
+                try:
+                    received.extend(os.read(r, 1 << 16))
+                except BlockingIOError:
+                    gevent.sleep(0.001)
+        reader = gevent.spawn(drain)
+        # only the reader greenlet makes room: the write completes only if the hub ran while it waited
+        assert green("write", w, ffi.from_buffer(data), len(data)) == (len(data), 0)
+        reader.join(timeout=GUARD_S)
+        assert bytes(received) == data
+    finally:
+        os.close(r)
+        os.close(w)
