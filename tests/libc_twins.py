@@ -60,6 +60,10 @@ SIGNATURES = {
     "nanosleep": "int {}(struct timespec *, struct timespec *)",
     "clock_nanosleep": "int {}(int, int, struct timespec *, struct timespec *)",
     "usleep": "int {}(unsigned int)",
+    "sleep": "unsigned int {}(unsigned int)",
+    "__poll_chk": "int {}(struct pollfd *, nfds_t, int, size_t)",
+    "__ppoll_chk": "int {}(struct pollfd *, nfds_t, struct timespec *, void *, size_t)",
+    "close": "int {}(int)",
 }
 ffi.cdef("\n".join(signature.format(name) + ";" for name, signature in SIGNATURES.items()))
 ffi.cdef("\n".join(signature.format("green_" + name) + ";" for name, signature in SIGNATURES.items()))

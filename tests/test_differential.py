@@ -509,7 +509,8 @@ class Differential(RuleBasedStateMachine):
     @rule(kinds=st.lists(st.sampled_from(KINDS), min_size=0, max_size=4),
           events=st.lists(st.sampled_from([select.POLLIN, select.POLLOUT, select.POLLPRI, select.POLLRDHUP,
                                            select.POLLERR, 0]), min_size=1, max_size=4),
-          name=st.sampled_from(["poll", "ppoll"]), timeout_ms=st.sampled_from([0, 1, 15, -1]))
+          name=st.sampled_from(["poll", "ppoll", "__poll_chk", "__ppoll_chk"]),
+          timeout_ms=st.sampled_from([0, 1, 15, -1]))
     def poll(self, kinds, events, name, timeout_ms):
         masks = [events[i % len(events)] for i in range(len(kinds))]
         if timeout_ms == -1 and not self.something_ready(kinds, masks):
@@ -520,11 +521,12 @@ class Differential(RuleBasedStateMachine):
             for slot, kind, mask in zip(fds, kinds, masks):
                 slot.fd = world.fd(kind)
                 slot.events = mask
-            if name == "poll":
-                args = (fds, len(kinds), timeout_ms)
+            fortified = (ffi.sizeof(fds),) if name.startswith("__") else ()
+            if name in ("poll", "__poll_chk"):
+                args = (fds, len(kinds), timeout_ms) + fortified
             else:
                 timeout = ffi.NULL if timeout_ms < 0 else ffi.new("struct timespec *", (0, timeout_ms * 1000000))
-                args = (fds, len(kinds), timeout, ffi.NULL)
+                args = (fds, len(kinds), timeout, ffi.NULL) + fortified
             return name, args, lambda result: [fds[i].revents for i in range(len(kinds))]
         self.both(build)
 
@@ -601,12 +603,18 @@ class Differential(RuleBasedStateMachine):
             return name, args, outputs
         self.both(build)
 
-    @rule(name=st.sampled_from(["nanosleep", "clock_nanosleep", "usleep"]),
+    @rule(kind=st.sampled_from(["closed", "minus_one"]))
+    def close(self, kind):
+        self.both(lambda world: ("close", (world.fd(kind),), lambda result: None))
+
+    @rule(name=st.sampled_from(["nanosleep", "clock_nanosleep", "usleep", "sleep"]),
           request=st.sampled_from([(0, 0), (0, 200000), (0, 1000000000), (-1, 0), (0, -1), None]),
           clock=st.sampled_from([time.CLOCK_MONOTONIC, time.CLOCK_REALTIME, 12345]),
           absolute=st.booleans())
     def sleep(self, name, request, clock, absolute):
         def build(world):
+            if name == "sleep":
+                return name, (0,), lambda result: None
             if name == "usleep":
                 usec = 0 if request is None or request[1] < 0 or request[0] < 0 else request[1] // 1000 % 1000000
                 return name, (usec,), lambda result: None
@@ -638,9 +646,13 @@ def test_twins_match_libc_in_a_greenlet_with_a_hub():
     import gevent
     gevent.get_hub()  # the twins wait on this thread's hub
     before = operations["count"]
+    greenify.stats(reset=True)
     run_machine(40)
-    print(f"\ndifferential: {operations['count'] - before} operations in a greenlet with a hub")
+    waited = greenify.stats()
+    print(f"\ndifferential: {operations['count'] - before} operations in a greenlet with a hub; "
+          f"calls that waited on the hub: {sum(w.calls for w in waited.values())} ({', '.join(sorted(waited))})")
     assert operations["count"] > before
+    assert waited, "no twin ever waited on the hub: the run did not test the green road"
 
 
 def test_twins_match_libc_in_a_plain_thread():
