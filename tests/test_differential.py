@@ -24,7 +24,6 @@ runs many more.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import select
@@ -37,9 +36,10 @@ import time
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
 import greenify
+from green_support import tcp_pair
 from libc_twins import BAD_POINTER, KERNEL_POINTER, call, ffi, iovec, msghdr
 
 EXAMPLES = int(os.environ.get("GREENIFY_FUZZ_EXAMPLES", "0")) or None
@@ -89,16 +89,6 @@ def free_number(start):
     raise RuntimeError("no free descriptor number below FD_SETSIZE")
 
 
-def tcp_pair():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    client = socket.create_connection(server.getsockname())
-    conn, _ = server.accept()
-    server.close()
-    return client, conn
-
-
 class World:
     """One side's descriptors: kind -> (endpoint fd, peer object)."""
 
@@ -107,7 +97,7 @@ class World:
         self.endpoints = {}
         self.peers = {}
         self.clients = []
-        self.pipe_bytes = 0
+        self.queued = {"pipe_read": 0, "pipe_write": 0}  # bytes in each pipe, kept below PIPE_ROOM
         for kind, family_type in (("unix_stream", socket.SOCK_STREAM), ("unix_dgram", socket.SOCK_DGRAM),
                                   ("unix_seqpacket", socket.SOCK_SEQPACKET)):
             a, b = socket.socketpair(socket.AF_UNIX, family_type)
@@ -225,10 +215,10 @@ class Differential(RuleBasedStateMachine):
                 continue
             try:
                 if isinstance(peer, int):
-                    if kind == "pipe_read" and world.pipe_bytes + size > PIPE_ROOM:
+                    if world.queued["pipe_read"] + size > PIPE_ROOM:
                         continue
                     os.set_blocking(peer, False)
-                    world.pipe_bytes += os.write(peer, data) if kind == "pipe_read" else 0
+                    world.queued["pipe_read"] += os.write(peer, data)
                 else:
                     peer.send(data, socket.MSG_DONTWAIT)
             except OSError:
@@ -283,8 +273,7 @@ class Differential(RuleBasedStateMachine):
             except OSError:
                 pass
             os.set_blocking(reader, True)
-            if kind == "pipe_write":
-                world.pipe_write_bytes = 0
+            world.queued[kind] = 0
 
     # ---- the same call through libc and through its twin ----
 
@@ -324,8 +313,7 @@ class Differential(RuleBasedStateMachine):
         if kind == "pipe_read" and name in RECEIVES:
             return readable(fd) or world.peers["pipe_read"] is None
         if kind == "pipe_write" and name in SENDS:
-            room = getattr(world, "pipe_write_bytes", 0) + length <= PIPE_ROOM and length != HUGE
-            return room or world.peers["pipe_write"] is None or length == HUGE
+            return world.queued["pipe_write"] + length <= PIPE_ROOM or world.peers["pipe_write"] is None
         if kind == "eventfd" and name in RECEIVES:
             return readable(fd) or length < 8
         return True
@@ -455,7 +443,7 @@ class Differential(RuleBasedStateMachine):
         self.both(build)
         for world in self.worlds.values():
             if kind == "pipe_write" and length != HUGE:
-                world.pipe_write_bytes = getattr(world, "pipe_write_bytes", 0) + length
+                world.queued["pipe_write"] += length
 
     @staticmethod
     def peer_reader(world, kind):
@@ -465,7 +453,7 @@ class Differential(RuleBasedStateMachine):
             if peer is None or kind in ("eventfd", "pipe_read"):
                 return None
             if isinstance(peer, int):
-                return None  # the pipe's reader: drained by its own rule, counted by pipe_write_bytes
+                return None  # the pipe's reader: drained by its own rule
             wait_for(peer.fileno(), select.POLLIN, 50 if result > 0 and kind in ("tcp", "udp") else 0)
             packets = []
             try:

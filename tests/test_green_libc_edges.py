@@ -20,6 +20,7 @@ import gevent
 import pytest
 
 import greenify
+from green_support import tcp_pair
 from libc_twins import BAD_POINTER, KERNEL_POINTER, call, ffi, iovec, msghdr
 
 GUARD_S = 5.0  # far longer than any case takes; a twin that waits for ever fails here
@@ -57,16 +58,6 @@ def same(make, name, args_of):
     twin = green(name, *args_of(*fds))
     assert twin == native
     return twin
-
-
-def tcp_pair():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    client = socket.create_connection(server.getsockname())
-    conn, _ = server.accept()
-    server.close()
-    return client, conn
 
 
 def buf(size):
