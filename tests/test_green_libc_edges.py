@@ -393,3 +393,51 @@ def test_a_pipe_write_larger_than_its_room_completes_on_the_hub():
     finally:
         os.close(r)
         os.close(w)
+
+
+# ---- shut-down and reset sockets ----
+
+def socket_in_state(kind, state):
+    """A socket of `kind` in `state`, with a little data queued each way, and
+    a short SO_RCVTIMEO/SO_SNDTIMEO so that a call libc blocks in ends."""
+    def make():
+        if kind == "tcp":
+            a, b = tcp_pair()
+        else:
+            a, b = socket.socketpair(socket.AF_UNIX, kind)
+        for sock in (a, b):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 20000))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 20000))
+        b.send(b"queued")
+        if state in ("shut_rd", "shut_wr", "shut_rdwr"):
+            a.shutdown({"shut_rd": socket.SHUT_RD, "shut_wr": socket.SHUT_WR, "shut_rdwr": socket.SHUT_RDWR}[state])
+        elif state == "peer_closed":
+            b.close()
+        elif state == "peer_reset":
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            b.close()
+        select.select([a], [], [], 0.5)  # let loopback deliver the FIN or RST
+        return a, b
+    return make
+
+
+@pytest.mark.parametrize("state", ["shut_rd", "shut_wr", "shut_rdwr", "peer_closed", "peer_reset"])
+@pytest.mark.parametrize("kind", ["tcp", socket.SOCK_STREAM, socket.SOCK_SEQPACKET, socket.SOCK_DGRAM],
+                         ids=["tcp", "unix_stream", "unix_seqpacket", "unix_dgram"])
+@pytest.mark.parametrize("name", ["read", "readv", "__read_chk", "write", "writev"])
+def test_reads_and_writes_on_shut_down_and_reset_sockets_fail_as_libc_does(name, kind, state):
+    if state == "peer_reset" and kind != "tcp":
+        pytest.skip("only TCP resets")
+
+    def args_of(a, b):
+        data = ffi.new("char[]", b"0123456789abcdef")
+        return {"read": (a.fileno(), data, 16), "__read_chk": (a.fileno(), data, 16, 16),
+                "write": (a.fileno(), data, 16), "readv": (a.fileno(), iovec((data, 16)), 1),
+                "writev": (a.fileno(), iovec((data, 16)), 1)}[name]
+    for repeat in range(2):  # the first call may consume the error the second then does not see
+        make = socket_in_state(kind, state)
+        pairs = {side: make() for side in ("libc", "green")}
+        for _ in range(repeat + 1):
+            results = [call(side, name, *args_of(*pairs[side])) if side == "libc" else green(name, *args_of(*pairs[side]))
+                       for side in ("libc", "green")]
+            assert results[1] == results[0]
