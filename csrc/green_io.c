@@ -72,19 +72,26 @@ static int receive_side_shut(int fd)
     return shut;
 }
 
-/* A receive from a socket's error queue never waits (EAGAIN when it is
-   empty); AF_UNIX sockets have none and take MSG_ERRQUEUE for an ordinary
-   receive. */
-static int reads_error_queue(int fd, int flags)
+/* Receives the kernel answers at once on a blocking socket too: from the
+   error queue (EAGAIN when empty; AF_UNIX sockets have none and take
+   MSG_ERRQUEUE for an ordinary receive), and out-of-band data on a stream
+   socket (EINVAL or EAGAIN when there is none, whatever MSG_WAITALL says). */
+static int receive_never_waits(int fd, int flags)
 {
-    int domain = AF_UNIX;
+    int domain = AF_UNIX, type = 0;
     socklen_t size = sizeof domain;
-    int saved_errno = errno;
-    if (!(flags & MSG_ERRQUEUE))
+    int saved_errno = errno, never = 0;
+    if (!(flags & (MSG_ERRQUEUE | MSG_OOB)))
         return 0;
-    getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &size);
+    if (flags & MSG_ERRQUEUE) {
+        getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &size);
+        never = domain != AF_UNIX;
+    }
+    size = sizeof type;
+    if (!never && (flags & MSG_OOB))
+        never = getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &size) == 0 && type == SOCK_STREAM;
     errno = saved_errno;
-    return domain != AF_UNIX;
+    return never;
 }
 
 /* After a first attempt failed with EAGAIN on a call that may block: wait on
@@ -445,13 +452,13 @@ static inline __attribute__((always_inline)) ssize_t recvfrom_as(int function, i
     FAIL_IF_INTERRUPTED();
     saved_errno = errno;
     struct socket_call call = {function, fd, GREEN_READ, attempt_recvfrom, buf, len, addr, addrlen, NULL, 0};
-    if (unlikely(flags & MSG_WAITALL) && is_stream_socket(fd)) {
+    if (unlikely(flags & MSG_WAITALL) && !receive_never_waits(fd, flags) && is_stream_socket(fd)) {
         struct iovec iov = {buf, len};
         struct msghdr peek = {NULL, 0, &iov, 1, NULL, 0, 0};
         return recv_whole(&call, &peek, len > max_rw_count() ? max_rw_count() : len, flags, saved_errno);
     }
     n = recvfrom(fd, buf, len, flags | MSG_DONTWAIT, addr, addrlen);
-    if (likely(n >= 0) || errno != EAGAIN || reads_error_queue(fd, flags))
+    if (likely(n >= 0) || errno != EAGAIN || receive_never_waits(fd, flags))
         return n;
     return wait_and_retry(&call, flags, saved_errno);
 }
@@ -475,7 +482,7 @@ ssize_t green_recvmsg(int fd, struct msghdr *msg, int flags)
     FAIL_IF_INTERRUPTED();
     saved_errno = errno;
     struct socket_call call = {GREEN_FN_recvmsg, fd, GREEN_READ, attempt_recvmsg, NULL, 0, NULL, NULL, msg, 0};
-    if (unlikely(flags & MSG_WAITALL) && is_stream_socket(fd)) {
+    if (unlikely(flags & MSG_WAITALL) && !receive_never_waits(fd, flags) && is_stream_socket(fd)) {
         struct msghdr caller, peek;
         if (copy_from_caller(&caller, msg, sizeof caller) != 0)
             return recvmsg(fd, msg, flags | MSG_DONTWAIT); /* the kernel refuses msg at once */
@@ -485,7 +492,7 @@ ssize_t green_recvmsg(int fd, struct msghdr *msg, int flags)
         return recv_whole(&call, &peek, SIZE_MAX, flags, saved_errno);
     }
     n = recvmsg(fd, msg, flags | MSG_DONTWAIT);
-    if (likely(n >= 0) || errno != EAGAIN || reads_error_queue(fd, flags))
+    if (likely(n >= 0) || errno != EAGAIN || receive_never_waits(fd, flags))
         return n;
     return wait_and_retry(&call, flags, saved_errno);
 }

@@ -46,7 +46,8 @@ EXAMPLES = int(os.environ.get("GREENIFY_FUZZ_EXAMPLES", "0")) or None
 STEPS = 30
 # Shrinking a failure of many steps on real descriptors takes minutes: only where asked.
 PHASES = [Phase.generate] + ([Phase.shrink] if os.environ.get("GREENIFY_FUZZ_SHRINK") else [])
-SOCKET_TIMEOUT = struct.pack("ll", 0, 20000)  # 20 ms: a blocking socket call ends with the kernel's timeout result
+TIMEOUT_S = 0.02  # sockets' SO_RCVTIMEO/SO_SNDTIMEO: a blocking socket call ends with the kernel's timeout result
+SOCKET_TIMEOUT = struct.pack("ll", 0, int(TIMEOUT_S * 1e6))
 
 SOCKET_KINDS = ["unix_stream", "unix_dgram", "unix_seqpacket", "tcp", "udp", "listener", "unconnected"]
 STREAM_KINDS = ["unix_stream", "tcp"]
@@ -71,6 +72,11 @@ KNOWN_DIVERGENCES = {
         "EAGAIN, as for every other timed-out receive.  The kernel's own answer cannot be had without "
         "blocking for another SO_RCVTIMEO.",
 }
+
+
+def hub_waits():
+    """Calls that waited on a hub so far (every twin, every thread)."""
+    return sum(figures.calls for figures in greenify.stats().values())
 
 
 def flags_from(bits):
@@ -283,9 +289,15 @@ class Differential(RuleBasedStateMachine):
         observed = {}
         for side, world in self.worlds.items():
             name, args, outputs = build(world)
+            waits_before = hub_waits()
             started = time.monotonic()
             result, err = call(side, name, *args)
             took = time.monotonic() - started
+            if side == "green" and hub_waits() > waits_before:
+                # A call libc answered at once must not wait on the hub for
+                # the socket timeout (both would then say EAGAIN alike).
+                assert observed["libc"][4] >= TIMEOUT_S / 2 or took < TIMEOUT_S, \
+                    f"{name}: libc answered at once ({observed['libc'][1:3]}), the twin waited {took:.3f} s"
             observed[side] = (name, result if result < 0 or not name.startswith("accept") else "fd", err if result < 0 else 0,
                               outputs(result), took)
             if name.startswith("accept") and result >= 0:

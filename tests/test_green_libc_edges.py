@@ -147,6 +147,21 @@ def test_recv_from_an_empty_error_queue_fails_with_eagain(name):
     assert same(tcp_pair, name, args_of) == (-1, errno.EAGAIN)
 
 
+@pytest.mark.parametrize("flags", [socket.MSG_OOB, socket.MSG_OOB | socket.MSG_WAITALL, socket.MSG_OOB | socket.MSG_PEEK,
+                                   socket.MSG_ERRQUEUE | socket.MSG_WAITALL],
+                         ids=["oob", "oob-waitall", "oob-peek", "errqueue-waitall"])
+@pytest.mark.parametrize("make", [tcp_pair, socket.socketpair], ids=["tcp", "unix_stream"])
+def test_out_of_band_and_error_queue_receives_never_wait(make, flags):
+    if make is socket.socketpair and flags & socket.MSG_ERRQUEUE:
+        pytest.skip("AF_UNIX takes MSG_ERRQUEUE for an ordinary receive")
+
+    def args_of(a, b):
+        b.sendall(b"in band")
+        select.select([a], [], [], GUARD_S)
+        return a.fileno(), buf(16), 16, flags
+    same(make, "recv", args_of)
+
+
 def test_msg_errqueue_on_a_unix_socket_is_an_ordinary_receive_that_waits_on_the_hub():
     a, b = socket.socketpair()  # AF_UNIX has no error queue: libc blocks here until data comes
     gevent.spawn_later(0.05, b.sendall, b"data")
