@@ -327,7 +327,7 @@ static int is_stream_socket(int fd)
  * received piecemeal in user space.
  */
 
-/* With `peeked` bytes (fewer than asked) queued: true when the blocking call
+/* With fewer bytes queued than asked for: true when the blocking call
    returns with them now rather than waiting for more. */
 static int whole_receive_stops_here(int fd)
 {
@@ -558,15 +558,24 @@ struct file_call {
     int fd;
     int events;
     const struct iovec *iov;
-    int iovcnt;
+    int iovcnt; /* 0: read or write of iov[0], the caller's one buffer */
 };
 
-static ssize_t file_attempt(const struct file_call *c, int nowait)
+/* The caller's own call, which may block. */
+static ssize_t file_native(const struct file_call *c)
 {
-    if (nowait)
-        return c->events == GREEN_READ ? preadv2(c->fd, c->iov, c->iovcnt, -1, RWF_NOWAIT)
-                                       : pwritev2(c->fd, c->iov, c->iovcnt, -1, RWF_NOWAIT);
+    if (c->iovcnt == 0)
+        return c->events == GREEN_READ ? read(c->fd, c->iov->iov_base, c->iov->iov_len)
+                                       : write(c->fd, c->iov->iov_base, c->iov->iov_len);
     return c->events == GREEN_READ ? readv(c->fd, c->iov, c->iovcnt) : writev(c->fd, c->iov, c->iovcnt);
+}
+
+/* The same through the kernel's read/write path, without waiting. */
+static ssize_t file_nowait(const struct file_call *c)
+{
+    int iovcnt = c->iovcnt == 0 ? 1 : c->iovcnt;
+    return c->events == GREEN_READ ? preadv2(c->fd, c->iov, iovcnt, -1, RWF_NOWAIT)
+                                   : pwritev2(c->fd, c->iov, iovcnt, -1, RWF_NOWAIT);
 }
 
 static ssize_t file_io(const struct file_call *call, int saved_errno)
@@ -579,11 +588,11 @@ static ssize_t file_io(const struct file_call *call, int saved_errno)
         /* ready, hung up, in error, not pollable, or a regular file (always
            ready, and RWF_NOWAIT would stop at pages not in the cache) */
         if (poll(&probe, 1, 0) != 0)
-            return file_attempt(call, 0);
+            return file_native(call);
         /* Not ready: the kernel tries the call without waiting, judging its
            arguments as the real call does (EBADF on the wrong end of a pipe,
            EINVAL on a file that cannot be read or written). */
-        n = file_attempt(call, 1);
+        n = file_nowait(call);
         if (n >= 0) {
             errno = saved_errno;
             return n;
@@ -601,30 +610,29 @@ static ssize_t file_io(const struct file_call *call, int saved_errno)
             return -1;
         default: /* non-blocking (the kernel's answer stands), or no hub */
             errno = saved_errno;
-            return file_attempt(call, 0);
+            return file_native(call);
         }
     }
 }
 
 /* write and writev through the kernel's write path without waiting, then
    the rest of a blocking write after waits for room (sockets and pipes). */
-static ssize_t write_all(int function, int fd, const struct iovec *iov, int iovcnt, int saved_errno)
+static ssize_t write_all(const struct file_call *call, int saved_errno)
 {
-    ssize_t n = pwritev2(fd, iov, iovcnt, -1, RWF_NOWAIT);
-    if (n >= 0 && (size_t)n == iov_total(iov, iovcnt))
+    int iovcnt = call->iovcnt == 0 ? 1 : call->iovcnt;
+    ssize_t n = file_nowait(call);
+    if (n >= 0 && (size_t)n == iov_total(call->iov, iovcnt))
         return n;
     if (n < 0 && errno == EINVAL) { /* a file written without waiting anyway (a regular file), or never */
         errno = saved_errno;
-        return writev(fd, iov, iovcnt);
+        return file_native(call);
     }
-    if (n < 0 && errno == EOPNOTSUPP) {
-        struct file_call call = {function, fd, GREEN_WRITE, iov, iovcnt};
-        return file_io(&call, saved_errno);
-    }
+    if (n < 0 && errno == EOPNOTSUPP)
+        return file_io(call, saved_errno);
     if (n < 0 && errno != EAGAIN)
         return -1;
-    struct msghdr msg = {NULL, 0, (struct iovec *)iov, (size_t)iovcnt, NULL, 0, 0};
-    return send_all(function, fd, &msg, 0, 1, n < 0 ? 0 : (size_t)n, saved_errno);
+    struct msghdr msg = {NULL, 0, (struct iovec *)call->iov, (size_t)iovcnt, NULL, 0, 0};
+    return send_all(call->function, call->fd, &msg, 0, 1, n < 0 ? 0 : (size_t)n, saved_errno);
 }
 
 ssize_t green_read(int fd, void *buf, size_t count)
@@ -642,7 +650,7 @@ ssize_t green_read(int fd, void *buf, size_t count)
         return n;
     if (not_a_socket(fd, errno)) {
         struct iovec iov = {buf, count};
-        struct file_call call = {GREEN_FN_read, fd, GREEN_READ, &iov, 1};
+        struct file_call call = {GREEN_FN_read, fd, GREEN_READ, &iov, 0};
         return file_io(&call, saved_errno);
     }
     if (errno != EAGAIN)
@@ -665,8 +673,10 @@ ssize_t green_write(int fd, const void *buf, size_t count)
     if (likely(n >= 0 && (size_t)n == count))
         return n;
     struct iovec iov = {(void *)buf, count};
-    if (n < 0 && not_a_socket(fd, errno))
-        return write_all(GREEN_FN_write, fd, &iov, 1, saved_errno);
+    if (n < 0 && not_a_socket(fd, errno)) {
+        struct file_call call = {GREEN_FN_write, fd, GREEN_WRITE, &iov, 0};
+        return write_all(&call, saved_errno);
+    }
     if (n < 0 && errno != EAGAIN)
         return n;
     struct msghdr msg = {NULL, 0, &iov, 1, NULL, 0, 0};
@@ -690,7 +700,8 @@ ssize_t green_writev(int fd, const struct iovec *iov, int iovcnt)
     if (!green_state.active || iovcnt <= 0 || iovcnt > IOV_MAX)
         return writev(fd, iov, iovcnt);
     FAIL_IF_INTERRUPTED();
-    return write_all(GREEN_FN_writev, fd, iov, iovcnt, errno);
+    struct file_call call = {GREEN_FN_writev, fd, GREEN_WRITE, iov, iovcnt};
+    return write_all(&call, errno);
 }
 
 /* ---- close ---- */
