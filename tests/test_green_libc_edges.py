@@ -280,7 +280,10 @@ def urgent_stream(family):
         else:
             a, b = socket.socketpair()
         b.send(b"abc")
-        b.send(b"!", socket.MSG_OOB)
+        try:
+            b.send(b"!", socket.MSG_OOB)
+        except OSError as exc:
+            pytest.skip(f"this kernel has no out-of-band data on {family} sockets: {exc}")
         b.send(b"def")
         deadline = time.monotonic() + GUARD_S  # loopback delivers at once; wait for the urgent byte to be there
         while not select.select([], [], [a], 0)[2] and time.monotonic() < deadline:
@@ -291,16 +294,12 @@ def urgent_stream(family):
 
 @pytest.mark.parametrize("family", ["tcp", "unix"])
 def test_waitall_stops_at_the_urgent_mark(family):
-    if family == "unix" and not hasattr(socket, "MSG_OOB"):
-        pytest.skip("no MSG_OOB")
     results = []
     for side in ("libc", "green"):
         a, b = urgent_stream(family)()
         data = buf(6)
         result = (green if side == "green" else libc)("recv", a.fileno(), data, 6, socket.MSG_WAITALL)
         results.append((result, ffi.buffer(data, max(result[0], 0))[:]))
-    if family == "unix" and results[0][0] == (-1, errno.EOPNOTSUPP):
-        pytest.skip("this kernel has no AF_UNIX out-of-band data")
     assert results[1] == results[0]
     assert results[0][1] == b"abc"
 
