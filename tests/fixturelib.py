@@ -37,7 +37,9 @@ VARIANTS: Dict[str, List[str]] = {
 def compiler() -> str:
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
-        pytest.skip("no C compiler (cc) to build the fixture libraries: install gcc")
+        from servers import missing  # here: fixturelib is loaded before the servers plugin
+
+        missing("no C compiler (cc) to build the fixture libraries: apt-get install gcc")
     return cc
 
 
@@ -101,6 +103,22 @@ def build_extension_module(folder: Path, library: str = "fxmod"):
                str(FIXTURES / "fx_module.c"), "-L", str(folder), f"-l{library}", f"-Wl,-rpath,{folder}"]
     subprocess.run(command, check=True, capture_output=True)
     spec = importlib.util.spec_from_file_location("fx_module", output)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_python_extension(source: str, folder: Path):
+    """Build fixtures/<source>.c as a CPython extension module named
+    <source> and import it."""
+    import importlib.util
+    import sysconfig
+
+    output = folder / (source + sysconfig.get_config_var("EXT_SUFFIX"))
+    command = [compiler(), "-shared", "-fPIC", "-O2", "-I", sysconfig.get_paths()["include"], "-o", str(output),
+               str(FIXTURES / f"{source}.c")]
+    subprocess.run(command, check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location(source, output)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
