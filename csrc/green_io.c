@@ -435,12 +435,13 @@ static int copy_from_caller(void *local, const void *remote, size_t size)
     struct iovec to = {local, size};
     struct iovec from = {(void *)remote, size};
     int saved_errno = errno, result = 0;
-    if (process_vm_readv(getpid(), &to, 1, &from, 1, 0) != (ssize_t)size) {
-        if (errno == EFAULT)
-            result = -1;
-        else
-            memcpy(local, remote, size);
-    }
+    ssize_t copied = process_vm_readv(getpid(), &to, 1, &from, 1, 0);
+    if (copied >= 0 && copied < (ssize_t)size)
+        result = -1; /* it ends in unmapped memory */
+    else if (copied < 0 && errno == EFAULT)
+        result = -1;
+    else if (copied < 0)
+        memcpy(local, remote, size);
     errno = saved_errno;
     return result;
 }
