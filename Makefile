@@ -77,7 +77,7 @@ check-readme: $(VENV)/.base
 # The differential test of the green twins against libc, run long:
 # `make fuzz` (EXAMPLES=n per mode, default 2000; SEED=n to replay a run).
 .PHONY: fuzz
-fuzz: build
+fuzz: $(VENV)/.installed
 	GREENIFY_FUZZ_EXAMPLES=$(or $(EXAMPLES),2000) $(PY) -m pytest tests/test_differential.py -q -s --timeout 0 \
 		$(if $(SEED),--hypothesis-seed=$(SEED))
 
