@@ -78,6 +78,13 @@ check-readme: $(VENV)/.base
 	$(PY) ci/results.py readme README.md --check
 	$(PY) bench/run.py --check README.md
 
+# The differential test of the green twins against libc, run long:
+# `make fuzz` (EXAMPLES=n per mode, default 2000; SEED=n to replay a run).
+.PHONY: fuzz
+fuzz: $(VENV)/.installed
+	GREENIFY_FUZZ_EXAMPLES=$(or $(EXAMPLES),2000) $(PY) -m pytest tests/test_differential.py -q -s --timeout 0 \
+		$(if $(SEED),--hypothesis-seed=$(SEED))
+
 clean:
 	rm -rf $(VENV) build greenify/_green*.so greenify/_green.c greenify/_green.o *.egg-info
 

@@ -27,6 +27,23 @@
 
 static const struct timespec zero_timeout = {0, 0};
 
+/* ---- the first probe ----
+   Every multiplexing twin first asks the kernel with a zero timeout: one
+   system call when something is ready, the kernel's own results and errors
+   (EBADF, EINVAL, EFAULT, POLLNVAL) for every argument.  Only when nothing
+   is ready does it wait on the hub. */
+
+static int first_probe_poll(struct pollfd *fds, nfds_t nfds, const sigset_t *sigmask)
+{
+    return sigmask == NULL ? poll(fds, nfds, 0) : ppoll(fds, nfds, &zero_timeout, sigmask);
+}
+
+static int first_probe_select(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds,
+                              const sigset_t *sigmask)
+{
+    return pselect(nfds, readfds, writefds, exceptfds, &zero_timeout, sigmask);
+}
+
 static int watchable_directly(short events)
 {
     if (events & ~(READ_EVENTS | WRITE_EVENTS | ALWAYS_REPORTED | POLLRDHUP))
@@ -147,7 +164,7 @@ int green_poll(struct pollfd *fds, nfds_t nfds, int timeout)
     if (green_interrupted_here())
         return poll_fail_fast(fds, nfds);
     saved_errno = errno;
-    ready = poll(fds, nfds, 0);
+    ready = first_probe_poll(fds, nfds, NULL);
     if (ready != 0 || timeout == 0)
         return ready;
     return poll_until(GREEN_FN_poll, fds, nfds, green_deadline_after_ms(timeout), NULL, saved_errno);
@@ -166,7 +183,7 @@ int green_ppoll(struct pollfd *fds, nfds_t nfds, const struct timespec *timeout,
     if (green_interrupted_here())
         return poll_fail_fast(fds, nfds);
     saved_errno = errno;
-    ready = ppoll(fds, nfds, &zero_timeout, sigmask);
+    ready = first_probe_poll(fds, nfds, sigmask);
     if (ready != 0 || (timeout != NULL && timeout->tv_sec == 0 && timeout->tv_nsec == 0))
         return ready;
     return poll_until(GREEN_FN_ppoll, fds, nfds, green_deadline_after_timespec(timeout), sigmask, saved_errno);
@@ -243,6 +260,39 @@ static nfds_t select_to_pollfds(const struct select_sets *sets, int nfds, struct
     return count;
 }
 
+/* What Linux's select leaves in *timeout on every return: the time left,
+   normalized, in whole microseconds. */
+static void write_time_left(int64_t deadline_ns, struct timeval *timeout)
+{
+    struct timespec left;
+    if (timeout == NULL || green_time_left(deadline_ns, &left) == NULL)
+        return;
+    timeout->tv_sec = left.tv_sec;
+    timeout->tv_usec = left.tv_nsec / 1000;
+}
+
+/* select ignores numbers beyond the process's descriptor table (closed, so
+   never ready): the hub watches open descriptors only, so they are left out
+   of the wait, found by the POLLNVAL a probe gives them. */
+static nfds_t leave_out_closed(struct pollfd *fds, nfds_t count)
+{
+    nfds_t kept = 0;
+    int saved_errno = errno;
+    if (poll(fds, count, 0) < 0) {
+        errno = saved_errno;
+        return count;
+    }
+    errno = saved_errno;
+    for (nfds_t i = 0; i < count; i++) {
+        if (fds[i].revents & POLLNVAL)
+            continue;
+        fds[kept] = fds[i];
+        fds[kept].revents = 0;
+        kept++;
+    }
+    return kept;
+}
+
 /* select and pselect after a zero-timeout probe found nothing ready.
    Updates *timeval_left (select's timeout) with the time left, as Linux does. */
 static int select_until(int function, int nfds, struct select_sets *sets, int64_t deadline_ns, const sigset_t *sigmask,
@@ -263,7 +313,7 @@ static int select_until(int function, int nfds, struct select_sets *sets, int64_
             return -1;
         }
     }
-    count = select_to_pollfds(sets, nfds, fds);
+    count = leave_out_closed(fds, select_to_pollfds(sets, nfds, fds));
     if (poll_waiter_init(&waiter, fds, count) != 0)
         status = GREEN_CANNOT_WAIT;
     else
@@ -286,11 +336,7 @@ static int select_until(int function, int nfds, struct select_sets *sets, int64_
     poll_waiter_close(&waiter);
     if (fds != inline_fds)
         free(fds);
-    if (timeval_left != NULL) {
-        green_time_left(deadline_ns, &left);
-        timeval_left->tv_sec = left.tv_sec;
-        timeval_left->tv_usec = left.tv_nsec / 1000;
-    }
+    write_time_left(deadline_ns, timeval_left);
     if (ready >= 0)
         errno = saved_errno;
     return ready;
@@ -307,8 +353,8 @@ static int select_fail_fast(int nfds, fd_set *readfds, fd_set *writefds, fd_set 
 int green_select(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds, struct timeval *timeout)
 {
     struct select_sets sets;
-    struct timeval zero = {0, 0};
     struct timespec timeout_ts;
+    int64_t deadline_ns;
     int ready, saved_errno;
 
     if (!green_state.active || nfds < 0 || nfds > FD_SETSIZE ||
@@ -317,16 +363,18 @@ int green_select(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds,
     if (green_interrupted_here())
         return select_fail_fast(nfds, readfds, writefds, exceptfds);
     saved_errno = errno;
-    select_sets_save(&sets, nfds, readfds, writefds, exceptfds);
-    ready = select(nfds, readfds, writefds, exceptfds, &zero);
-    if (ready != 0 || (timeout != NULL && timeout->tv_sec == 0 && timeout->tv_usec == 0))
-        return ready;
     if (timeout != NULL) {
         timeout_ts.tv_sec = timeout->tv_sec + timeout->tv_usec / 1000000;
         timeout_ts.tv_nsec = (timeout->tv_usec % 1000000) * 1000;
     }
-    return select_until(GREEN_FN_select, nfds, &sets, green_deadline_after_timespec(timeout ? &timeout_ts : NULL), NULL, timeout,
-                        saved_errno);
+    deadline_ns = green_deadline_after_timespec(timeout != NULL ? &timeout_ts : NULL);
+    select_sets_save(&sets, nfds, readfds, writefds, exceptfds);
+    ready = first_probe_select(nfds, readfds, writefds, exceptfds, NULL);
+    if (ready != 0 || (timeout != NULL && timeout->tv_sec == 0 && timeout->tv_usec == 0)) {
+        write_time_left(deadline_ns, timeout);
+        return ready;
+    }
+    return select_until(GREEN_FN_select, nfds, &sets, deadline_ns, NULL, timeout, saved_errno);
 }
 
 int green_pselect(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds, const struct timespec *timeout,
@@ -341,7 +389,7 @@ int green_pselect(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds
         return select_fail_fast(nfds, readfds, writefds, exceptfds);
     saved_errno = errno;
     select_sets_save(&sets, nfds, readfds, writefds, exceptfds);
-    ready = pselect(nfds, readfds, writefds, exceptfds, &zero_timeout, sigmask);
+    ready = first_probe_select(nfds, readfds, writefds, exceptfds, sigmask);
     if (ready != 0 || (timeout != NULL && timeout->tv_sec == 0 && timeout->tv_nsec == 0))
         return ready;
     return select_until(GREEN_FN_pselect, nfds, &sets, green_deadline_after_timespec(timeout), sigmask, NULL, saved_errno);
