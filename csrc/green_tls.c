@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "green_tls.h"
+#include "green_twins.h"
 
 #define GREEN_TLS_MAX_FD (1 << 20)
 
