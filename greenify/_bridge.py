@@ -128,8 +128,38 @@ def _interrupted_by(current, exc: BaseException) -> int:
     return INTERRUPTED
 
 
+# --- temporary asyncio hook (helper `asyncio`), until boundary's Waiter bridge
+# (helpers/WAITER.md) is merged: a greenlet registered here waits through its
+# waiter instead of the hub.
+_waiters: Dict[greenlet, object] = {}
+
+
+def use_waiter(glet: greenlet, waiter) -> None:
+    _waiters[glet] = waiter
+
+
+def drop_waiter(glet: greenlet) -> None:
+    _waiters.pop(glet, None)
+
+
+def _wait_through(waiter, current, watches, nwatches: int, timeout: float) -> int:
+    if _interrupted and current in _interrupted:
+        return INTERRUPTED
+    try:
+        result = waiter.wait([(watches[i].fd, watches[i].events) for i in range(nwatches)],
+                             None if timeout < 0 else timeout)
+        return TIMED_OUT if result == TIMED_OUT else WOKEN
+    except BaseException as exc:  # noqa: B902
+        return _interrupted_by(current, exc)
+# --- end of the temporary asyncio hook
+
+
 @ffi.def_extern(onerror=_callback_failed)
 def greenify_wait(watches, nwatches: int, timeout: float) -> int:
+    if _waiters:
+        waiter = _waiters.get(getcurrent())
+        if waiter is not None:
+            return _wait_through(waiter, getcurrent(), watches, nwatches, timeout)
     hub = get_hub_if_exists()
     if hub is None:
         return CANNOT_WAIT
@@ -173,6 +203,11 @@ def greenify_wait(watches, nwatches: int, timeout: float) -> int:
 def greenify_closing(fd: int) -> None:
     # Called just before fd is closed: wake this hub's waiters on it, so
     # that they probe again and fail instead of waiting for ever.
+    if _waiters:  # temporary asyncio hook
+        waiter = _waiters.get(getcurrent())
+        if waiter is not None:
+            waiter.closing(fd)
+            return
     hub = get_hub_if_exists()
     if hub is not None:
         _wake(hub, _waiting_watchers(hub, fd))

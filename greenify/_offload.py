@@ -17,12 +17,14 @@ created here.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import gevent
 from gevent._hub_local import get_hub_if_exists
 from greenlet import getcurrent
 
+from greenify import _bridge
 from greenify._green import ffi, lib
 
 log = logging.getLogger("greenify")
@@ -53,6 +55,10 @@ def _submit(hub, pool_ref) -> None:
 
 @ffi.def_extern(onerror=_offload_failed)
 def greenify_offload(job) -> int:
+    waiter = _bridge._waiters.get(getcurrent()) if _bridge._waiters else None  # temporary asyncio hook
+    if waiter is not None:
+        pool_ref = ffi.gc(lib.green_offload_retain(job), lib.green_offload_drop)
+        return SUBMITTED if waiter.offload(functools.partial(_run_in_pool, pool_ref)) else NATIVE
     hub = get_hub_if_exists()
     if hub is None or getcurrent() is hub:
         return NATIVE
