@@ -23,11 +23,12 @@ test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: build
-	$(PY) -m greenify.demo
+	$(PY) -m greenify.demo $(if $(ASYNCIO),--asyncio)
 
 bench: build
 	$(PIP) install -q -e '.[bench]'
 	$(PY) bench/run.py $(if $(QUICK),--quick) $(if $(PEER),--peer-python $(PEER))
+	$(PY) bench/asyncio_bench.py $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) build greenify/_green*.so greenify/_green.c greenify/_green.o *.egg-info

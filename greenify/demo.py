@@ -141,7 +141,13 @@ def main(argv=None) -> int:
     parser.add_argument("--mysql", metavar="HOST:PORT", help="run the demo against a real MySQL/MariaDB")
     parser.add_argument("--user", default="root")
     parser.add_argument("--password", default="")
+    parser.add_argument("--asyncio", action="store_true",
+                        help="run the calls as asyncio tasks through greenify.asyncio.run instead of greenlets")
     args = parser.parse_args(argv)
+    if args.asyncio:  # the same rounds, as asyncio tasks (greenify/demo_asyncio.py)
+        global run_round
+        from greenify.demo_asyncio import run_round
+        print("(asyncio: each call is a task awaiting greenify.asyncio.run on one event loop)")
     if args.mysql:
         blocking, green = demo_mysql(args.mysql, args.user, args.password, args.greenlets, args.delay)
     else:

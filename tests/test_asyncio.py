@@ -489,3 +489,17 @@ def test_nested_run_inside_run_says_to_call_the_function_directly(new_loop):
             await gasyncio.run(outer)
 
     run_on(new_loop, main)
+
+
+# --- the demo ---------------------------------------------------------------------------
+
+def test_demo_with_asyncio_shows_the_tasks_waiting_together():
+    import re
+    import subprocess
+    proc = subprocess.run([sys.executable, "-m", "greenify.demo", "--asyncio", "--greenlets", "20", "--delay", "0.1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "greenify.asyncio.run" in proc.stdout
+    times = dict(re.findall(r"^\s+(blocking|greenified)\s+([\d.]+) s", proc.stdout, re.M))
+    assert float(times["blocking"]) >= 1.9  # 20 calls of 0.1 s, one after another: the loop was blocked
+    assert float(times["greenified"]) < 1.0
