@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import errno
+import fcntl
 import functools
 import inspect
 import threading
@@ -40,8 +41,10 @@ WRITE: int = lib.GREEN_WRITE
 WOKEN: int = _bridge.WOKEN
 TIMED_OUT: int = _bridge.TIMED_OUT
 
-# How many times a closed coroutine throws GreenletExit into a call that keeps waiting.
+# How many times a closed coroutine throws CancelledError into a call that keeps waiting.
 _CLOSE_ATTEMPTS = 100
+# How often waits on descriptors closed behind greenify's back are looked for (as the gevent bridge's sweep).
+SWEEP_INTERVAL_S = _bridge.SWEEP_INTERVAL_S
 
 
 class _Wait:
@@ -72,6 +75,7 @@ class _LoopWaiter:
         self.thread = threading.get_ident()
         self.readers: Dict[int, List[_Wait]] = {}
         self.writers: Dict[int, List[_Wait]] = {}
+        self.sweeper: Optional[asyncio.TimerHandle] = None
 
     # -- the Waiter protocol (helpers/WAITER.md), called inside a run greenlet
 
@@ -123,9 +127,32 @@ class _LoopWaiter:
                     return False
                 raise
             waits = table[fd] = []
+            if self.sweeper is None:
+                self.sweeper = self.loop.call_later(SWEEP_INTERVAL_S, self._sweep)
         waits.append(wait)
         wait.watched.append((table, fd))
         return True
+
+    def _sweep(self) -> None:
+        """A descriptor closed without greenify's close twin (os.close, an
+        unpatched library, plain code outside run) silently leaves epoll:
+        while waits are registered, once a second, the waiters of
+        descriptors that are gone are woken and fail with EBADF."""
+        self.sweeper = None
+        for table, remove in ((self.readers, self.loop.remove_reader), (self.writers, self.loop.remove_writer)):
+            for fd in list(table):
+                try:
+                    fcntl.fcntl(fd, fcntl.F_GETFD)
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.EBADF:
+                        continue
+                waits = table.pop(fd, None) or []
+                self._forget(remove, fd)
+                for wait in waits:
+                    wait.wake(WOKEN)
+        if self.readers or self.writers:
+            self.sweeper = self.loop.call_later(SWEEP_INTERVAL_S, self._sweep)
 
     def _readable(self, fd: int) -> None:
         for wait in list(self.readers.get(fd, ())):
