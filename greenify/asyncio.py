@@ -210,7 +210,10 @@ class _GreenCall(greenlet):
         finally:
             self.fn = self.args = self.kwargs = None
             if not self.done.done():
-                self.done.set_result(None)
+                try:
+                    self.done.set_result(None)
+                except RuntimeError:  # its loop is closed: nobody awaits it any more
+                    pass
 
     def outcome(self) -> Any:
         if self.error is not None:

@@ -524,3 +524,28 @@ def test_fd_closed_behind_greenifys_back_fails_its_waiter_with_ebadf_within_the_
         (result, error, _), took, clean = run_on(new_loop, main)
     assert (result, error) == (-1, errno.EBADF)
     assert took < gasyncio.SWEEP_INTERVAL_S * 3 and clean
+
+
+def test_closing_the_awaiting_coroutine_unwinds_the_call_inside_c(new_loop):
+    # A coroutine closed without being resumed (a task dropped with its loop)
+    # cannot await any more: the call is interrupted and ends at once.
+    reader, writer = socket.socketpair()
+    seen = []
+
+    def recv_and_record():
+        try:
+            return recv_into(reader.fileno())
+        except BaseException as exc:
+            seen.append(type(exc))
+            raise
+
+    async def main():
+        coroutine = gasyncio.run(recv_and_record)
+        coroutine.send(None)  # fn runs until it waits in recv
+        coroutine.close()
+        return nothing_registered(reader.fileno())
+
+    with reader, writer:
+        assert run_on(new_loop, main)
+    assert seen == [asyncio.CancelledError]
+    assert not _bridge._interrupted
