@@ -111,16 +111,20 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
 
 def pytest_runtest_logreport(report) -> None:
-    if report.nodeid not in _row_of_test:
-        return
+    if report.nodeid in _row_of_test:
+        record_outcome(_outcomes, report)
+
+
+def record_outcome(outcomes: Dict[str, str], report) -> None:
+    """Keep in `outcomes` what the report says of its test (tests/compat_asyncio.py uses it too)."""
     if hasattr(report, "wasxfail"):
-        _outcomes[report.nodeid] = "xfailed"
+        outcomes[report.nodeid] = "xfailed"
     elif report.failed:
-        _outcomes[report.nodeid] = "failed"
+        outcomes[report.nodeid] = "failed"
     elif report.skipped:
-        _outcomes.setdefault(report.nodeid, "skipped")
-    elif report.when == "call" and _outcomes.get(report.nodeid) != "failed":
-        _outcomes[report.nodeid] = "passed"
+        outcomes.setdefault(report.nodeid, "skipped")
+    elif report.when == "call" and outcomes.get(report.nodeid) != "failed":
+        outcomes[report.nodeid] = "passed"
 
 
 def _file_of(nodeid: str) -> str:

@@ -59,14 +59,8 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
 
 def pytest_runtest_logreport(report) -> None:
-    if report.nodeid not in _driver_of_test:
-        return
-    if report.failed:
-        _outcomes[report.nodeid] = "failed"
-    elif report.skipped:
-        _outcomes.setdefault(report.nodeid, "skipped")
-    elif report.when == "call" and _outcomes.get(report.nodeid) != "failed":
-        _outcomes[report.nodeid] = "passed"
+    if report.nodeid in _driver_of_test:
+        compat.record_outcome(_outcomes, report)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
@@ -81,7 +75,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
                  if compat._file_of(nodeid) not in _collected_files or _driver_of_test.get(nodeid) == driver}
         tests.update(ran)
         counts = {kind: sum(1 for outcome in tests.values() if outcome == kind)
-                  for kind in ("passed", "failed", "skipped")}
+                  for kind in ("passed", "failed", "skipped", "xfailed")}
         results["rows"][driver] = dict(counts, tests=dict(sorted(tests.items())),
                                        result=compat.row_result(counts["passed"], counts["failed"], counts["skipped"]),
                                        python=platform.python_version(), machine=platform.machine(),
@@ -95,7 +89,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 def outcome_text(row: Optional[dict]) -> str:
     if row is None:
         return "—"
-    total = row["passed"] + row["failed"] + row["skipped"]
+    total = row["passed"] + row["failed"] + row["skipped"] + row.get("xfailed", 0)
     return f"**{row['result']}** ({row['passed']} of {total} tests)"
 
 

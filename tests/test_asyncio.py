@@ -95,6 +95,17 @@ def recv_into(fd: int, size: int = 64):
     return result, ffi.errno, ffi.buffer(buf, max(result, 0))[:]
 
 
+def recording_recv(fd: int, seen: list):
+    """fn for run: recv_into(fd), appending to `seen` the type of any exception raised in it."""
+    def recv_and_record():
+        try:
+            return recv_into(fd)
+        except BaseException as exc:
+            seen.append(type(exc))
+            raise
+    return recv_and_record
+
+
 def usleep(seconds: float):
     ffi.errno = 0
     return lib.green_usleep(int(seconds * 1e6)), ffi.errno
@@ -230,15 +241,8 @@ def test_task_cancel_reaches_a_recv_waiting_in_c_at_once(new_loop):
     reader, writer = socket.socketpair()
     seen = []
 
-    def recv_forever():
-        try:
-            return recv_into(reader.fileno())
-        except BaseException as exc:
-            seen.append(("in fn", type(exc)))
-            raise
-
     async def main():
-        task = asyncio.ensure_future(gasyncio.run(recv_forever))
+        task = asyncio.ensure_future(gasyncio.run(recording_recv(reader.fileno(), seen)))
         await asyncio.sleep(WAIT_S)
         cancelled_at = time.monotonic()
         task.cancel()
@@ -248,7 +252,7 @@ def test_task_cancel_reaches_a_recv_waiting_in_c_at_once(new_loop):
 
     with reader, writer:
         delay, clean = run_on(new_loop, main)
-    assert seen == [("in fn", asyncio.CancelledError)], "the CancelledError was not raised inside fn"
+    assert seen == [asyncio.CancelledError], "the CancelledError was not raised inside fn"
     assert delay < 1.0 and clean
     assert not _bridge._interrupted, "an interruption was never delivered"
 
@@ -535,15 +539,8 @@ def test_closing_the_awaiting_coroutine_unwinds_the_call_inside_c(new_loop):
     reader, writer = socket.socketpair()
     seen = []
 
-    def recv_and_record():
-        try:
-            return recv_into(reader.fileno())
-        except BaseException as exc:
-            seen.append(type(exc))
-            raise
-
     async def main():
-        coroutine = gasyncio.run(recv_and_record)
+        coroutine = gasyncio.run(recording_recv(reader.fileno(), seen))
         coroutine.send(None)  # fn runs until it waits in recv
         coroutine.close()
         return nothing_registered(reader.fileno())
