@@ -246,18 +246,25 @@ def test_psycopg2_timeout_mid_query_returns_at_once_leaving_the_query_to_the_ser
             cursor.execute("SELECT pg_sleep(%s), 42", (sleep_s,))
             return cursor.fetchall()
 
+    server_sleep_s = 2.0
+
     async def main():
-        timeout, late = await times_out(lambda: query(LONG_S))
-        return timeout, late, connection.info.transaction_status, await gasyncio.run(query, 0)
+        timeout, late = await times_out(lambda: query(server_sleep_s))
+        status = connection.info.transaction_status
+        started = time.monotonic()
+        after = await gasyncio.run(query, 0)
+        return timeout, late, status, after, time.monotonic() - started
 
     try:
-        timeout, late, status, after = run_on(new_loop, main)
+        timeout, late, status, after, after_took = run_on(new_loop, main)
     finally:
         connection.close()
     assert late < INTERRUPT_BOUND_S, f"the TimeoutError came {late:.2f} s after the timeout"
     assert any(isinstance(exc, asyncio.CancelledError) for exc in chain(timeout)), chain(timeout)
     assert status == psycopg2.extensions.TRANSACTION_STATUS_INTRANS
     assert after == [("", 42)]
+    assert after_took >= server_sleep_s - TIMEOUT_S - 0.5, (
+        f"the next query took {after_took:.2f} s: it did not wait for the interrupted one to end on the server")
 
 
 # --- pylibmc -------------------------------------------------------------------------
