@@ -267,6 +267,26 @@ def test_psycopg2_timeout_mid_query_returns_at_once_leaving_the_query_to_the_ser
         f"the next query took {after_took:.2f} s: it did not wait for the interrupted one to end on the server")
 
 
+def test_psycopg2_interrupted_by_gevent_timeout_is_left_in_its_query_as_under_asyncio(psycopg2, postgres,
+                                                                                      patched_libpq):
+    # The comparison the README makes: the same C path under gevent.Timeout.
+    import gevent
+    connection = psycopg2.connect(postgres.dsn)
+    try:
+        with connection.cursor() as cursor:
+            with pytest.raises(gevent.Timeout):
+                with gevent.Timeout(TIMEOUT_S):
+                    cursor.execute("SELECT pg_sleep(2), 42")
+        assert connection.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+        started = time.monotonic()
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(0), 42")
+            assert cursor.fetchall() == [("", 42)]
+        assert time.monotonic() - started >= 2.0 - TIMEOUT_S - 0.5
+    finally:
+        connection.close()
+
+
 # --- pylibmc -------------------------------------------------------------------------
 
 @counts_for("pylibmc")
