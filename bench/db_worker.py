@@ -7,15 +7,19 @@ interpreter (--peer-python) runs: there `import greenify` finds douban's
 greenify 0.5.0, which is used through its documented API.
 
     db_worker.py setup       HOST PORT                     create the 1,000-row table
-    db_worker.py concurrency HOST PORT VARIANT N           N greenlets, SELECT SLEEP(0.5) each
-    db_worker.py throughput  HOST PORT VARIANT GREENLETS QUERIES
+    db_worker.py concurrency HOST PORT VARIANT N [TIMED]   N greenlets, SELECT SLEEP(0.5) each
+    db_worker.py throughput  HOST PORT VARIANT GREENLETS QUERIES [TIMED]
+    db_worker.py idle        HOST PORT VARIANT GREENLETS   what the others do before their work (strace's baseline)
+
+TIMED is `work` (the default: connections are opened before the clock
+starts) or `connect` (each greenlet opens its connection inside the timing).
 
 Variants: greenified (MySQLdb, libmariadb patched), stock (MySQLdb as is),
 threadpool (stock MySQLdb through gevent.get_hub().threadpool, one thread per
 greenlet), pymysql (PyMySQL after gevent.monkey.patch_all()).
 
-Prints one line of JSON: {"seconds": ..., "rows": ..., "greenify": ...}.
-Only the queries are timed; connections are opened before the clock starts.
+Prints one line of JSON: {"seconds": ..., "rows": ..., "greenify": ..., "waits": ...}
+(waits: greenify.stats()'s count for this project, None for the others).
 """
 from __future__ import annotations
 
@@ -79,25 +83,44 @@ def open_connections(variant: str, connect, host: str, port: int, count: int) ->
     return list(Pool(100).imap(one, range(count)))
 
 
-def run_greenlets(variant: str, connections, work) -> float:
-    """Run work(conn) for each connection in a greenlet of its own; seconds until all finished."""
+def run_greenlets(variant: str, connect, host: str, port: int, count: int, work, timed: str):
+    """Run work(conn) for `count` connections, each in a greenlet of its own;
+    returns (seconds until all finished, the connections).  With timed ==
+    "connect", each greenlet opens its connection inside the timing."""
     import gevent
+    if timed == "connect":
+        def each(_):
+            conn = connect(host=host, port=port, user=USER, password=PASSWORD, database=DATABASE)
+            work(conn)
+            return conn
+        items = range(count)
+    else:
+        each = work
+        items = open_connections(variant, connect, host, port, count)
     if variant == "threadpool":
         pool = gevent.get_hub().threadpool
-        pool.maxsize = max(pool.maxsize, len(connections))  # one OS thread per greenlet
-        call = lambda conn: pool.apply(work, (conn,))
+        pool.maxsize = max(pool.maxsize, count)  # one OS thread per greenlet
+        call = lambda item: pool.apply(each, (item,))
     else:
-        call = work
+        call = each
     start = time.perf_counter()
-    greenlets = [gevent.spawn(call, conn) for conn in connections]
+    greenlets = [gevent.spawn(call, item) for item in items]
     gevent.joinall(greenlets, raise_error=True)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return seconds, [g.value for g in greenlets] if timed == "connect" else list(items)
 
 
-def concurrency(host: str, port: int, variant: str, count: int) -> dict:
+def waits_counted() -> "int | None":
+    """How many green calls waited on the hub (this project only)."""
+    import greenify
+    if not hasattr(greenify, "stats"):
+        return None
+    return sum(each.calls for each in greenify.stats().values())
+
+
+def concurrency(host: str, port: int, variant: str, count: int, timed: str = "work") -> dict:
     raise_fd_limit(2 * count + 256)
     connect, flavour = prepare(variant)
-    connections = open_connections(variant, connect, host, port, count)
 
     def sleep_query(conn) -> None:
         cursor = conn.cursor()
@@ -105,15 +128,22 @@ def concurrency(host: str, port: int, variant: str, count: int) -> dict:
         if cursor.fetchall()[0][0] != 0:
             raise RuntimeError("SELECT SLEEP was interrupted")
 
-    seconds = run_greenlets(variant, connections, sleep_query)
+    seconds, connections = run_greenlets(variant, connect, host, port, count, sleep_query, timed)
     for conn in connections:
         conn.close()
-    return {"seconds": seconds, "greenify": flavour}
+    return {"seconds": seconds, "greenify": flavour, "waits": waits_counted() if flavour else None}
 
 
-def throughput(host: str, port: int, variant: str, count: int, queries: int) -> dict:
+def idle(host: str, port: int, variant: str, count: int) -> dict:
+    """Everything the throughput worker does but its queries: strace's baseline."""
     connect, flavour = prepare(variant)
-    connections = open_connections(variant, connect, host, port, count)
+    for conn in open_connections(variant, connect, host, port, count):
+        conn.close()
+    return {"seconds": 0.0, "greenify": flavour, "waits": waits_counted() if flavour else None}
+
+
+def throughput(host: str, port: int, variant: str, count: int, queries: int, timed: str = "work") -> dict:
+    connect, flavour = prepare(variant)
     fetched = []
 
     def fetch_all(conn) -> None:
@@ -122,12 +152,13 @@ def throughput(host: str, port: int, variant: str, count: int, queries: int) -> 
             cursor.execute("SELECT id, account, name, amount FROM bench_rows")
             fetched.append(len(cursor.fetchall()))
 
-    seconds = run_greenlets(variant, connections, fetch_all)
+    seconds, connections = run_greenlets(variant, connect, host, port, count, fetch_all, timed)
     for conn in connections:
         conn.close()
     if fetched != [TABLE_ROWS] * (count * queries):
         raise RuntimeError(f"expected {count * queries} results of {TABLE_ROWS} rows")
-    return {"seconds": seconds, "rows": sum(fetched), "greenify": flavour}
+    return {"seconds": seconds, "rows": sum(fetched), "greenify": flavour,
+            "waits": waits_counted() if flavour else None}
 
 
 def setup(host: str, port: int) -> dict:
@@ -150,9 +181,11 @@ def main(argv) -> int:
     if what == "setup":
         result = setup(host, port)
     elif what == "concurrency":
-        result = concurrency(host, port, rest[0], int(rest[1]))
+        result = concurrency(host, port, rest[0], int(rest[1]), *rest[2:])
     elif what == "throughput":
-        result = throughput(host, port, rest[0], int(rest[1]), int(rest[2]))
+        result = throughput(host, port, rest[0], int(rest[1]), int(rest[2]), *rest[3:])
+    elif what == "idle":
+        result = idle(host, port, rest[0], int(rest[1]))
     else:
         raise SystemExit(f"unknown command {what!r}")
     print(json.dumps(result), flush=True)

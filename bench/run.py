@@ -1,7 +1,7 @@
 """greenify's benchmarks: each case against its alternatives, side by side
 in one run on one machine.  Absolute times are noisy here (2 cores, other
-work running); ratios of best-of-N alternating rounds are what the table
-reports.
+work running): the variants run in alternating rounds, the table compares
+their medians and shows the spread (min-max) of the rounds in brackets.
 
     make bench            # everything: a table, bench/results.json, bench/results.png
     make bench QUICK=1    # a smoke run in under a minute
@@ -55,18 +55,22 @@ def progress(message: str) -> None:
 
 def row(case: str, name: str, alternative: str, alt: Optional[float], green: float, unit: str,
         target: Optional[str] = None, met: Optional[bool] = None, ratio: Optional[float] = None,
-        note: str = "") -> dict:
-    """One line of the table: greenify's figure against one alternative's.
+        note: str = "", spread: Optional[dict] = None) -> dict:
+    """One line of the table: greenify's figure against one alternative's
+    (medians of the rounds, with `spread` holding min, median, max of each).
     `ratio` is greenify / alternative unless given; `target` reads like "<= 1.05"."""
     if ratio is None and alt:
         ratio = green / alt
     return {"case": case, "name": name, "alternative": alternative, "alt": alt, "green": green, "unit": unit,
-            "ratio": None if ratio is None else round(ratio, 3), "target": target, "met": met, "note": note}
+            "ratio": None if ratio is None else round(ratio, 3), "target": target, "met": met, "note": note,
+            "spread": spread or {}}
 
 
 def meets(ratio: float, target: str, slack: float = 0.0) -> bool:
     op, value = target.split()
-    return ratio <= float(value) + slack if op == "<=" else ratio >= float(value) - slack
+    checks = {"<=": lambda: ratio <= float(value) + slack, "<": lambda: ratio < float(value),
+              ">=": lambda: ratio >= float(value) - slack}
+    return checks[op]()
 
 
 # --- green functions: this project's, or the peer's ------------------------
@@ -105,18 +109,47 @@ def libc_address(name: str) -> int:
     return ctypes.cast(getattr(ctypes.CDLL(None), name), ctypes.c_void_p).value
 
 
-def alternate(rounds: int, variants: Dict[str, Callable[[], float]], best=min) -> Dict[str, float]:
-    """Run the variants in turn, `rounds` times; the best (least disturbed) round of each."""
+class Spread:
+    """The rounds of one variant: what the table compares is the median;
+    min and max say how much the machine disturbed the run."""
+
+    def __init__(self, values: List[float]):
+        if not values:
+            raise ValueError("no rounds")
+        self.values = values
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def summary(self, digits: int = 1) -> List[float]:
+        return [round(min(self.values), digits), round(self.median, digits), round(max(self.values), digits)]
+
+
+def harness_figure(value: float, what: str) -> float:
+    """A C harness call returns -1 when a call inside it failed: an error, never a figure."""
+    if value < 0:
+        raise RuntimeError(f"the C harness failed in {what}: a call returned an error")
+    return value
+
+
+def alternate(rounds: int, variants: Dict[str, Callable[[], float]]) -> Dict[str, Spread]:
+    """Run the variants in turn, `rounds` times; every round of each, for the median and the spread."""
     seen: Dict[str, List[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, run in variants.items():
             seen[name].append(run())
-    return {name: best(values) for name, values in seen.items()}
+    return {name: Spread(values) for name, values in seen.items()}
+
+
+def spread_of(**spreads: Spread) -> dict:
+    """The `spread` field of a row: min, median, max of each side's rounds."""
+    return {side: spread.summary() for side, spread in spreads.items()}
 
 
 # --- 1. fast path ------------------------------------------------------------
 
-FASTPATH_TARGETS = {"recv": "<= 1.05", "send": "<= 1.05", "poll": "<= 1.0", "select": "<= 1.0"}
+FASTPATH_TARGETS = {"recv": "<= 1.05", "send": "<= 1.05", "read": "<= 1.05", "poll": "<= 1.0", "select": "<= 1.0"}
 
 
 def case_fastpath(options) -> List[dict]:
@@ -145,13 +178,15 @@ def case_fastpath(options) -> List[dict]:
             continue
         progress(f"fastpath {name}: libc and green, {rounds} alternating rounds of {n} calls")
         libc_fn, green_fn = libc_address(name), green_address(name)
-        best = alternate(rounds, {"libc": lambda: loop(libc_fn), "green": lambda: loop(green_fn)})
-        ratio = best["green"] / best["libc"]
+        spreads = alternate(rounds, {"libc": lambda: harness_figure(loop(libc_fn), f"libc {name}"),
+                                     "green": lambda: harness_figure(loop(green_fn), f"green {name}")})
+        libc_ns, green_ns = spreads["libc"].median, spreads["green"].median
+        ratio = green_ns / libc_ns
         target = FASTPATH_TARGETS.get(name)
         # ratios within 2% of 1.0 are within this machine's noise
         met = None if target is None else meets(ratio, target, 0.02 if target.endswith(" 1.0") else 0.0)
-        rows.append(row("fastpath", f"`{name}` on a ready fd", "libc", round(best["libc"], 1),
-                        round(best["green"], 1), "ns", target, met, ratio))
+        rows.append(row("fastpath", f"`{name}` on a ready fd", "libc", round(libc_ns, 1), round(green_ns, 1), "ns",
+                        target, met, ratio, spread=spread_of(alt=spreads["libc"], green=spreads["green"])))
     for sock in (a, b, r, w):
         sock.close()
     return rows
@@ -180,8 +215,9 @@ def case_switch(options) -> List[dict]:
         client, plain_server = socket.socketpair()  # the C client's end stays blocking, as a library's would
         server = gsocket.socket(fileno=plain_server.detach())
         echoer = gevent.spawn(echo, server)
-        result = harness.ping_pong(ctypes.c_void_p(green_address("send")), ctypes.c_void_p(green_address("recv")),
-                                   client.fileno(), ctypes.c_long(n))
+        result = harness_figure(harness.ping_pong(ctypes.c_void_p(green_address("send")),
+                                                  ctypes.c_void_p(green_address("recv")), client.fileno(),
+                                                  ctypes.c_long(n)), "ping_pong")
         client.close()
         echoer.join()
         return result
@@ -200,11 +236,12 @@ def case_switch(options) -> List[dict]:
 
     rounds = 3 if options.quick else 7
     progress(f"switch: one-byte ping-pong, {rounds} alternating rounds of {n} round trips")
-    best = alternate(rounds, {"gevent": gevent_client, "green": green_client})
-    ratio = best["green"] / best["gevent"]
+    spreads = alternate(rounds, {"gevent": gevent_client, "green": green_client})
+    gevent_ns, green_ns = spreads["gevent"].median, spreads["green"].median
+    ratio = green_ns / gevent_ns
     return [row("switch", "one-byte ping-pong with a gevent echo server", "two gevent sockets",
-                round(best["gevent"]), round(best["green"]), "ns", "<= 0.8", meets(ratio, "<= 0.8"), ratio,
-                note="C client calling green send/recv")]
+                round(gevent_ns), round(green_ns), "ns", "<= 0.8", meets(ratio, "<= 0.8"), ratio,
+                note="C client calling green send/recv", spread=spread_of(alt=spreads["gevent"], green=spreads["green"]))]
 
 
 # --- patch and memory ----------------------------------------------------------
@@ -225,9 +262,9 @@ def case_patch(options) -> List[dict]:
             greenify.patch_library(soname)
             times.append((time.perf_counter() - start) * 1000)
             greenify.unpatch_library(soname)
-        best = min(times)
-        rows.append(row("patch", f"`patch_library` on {soname}", "", None, round(best, 2), "ms", f"<= {target}",
-                        best <= target, note=f"median {statistics.median(times):.2f} ms"))
+        spread = Spread(times)
+        rows.append(row("patch", f"`patch_library` on {soname}", "", None, round(spread.median, 2), "ms",
+                        f"<= {target}", spread.median <= target, spread={"green": spread.summary(2)}))
     return rows
 
 
@@ -336,6 +373,10 @@ def case_concurrency(options) -> List[dict]:
     rounds = 1 if options.quick else 3
     variants = ["greenified", "stock", "threadpool", "pymysql"] + (["peer"] if options.peer_python else [])
     seen: Dict[str, Dict[int, List[float]]] = {v: {n: [] for n in counts} for v in variants}
+    top = counts[-1]
+    # N greenlets that each connect, then SELECT SLEEP: the server's connection handling dominates
+    connecting = ["greenified"] + (["peer"] if options.peer_python else [])
+    connect_seen: Dict[str, List[float]] = {v: [] for v in connecting}
     with mariadb_server() as db:
         for round_number in range(1, rounds + 1):
             for n in counts:
@@ -345,12 +386,17 @@ def case_concurrency(options) -> List[dict]:
                     progress(f"concurrency round {round_number}/{rounds}: N={n}, {VARIANTS[variant]}")
                     python, name = variant_python(variant, options)
                     seen[variant][n].append(db_worker(python, "concurrency", db, name, n)["seconds"])
-    measured = {v: {n: min(times) for n, times in by_n.items() if times} for v, by_n in seen.items()}
+            for variant in connecting:
+                progress(f"concurrency round {round_number}/{rounds}: N={top} connecting, {VARIANTS[variant]}")
+                python, name = variant_python(variant, options)
+                connect_seen[variant].append(db_worker(python, "concurrency", db, name, top, "connect")["seconds"])
+    measured = {v: {n: Spread(times).median for n, times in by_n.items() if times} for v, by_n in seen.items()}
     detail = {v: {} for v in variants}
     for variant in variants:
         for n in counts:
             if n in measured[variant]:
-                detail[variant][n] = {"seconds": round(measured[variant][n], 3), "extrapolated": False}
+                detail[variant][n] = {"seconds": round(measured[variant][n], 3), "extrapolated": False,
+                                      "spread": Spread(seen[variant][n]).summary(3)}
             else:  # stock MySQLdb runs one query after another: time per query times N
                 largest = max(measured[variant])
                 detail[variant][n] = {"seconds": round(measured[variant][largest] / largest * n, 3),
@@ -358,58 +404,150 @@ def case_concurrency(options) -> List[dict]:
     RESULTS_EXTRA["concurrency"] = {"floor_s": SLEEP_S, "counts": counts, "rounds": rounds,
                                     "labels": {v: VARIANTS[v] for v in variants}, "seconds": detail}
 
-    top = counts[-1]
     green = detail["greenified"][top]["seconds"]
     what = f"N={top} greenlets, `SELECT SLEEP(0.5)` each"
     ratio = green / SLEEP_S
     rows = [row("concurrency", what, "the 0.5 s floor", SLEEP_S, green, "s", "<= 1.5", meets(ratio, "<= 1.5"),
-                ratio)]
+                ratio, spread={"green": detail["greenified"][top]["spread"]})]
     for variant in ("stock", "threadpool", "pymysql"):
         alt = detail[variant][top]
         rows.append(row("concurrency", what, VARIANTS[variant] + (" (extrapolated)" if alt["extrapolated"] else ""),
-                        alt["seconds"], green, "s"))
+                        alt["seconds"], green, "s", spread={"alt": alt.get("spread"),
+                                                            "green": detail["greenified"][top]["spread"]}))
     if options.peer_python:
         for each in rows:
             each["peer"] = detail["peer"][top]["seconds"]
             each["peer_ratio"] = round(each["peer"] / each["alt"], 3)
+        spreads = {v: Spread(times) for v, times in connect_seen.items()}
+        ratio = spreads["greenified"].median / spreads["peer"].median
+        # "no slower than the seed": within 5%, the noise of 1,000 connections on this machine
+        rows.append(row("concurrency", f"N={top} greenlets, connect + `SELECT SLEEP(0.5)` each", PEER_LABEL,
+                        round(spreads["peer"].median, 3), round(spreads["greenified"].median, 3), "s", "<= 1.0",
+                        meets(ratio, "<= 1.0", 0.05), ratio,
+                        spread={"alt": spreads["peer"].summary(3), "green": spreads["greenified"].summary(3)}))
     return rows
+
+
+THROUGHPUT_TIMINGS = {  # how db_worker.py times the queries -> what the row says
+    "work": "connections opened before the clock",
+    "connect": "connections opened inside the timing",
+}
 
 
 def case_throughput(options) -> List[dict]:
     greenlets = 10
     queries = 20 if options.quick else 100
-    rounds = 1 if options.quick else 5
+    rounds = 1 if options.quick else 7
     variants = ["greenified", "stock", "pymysql"] + (["peer"] if options.peer_python else [])
-    seen: Dict[str, List[float]] = {v: [] for v in variants}
+    seen: Dict[str, Dict[str, List[float]]] = {t: {v: [] for v in variants} for t in THROUGHPUT_TIMINGS}
     with mariadb_server() as db:
         for round_number in range(1, rounds + 1):
-            for variant in variants:
-                progress(f"throughput round {round_number}/{rounds}: {VARIANTS[variant]}, "
-                         f"{greenlets} greenlets x {queries} queries x 1,000 rows")
-                python, name = variant_python(variant, options)
-                result = db_worker(python, "throughput", db, name, greenlets, queries)
-                seen[variant].append(result["rows"] / result["seconds"])
-    best = {v: max(rates) for v, rates in seen.items()}
-    RESULTS_EXTRA["throughput"] = {"greenlets": greenlets, "queries": queries, "rounds": rounds,
-                                   "labels": {v: VARIANTS[v] for v in variants},
-                                   "rows_per_s": {v: round(rate) for v, rate in best.items()}}
-    what = f"rows/s, {greenlets} greenlets fetching 1,000-row results"
+            for timed in THROUGHPUT_TIMINGS:
+                for variant in variants:
+                    progress(f"throughput round {round_number}/{rounds}: {VARIANTS[variant]}, "
+                             f"{greenlets} greenlets x {queries} queries x 1,000 rows, {THROUGHPUT_TIMINGS[timed]}")
+                    python, name = variant_python(variant, options)
+                    result = db_worker(python, "throughput", db, name, greenlets, queries, timed)
+                    seen[timed][variant].append(result["rows"] / result["seconds"])
+    RESULTS_EXTRA["throughput"] = {
+        "greenlets": greenlets, "queries": queries, "rounds": rounds, "labels": {v: VARIANTS[v] for v in variants},
+        "rows_per_s": {v: round(Spread(rates).median) for v, rates in seen["work"].items()},
+        "spread": {t: {v: Spread(rates).summary(0) for v, rates in by_variant.items()}
+                   for t, by_variant in seen.items()}}
     rows = []
-    for variant, target in (("pymysql", ">= 8"), ("stock", ">= 1.0")):
-        ratio = best["greenified"] / best[variant]
-        # "no slower than stock": within 2%, this machine's noise
-        met = meets(ratio, target, 0.02 if target == ">= 1.0" else 0.0)
-        rows.append(row("throughput", what, VARIANTS[variant], round(best[variant]), round(best["greenified"]),
-                        "rows/s", target, met, ratio))
-        if options.peer_python:
-            rows[-1]["peer"] = round(best["peer"])
-            rows[-1]["peer_ratio"] = round(best["peer"] / best[variant], 3)
+    for timed, how in THROUGHPUT_TIMINGS.items():
+        spreads = {v: Spread(rates) for v, rates in seen[timed].items()}
+        median = {v: spread.median for v, spread in spreads.items()}
+        what = f"rows/s, {greenlets} greenlets fetching 1,000-row results, {how}"
+        comparisons = [("pymysql", ">= 8"), ("stock", ">= 1.0")] + ([("peer", ">= 1.1")] if options.peer_python else [])
+        for variant, target in comparisons:
+            ratio = median["greenified"] / median[variant]
+            # "no slower than stock": within 2%, this machine's noise
+            met = meets(ratio, target, 0.02 if target == ">= 1.0" else 0.0)
+            rows.append(row("throughput", what, VARIANTS[variant], round(median[variant]), round(median["greenified"]),
+                            "rows/s", target, met, ratio,
+                            spread={"alt": spreads[variant].summary(0), "green": spreads["greenified"].summary(0)}))
+            if options.peer_python and variant != "peer":
+                rows[-1]["peer"] = round(median["peer"])
+                rows[-1]["peer_ratio"] = round(median["peer"] / median[variant], 3)
+    return rows
+
+
+def strace_counts(command: List[str]) -> Dict[str, List[int]]:
+    """syscall -> [calls, errors] for one run of `command` and its threads, by strace -c."""
+    with tempfile.NamedTemporaryFile(suffix=".strace") as out:
+        done = subprocess.run(["strace", "-f", "-c", "-o", out.name, *command], cwd=tempfile.gettempdir(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"strace {' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        counts = {}
+        for line in Path(out.name).read_text().splitlines():
+            fields = line.split()
+            # % time, seconds, usecs/call, calls, [errors], syscall
+            if len(fields) in (5, 6) and fields[0][0].isdigit() and fields[-1] != "total":
+                counts[fields[-1]] = [int(fields[3]), int(fields[4]) if len(fields) == 6 else 0]
+        return counts
+
+
+def case_syscalls(options) -> List[dict]:
+    """System calls per wait of the throughput workload, counted by strace:
+    a run with the queries less a run without them (same imports, same
+    connections), per query and per wait (the recv calls that failed with EAGAIN)."""
+    import shutil
+    if shutil.which("strace") is None:
+        raise RuntimeError("the syscalls case needs strace (apt-get install strace)")
+    greenlets, queries = 10, (20 if options.quick else 100)
+    variants = ["greenified"] + (["peer"] if options.peer_python else [])
+    per_query: Dict[str, Dict[str, List[float]]] = {}
+    waits: Dict[str, Optional[float]] = {}
+    with mariadb_server() as db:
+        for variant in variants:
+            python, name = variant_python(variant, options)
+            base = [python, str(DB_WORKER)]
+            args = [db.host, str(db.port), name, str(greenlets)]
+            progress(f"syscalls: strace of {VARIANTS[variant]}, {greenlets} greenlets x {queries} queries")
+            idle = strace_counts(base + ["idle", *args])
+            busy = strace_counts(base + ["throughput", *args, str(queries)])
+            total = greenlets * queries
+            per_query[variant] = {call: [(busy.get(call, [0, 0])[i] - idle.get(call, [0, 0])[i]) / total
+                                         for i in (0, 1)] for call in set(busy) | set(idle)}
+            result = db_worker(python, "throughput", db, name, greenlets, queries)
+            waits[variant] = None if result.get("waits") is None else result["waits"] / total
+    RESULTS_EXTRA["syscalls"] = {"queries": greenlets * queries, "labels": {v: VARIANTS[v] for v in variants},
+                                 "per_query": {v: {c: [round(x, 2) for x in pair] for c, pair in sorted(calls.items())
+                                                   if abs(pair[0]) >= 0.05}
+                                               for v, calls in per_query.items()},
+                                 "waits_counted_by_greenify": waits}
+    rows = []
+    totals, per_wait = {}, {}
+    for variant in variants:
+        calls = per_query[variant]
+        totals[variant] = sum(pair[0] for pair in calls.values())
+        # Each wait of libmariadb's follows a non-blocking recv that failed with EAGAIN: for every
+        # variant alike, those failures count the waits.  A wait's cost is what a query makes
+        # beyond its own I/O (the query's send and the receives that brought data).
+        waits_per_query = calls.get("recvfrom", [0, 0])[1]
+        own_io = calls.get("sendto", [0, 0])[0] + calls.get("recvfrom", [0, 0])[0] - waits_per_query
+        per_wait[variant] = (totals[variant] - own_io) / waits_per_query if waits_per_query else float("nan")
+        RESULTS_EXTRA["syscalls"].setdefault("waits_per_query", {})[variant] = round(waits_per_query, 2)
+        failing_ctl = calls.get("epoll_ctl", [0, 0])[1] / waits_per_query if waits_per_query else 0.0
+        rows.append(row("syscalls", f"system calls per query ({VARIANTS[variant]})", "", None,
+                        round(totals[variant], 2), "calls",
+                        note=f"{waits_per_query:.2f} waits per query, each {per_wait[variant]:.2f} system calls "
+                             f"beyond the query's own I/O ({failing_ctl:.2f} failing epoll_ctl)"))
+    RESULTS_EXTRA["syscalls"]["per_wait"] = {v: round(x, 2) for v, x in per_wait.items()}
+    if options.peer_python:
+        for what, figures in (("system calls per query", totals),
+                              ("system calls per wait, beyond the query's own I/O", per_wait)):
+            ratio = figures["greenified"] / figures["peer"]
+            rows.append(row("syscalls", what, PEER_LABEL, round(figures["peer"], 2), round(figures["greenified"], 2),
+                            "calls", "< 1.0", ratio < 1.0, ratio))
     return rows
 
 
 RESULTS_EXTRA: Dict[str, dict] = {}
 CASES = {"fastpath": case_fastpath, "switch": case_switch, "patch": case_patch, "memory": case_memory,
-         "concurrency": case_concurrency, "throughput": case_throughput}
+         "concurrency": case_concurrency, "throughput": case_throughput, "syscalls": case_syscalls}
 PEER_CASES = ("fastpath", "switch")  # run in the peer interpreter itself; 3 and 4 run it per variant
 
 
@@ -446,6 +584,15 @@ def figure(value, unit: str) -> str:
     return f"{value:g} {unit}"
 
 
+def spread_figure(value, unit: str, spread: Optional[List[float]]) -> str:
+    """A median with the min-max of its rounds, e.g. `540.8 ns [532.0-560.2]`."""
+    text = figure(value, unit)
+    if value is None or not spread or spread[0] == spread[2]:
+        return text
+    low, high = (figure(x, unit).rsplit(" ", 1)[0] if unit != "rows/s" else f"{x:,.0f}" for x in (spread[0], spread[2]))
+    return f"{text} [{low}-{high}]"
+
+
 def ratio_text(ratio: Optional[float]) -> str:
     if ratio is None:
         return ""
@@ -473,8 +620,9 @@ def table_lines(results: dict, markdown: bool) -> List[str]:
     header += ["target"]
     body = []
     for each in rows:
-        line = [each["case"], each["name"], each["alternative"], figure(each["alt"], each["unit"]),
-                figure(each["green"], each["unit"]), ratio_text(each["ratio"])]
+        spread = each.get("spread") or {}
+        line = [each["case"], each["name"], each["alternative"], spread_figure(each["alt"], each["unit"], spread.get("alt")),
+                spread_figure(each["green"], each["unit"], spread.get("green")), ratio_text(each["ratio"])]
         if peer:
             if "peer" not in each:
                 line.append("")
@@ -599,14 +747,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: small N, fewer rounds")
     parser.add_argument("cases", nargs="*", choices=[[]] + list(CASES), help="cases to run (default: all)")
-    parser.add_argument("--output", default=str(HERE / "results.json"))
-    parser.add_argument("--chart", default=str(HERE / "results.png"))
+    # A quick run never overwrites the committed full run that the README's tables come from.
+    parser.add_argument("--output", help="results JSON (default: bench/results.json; --quick: build/bench-quick.json)")
+    parser.add_argument("--chart", help="chart PNG (default: beside --output)")
     parser.add_argument("--peer-python", metavar="PATH",
                         help=f"an interpreter with {PEER_LABEL} installed: cases 1 to 4 also run there")
     parser.add_argument("--markdown", action="store_true",
                         help="print the tables in --output as Markdown (for the README) and exit")
     parser.add_argument("--as-peer", action="store_true", help=argparse.SUPPRESS)  # run by --peer-python
     options = parser.parse_args(argv)
+    if options.output is None:
+        options.output = str(REPO / "build" / "bench-quick.json" if options.quick and not options.markdown
+                             else HERE / "results.json")
+    if options.chart is None:
+        options.chart = str(Path(options.output).with_suffix(".png"))
+    Path(options.output).parent.mkdir(parents=True, exist_ok=True)
     if options.markdown:
         print("\n".join(table_lines(json.loads(Path(options.output).read_text()), markdown=True)))
         return 0

@@ -32,6 +32,7 @@
 #define GREEN_CANNOT_WAIT 2 /* no hub to wait on here: block natively instead */
 #define GREEN_INTERRUPTED 3 /* an exception was thrown into the waiting greenlet */
 #define GREEN_NONBLOCKING 4 /* green_wait_io only: the fd is O_NONBLOCK, give the caller EAGAIN */
+#define GREEN_FAST_UNAVAILABLE 5 /* green_fast_wait only: take the general bridge */
 
 /* The errno a data call fails with after an interruption: libraries treat it
    as fatal for the call, unlike EINTR and EAGAIN, which they retry. */
@@ -80,6 +81,16 @@ int green_ms_left(int64_t deadline_ns);
 
 /* Wait on the hub until one of the watches is ready or the deadline passes. */
 int green_wait(struct green_call *call, const struct green_watch *watches, int nwatches, int64_t deadline_ns);
+
+/* The common wait (one fd, no deadline) below Python (csrc/green_fastwait.c):
+   GREEN_WOKEN, GREEN_INTERRUPTED, or GREEN_FAST_UNAVAILABLE where the
+   general bridge must do it. */
+int green_fast_wait(const struct green_watch *watch);
+void green_fast_closing(int fd);
+uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, void *io_stop, void *feed_event);
+void green_fast_hub_gone(uintptr_t handle);
+int green_fast_waiting_fds(int *fds, int max);
+unsigned long long green_fast_waits(void);
 
 /* Before an fd is closed: greenlets waiting on it wake and probe again, to
    find it gone, instead of waiting for ever on a descriptor epoll dropped. */

@@ -272,7 +272,9 @@ int green_wait(struct green_call *call, const struct green_watch *watches, int n
         timeout_s = (double)left / 1e9;
     }
     __atomic_add_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
-    result = greenify_wait(watches, nwatches, timeout_s);
+    result = nwatches == 1 && deadline_ns == GREEN_NO_DEADLINE ? green_fast_wait(watches) : GREEN_FAST_UNAVAILABLE;
+    if (result == GREEN_FAST_UNAVAILABLE)
+        result = greenify_wait(watches, nwatches, timeout_s);
     __atomic_sub_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
     if (result != GREEN_CANNOT_WAIT)
         count_wait(call, started_ns);
@@ -297,8 +299,10 @@ int green_must_fail_fast(void)
 void green_wake_waiters_on(int fd)
 {
     int saved_errno = errno;
-    if (green_state.active && !green_state.finalizing && __atomic_load_n(&green_state.waiting, __ATOMIC_RELAXED))
+    if (green_state.active && !green_state.finalizing && __atomic_load_n(&green_state.waiting, __ATOMIC_RELAXED)) {
+        green_fast_closing(fd);
         greenify_closing(fd);
+    }
     errno = saved_errno;
 }
 

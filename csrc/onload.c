@@ -5,6 +5,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <link.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -12,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "loaded.h"
 #include "onload.h"
 
 /* Defined by cffi from greenify/onload.py (extern "Python+C"). */
@@ -29,31 +31,6 @@ static __thread int in_python;
 void onload_set_enabled(int enabled) { __atomic_store_n(&onload_enabled, enabled, __ATOMIC_SEQ_CST); }
 unsigned long long onload_announced(void) { return __atomic_load_n(&onload_announced_count, __ATOMIC_RELAXED); }
 
-struct load_counters {
-    unsigned long long adds;
-    unsigned long long subs;
-};
-
-static int read_counters(struct dl_phdr_info *info, size_t size, void *data)
-{
-    struct load_counters *counters = data;
-    if (size >= offsetof(struct dl_phdr_info, dlpi_subs) + sizeof(info->dlpi_subs)) {
-        counters->adds = info->dlpi_adds;
-        counters->subs = info->dlpi_subs;
-    }
-    return 1; /* the counters are the same in every entry: one is enough */
-}
-
-static struct load_counters load_counters(void)
-{
-    struct load_counters counters = {0, 0};
-    dl_iterate_phdr(read_counters, &counters);
-    return counters;
-}
-
-unsigned long long onload_adds(void) { return load_counters().adds; }
-unsigned long long onload_subs(void) { return load_counters().subs; }
-
 static int python_usable(void)
 {
     if (!Py_IsInitialized())
@@ -70,7 +47,7 @@ static void announce(unsigned long long adds_before, void *handle)
 {
     if (!handle || loads_in_progress || in_python || !__atomic_load_n(&onload_enabled, __ATOMIC_SEQ_CST))
         return;
-    if (onload_adds() == adds_before || !python_usable())
+    if (loaded_adds() == adds_before || !python_usable())
         return;
     int saved_errno = errno;
     in_python = 1;
@@ -125,7 +102,7 @@ static void *open_along_caller_path(int use_nsid, Lmid_t nsid, const char *file,
                strcmp(theirs->dls_serpath[theirs->dls_cnt - 1 - common].dls_name,
                       ours->dls_serpath[ours->dls_cnt - 1 - common].dls_name) == 0)
             common++;
-        char path[4096];
+        char path[PATH_MAX];
         for (unsigned int i = 0; i + common < theirs->dls_cnt && !handle; i++) {
             int length = snprintf(path, sizeof(path), "%s/%s", theirs->dls_serpath[i].dls_name, file);
             if (length <= 0 || (size_t)length >= sizeof(path) || access(path, F_OK) != 0)
@@ -140,7 +117,7 @@ static void *open_along_caller_path(int use_nsid, Lmid_t nsid, const char *file,
 
 static void *hooked_open(int use_nsid, Lmid_t nsid, const char *file, int mode, const void *caller)
 {
-    unsigned long long adds_before = onload_adds();
+    unsigned long long adds_before = loaded_adds();
     void *handle = NULL;
     loads_in_progress++;
     if (file && !strchr(file, '/')) {

@@ -4,7 +4,7 @@
  * greenify_dlopen_hook and greenify_dlmopen_hook replace dlopen/dlmopen in
  * the GOT of objects that load libraries (the interpreter, _ctypes, drivers).
  * Each calls glibc's function and then, only when that load added objects
- * (dl_iterate_phdr's dlpi_adds moved) and no other hooked load of this
+ * (loaded_adds(), in loaded.h, moved) and no other hooked load of this
  * thread is still in progress, calls greenify_loaded() (extern "Python",
  * which takes the GIL itself) before returning to the caller: the new
  * library is patched before its caller can call it.
@@ -29,9 +29,6 @@ void *greenify_dlmopen_hook(Lmid_t nsid, const char *file, int mode);
 
 /* On while some patch_on_load() registration is active. */
 void onload_set_enabled(int enabled);
-/* dl_iterate_phdr's counters: objects ever added, ever removed. */
-unsigned long long onload_adds(void);
-unsigned long long onload_subs(void);
 /* How many hooked loads called greenify_loaded(), for tests. */
 unsigned long long onload_announced(void);
 

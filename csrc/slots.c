@@ -1,98 +1,17 @@
 /*
- * Writing GOT slots: list loaded objects, check, unprotect, atomic store,
- * reprotect.  See slots.h for the contract.
+ * Writing GOT slots: check, unprotect, atomic store, reprotect.  See
+ * slots.h for the contract.
  */
 #include "slots.h"
 
-#include <elf.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <link.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
-
-/* ---- loaded objects ---------------------------------------------------- */
-
-struct list_state {
-    struct slots_object *out;
-    int capacity;
-    int count;
-};
-
-static size_t align4(size_t size) { return (size + 3) & ~(size_t)3; }
-
-/* Whether [vaddr, vaddr+size) of the object is inside one of its PT_LOADs,
-   i.e. mapped: a PT_NOTE outside them must not be read from memory. */
-static int is_loaded(const struct dl_phdr_info *info, ElfW(Addr) vaddr, ElfW(Xword) size)
-{
-    for (int i = 0; i < info->dlpi_phnum; i++) {
-        const ElfW(Phdr) *phdr = &info->dlpi_phdr[i];
-        if (phdr->p_type == PT_LOAD && phdr->p_vaddr <= vaddr && vaddr + size <= phdr->p_vaddr + phdr->p_filesz)
-            return 1;
-    }
-    return 0;
-}
-
-/* The NT_GNU_BUILD_ID of an object, read from its mapped PT_NOTE segments. */
-static void read_build_id(const struct dl_phdr_info *info, struct slots_object *object)
-{
-    for (int i = 0; i < info->dlpi_phnum; i++) {
-        const ElfW(Phdr) *phdr = &info->dlpi_phdr[i];
-        if (phdr->p_type != PT_NOTE || !is_loaded(info, phdr->p_vaddr, phdr->p_memsz))
-            continue;
-        const unsigned char *at = (const unsigned char *)(info->dlpi_addr + phdr->p_vaddr);
-        const unsigned char *stop = at + phdr->p_memsz;
-        while (at + sizeof(ElfW(Nhdr)) <= stop) {
-            const ElfW(Nhdr) *note = (const ElfW(Nhdr) *)at;
-            const unsigned char *name = at + sizeof(ElfW(Nhdr));
-            const unsigned char *desc = name + align4(note->n_namesz);
-            if (desc + note->n_descsz > stop)
-                break;
-            if (note->n_type == NT_GNU_BUILD_ID && note->n_namesz == 4 && memcmp(name, "GNU", 4) == 0 &&
-                note->n_descsz <= SLOTS_MAX_BUILD_ID) {
-                memcpy(object->build_id, desc, note->n_descsz);
-                object->build_id_size = (int)note->n_descsz;
-                return;
-            }
-            at = desc + align4(note->n_descsz);
-        }
-    }
-}
-
-static int list_one(struct dl_phdr_info *info, size_t size, void *data)
-{
-    struct list_state *state = data;
-    if (state->count < state->capacity) {
-        struct slots_object *object = &state->out[state->count];
-        memset(object, 0, sizeof(*object));
-        if (info->dlpi_name)
-            snprintf(object->path, sizeof(object->path), "%s", info->dlpi_name);
-        object->base = (uintptr_t)info->dlpi_addr;
-        for (int i = 0; i < info->dlpi_phnum && object->nsegments < SLOTS_MAX_SEGMENTS; i++) {
-            const ElfW(Phdr) *phdr = &info->dlpi_phdr[i];
-            if (phdr->p_type != PT_LOAD)
-                continue;
-            struct slots_segment *segment = &object->segments[object->nsegments++];
-            segment->start = object->base + phdr->p_vaddr;
-            segment->end = segment->start + phdr->p_memsz;
-            segment->flags = phdr->p_flags;
-        }
-        read_build_id(info, object);
-    }
-    state->count++;
-    return 0;
-}
-
-int slots_list_objects(struct slots_object *out, int capacity)
-{
-    struct list_state state = {out, capacity, 0};
-    dl_iterate_phdr(list_one, &state);
-    return state.count;
-}
 
 /* ---- /proc/self/maps --------------------------------------------------- */
 
@@ -117,7 +36,7 @@ static void set_error(char *error, size_t error_size, const char *format, ...)
 
 /* Read the whole file with plain read(): a consistent snapshot is not
    promised across reads, but nothing else maps or unmaps while we hold the
-   patcher's lock, except other threads, which only add mappings elsewhere. */
+   one slot lock (greenify/slots.py), except other threads, which only add mappings elsewhere. */
 static char *read_maps_text(void)
 {
     int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
@@ -274,7 +193,7 @@ int slots_write_all(struct slots_write *writes, int count, char *error, size_t e
             if (!writes[i].written)
                 continue;
             struct slots_write undo = writes[i];
-            char ignored[256];
+            char ignored[SLOTS_ERROR_MAX];
             if (store_slot(&undo, writes[i].previous, writes[i].value, prots[i], ignored, sizeof(ignored)) ==
                     SLOTS_OK && undo.written)
                 writes[i].written = 0;

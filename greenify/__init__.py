@@ -10,7 +10,7 @@ from greenify import _bridge
 from greenify import _offload  # noqa: F401 - defines the resolver's extern "Python" callback
 from greenify.errors import (BuildIdMismatchError, GreenifyError, NotElfError, NotLoadedError, ProtectedTargetError,
                              SlotOutsideSegmentsError, SlotWriteError, StaticExecutableError, TargetNotFoundError,
-                             WrongMachineError)
+                             UnknownFunctionError, WrongMachineError)
 from greenify.patcher import (ObjectReport, PatchedSlot, PatchReport, SkippedImport, patch_lib, patch_library,
                               patched, unpatch_library)
 from greenify.inventory import report
@@ -24,7 +24,7 @@ __all__ = [
     "PatchReport", "ObjectReport", "PatchedSlot", "SkippedImport",
     "GreenifyError", "TargetNotFoundError", "NotLoadedError", "NotElfError", "WrongMachineError",
     "StaticExecutableError", "BuildIdMismatchError", "SlotOutsideSegmentsError", "ProtectedTargetError",
-    "SlotWriteError",
+    "SlotWriteError", "UnknownFunctionError",
 ]
 __version__ = "0.1.0"
 

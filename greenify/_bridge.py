@@ -23,6 +23,7 @@ from typing import Dict, Optional
 from gevent._hub_local import get_hub_if_exists
 from greenlet import getcurrent, greenlet
 
+from greenify import _fastwait
 from greenify._green import ffi, lib
 
 log = logging.getLogger("greenify")
@@ -54,6 +55,7 @@ def _watcher_for(hub, fd: int, events: int):
         cache = hub._greenify_io_watchers = {}
         hub._greenify_private_watchers = set()
         _start_sweeper(hub)
+        _fastwait.attach(hub)  # from now on the common wait on this hub stays in C
     key = fd << 2 | events
     watcher = cache.get(key)
     if watcher is None:
@@ -98,14 +100,19 @@ def _sweep(hub) -> None:
     """A descriptor closed without greenify's close twin (Python's os.close,
     an unpatched library) silently leaves epoll: its waiter would wait for
     ever.  Once a second, wake the waiters whose descriptor is gone."""
-    gone = []
-    for watcher in _waiting_watchers(hub):
-        try:
-            fcntl.fcntl(watcher.fd, fcntl.F_GETFD)
-        except OSError as exc:
-            if exc.errno == errno.EBADF:
-                gone.append(watcher)
+    gone = [watcher for watcher in _waiting_watchers(hub) if _closed(watcher.fd)]
     _wake(hub, gone)
+    for fd in _fastwait.waiting_fds():
+        if _closed(fd):
+            _fastwait.wake(fd)
+
+
+def _closed(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError as exc:
+        return exc.errno == errno.EBADF
+    return False
 
 
 def _start_sweeper(hub) -> None:

@@ -1,14 +1,5 @@
-"""``python -m greenify.demo``: see greenify make a blocking C library cooperative.
-
-The demo starts a slow server of its own on loopback (a subprocess that
-answers each request after a delay), then has 50 greenlets call into an
-ordinary blocking C client (greenify/_demo_client, shipped with the package)
-twice: first as it is, when each call blocks the whole process, then after
-``greenify.patch_library()``, when the calls wait together.
-
-``python -m greenify.demo --mysql HOST:PORT`` runs ``SELECT SLEEP(delay)``
-through MySQLdb against a real MySQL or MariaDB instead.
-"""
+"""``python -m greenify.demo``, the demo behind ``make demo``: see DESCRIPTION
+below (what ``--help`` prints) and ``parse_args``, where every option is."""
 from __future__ import annotations
 
 import argparse
@@ -115,14 +106,17 @@ def demo_c_client(count: int, delay: float) -> Tuple[float, float]:
         server.wait()
 
 
-def demo_mysql(address: str, user: str, password: str, count: int, delay: float) -> Tuple[float, float]:
+def demo_mysql(host: str, port: int, user: str, password: str, count: int, delay: float) -> Tuple[float, float]:
     try:
         import MySQLdb
     except ImportError:
-        raise SystemExit("greenify.demo: --mysql needs MySQLdb: pip install mysqlclient")
-    host, _, port = address.rpartition(":")
-    connections = [MySQLdb.connect(host=host or "127.0.0.1", port=int(port), user=user, passwd=password)
-                   for _ in range(count)]
+        raise SystemExit("greenify.demo: --mysql needs MySQLdb: pip install mysqlclient") from None
+    try:
+        connections = [MySQLdb.connect(host=host, port=port, user=user, passwd=password, connect_timeout=10)
+                       for _ in range(count)]
+    except MySQLdb.Error as exc:
+        message = exc.args[1] if len(exc.args) > 1 else str(exc)
+        raise SystemExit(f"greenify.demo: cannot connect to MySQL at {host}:{port} as {user!r}: {message}") from None
 
     def query(i: int) -> str:
         cursor = connections[i].cursor()
@@ -133,23 +127,74 @@ def demo_mysql(address: str, user: str, password: str, count: int, delay: float)
     return blocking_then_greenified(count, query, MySQLdb._mysql)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m greenify.demo", description=__doc__,
+# --- the command line: every option and its check in one place --------------------
+
+DESCRIPTION = """See greenify make a blocking C library cooperative.
+
+The demo starts a slow server of its own on loopback (a subprocess that
+answers each request after a delay), then has greenlets call into an
+ordinary blocking C client shipped with greenify, twice: first as it is,
+when each call blocks the whole process, then after
+greenify.patch_library(), when the calls wait together.
+
+With --mysql HOST:PORT it runs SELECT SLEEP(delay) through MySQLdb against
+a real MySQL or MariaDB instead."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is fewer than 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 60:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 (excluded) and 60 seconds")
+    return value
+
+
+def _host_port(text: str) -> Tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (for example 127.0.0.1:3306)")
+    return host or "127.0.0.1", int(port)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The demo's options, checked: bad values end in a one-line usage error."""
+    parser = argparse.ArgumentParser(prog="python -m greenify.demo", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--greenlets", type=int, default=50)
-    parser.add_argument("--delay", type=float, default=0.1, help="seconds each call waits on the server")
-    parser.add_argument("--mysql", metavar="HOST:PORT", help="run the demo against a real MySQL/MariaDB")
-    parser.add_argument("--user", default="root")
-    parser.add_argument("--password", default="")
+    parser.add_argument("--greenlets", type=_positive_int, default=50, metavar="N",
+                        help="how many greenlets call at once (default: %(default)s)")
+    parser.add_argument("--delay", type=_seconds, default=0.1, metavar="SECONDS",
+                        help="how long the server takes to answer each call (default: %(default)s)")
+    parser.add_argument("--mysql", type=_host_port, metavar="HOST:PORT",
+                        help="run SELECT SLEEP(delay) through MySQLdb against this MySQL or MariaDB "
+                             "instead of the built-in server")
+    parser.add_argument("--user", default="root", help="the MySQL user, with --mysql (default: %(default)s)")
+    parser.add_argument("--password", default="", help="the MySQL user's password, with --mysql (default: none)")
     parser.add_argument("--asyncio", action="store_true",
                         help="run the calls as asyncio tasks through greenify.asyncio.run instead of greenlets")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.asyncio:  # the same rounds, as asyncio tasks (greenify/demo_asyncio.py)
         global run_round
         from greenify.demo_asyncio import run_round
         print("(asyncio: each call is a task awaiting greenify.asyncio.run on one event loop)")
     if args.mysql:
-        blocking, green = demo_mysql(args.mysql, args.user, args.password, args.greenlets, args.delay)
+        host, port = args.mysql
+        blocking, green = demo_mysql(host, port, args.user, args.password, args.greenlets, args.delay)
     else:
         blocking, green = demo_c_client(args.greenlets, args.delay)
     serial = args.greenlets * args.delay

@@ -32,6 +32,15 @@ class NotLoadedError(GreenifyError):
         self.similar = tuple(similar)
 
 
+class UnknownFunctionError(GreenifyError, ValueError):
+    """``functions`` names a function greenify has no green twin for."""
+
+    def __init__(self, unknown: Sequence[str], known: Sequence[str]) -> None:
+        super().__init__(f"functions: no green twin for {', '.join(map(repr, unknown))}; "
+                         f"greenify has twins for: {', '.join(known)}", ", ".join(unknown))
+        self.unknown = tuple(unknown)
+
+
 class NotElfError(GreenifyError):
     """The file is not an ELF object, or is too damaged to read."""
 

@@ -25,9 +25,9 @@ import tempfile
 import textwrap
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, NoReturn, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, NoReturn, Optional, Sequence, TextIO, Tuple
 
-from greenify import loaded
+from greenify import elf, loaded
 from greenify.errors import GreenifyError
 from greenify.loaded import LoadedObject
 from greenify.inventory import LibraryReport, ProcessReport, inspect_file, inspect_objects, objects_from_maps
@@ -186,6 +186,79 @@ def _read_until_eof(pipe: Any, child: "subprocess.Popen[bytes]") -> bytes:
         chunks.append(chunk)
 
 
+# ------------------------------------------------------------ TLS below
+
+# TLS libraries, by file-name stem (the part before ".so"): OpenSSL (libssl
+# drives the protocol, libcrypto's socket BIO reads and writes), GnuTLS, NSS
+# (libssl3, over NSPR's libnspr4), wolfSSL, mbed TLS.
+TLS_LIBRARY_STEMS: FrozenSet[str] = frozenset({"libssl", "libcrypto", "libgnutls", "libnss3", "libssl3", "libnspr4",
+                                               "libwolfssl", "libmbedtls"})
+# What a TLS library calls to move a connection's bytes or wait for them:
+# OpenSSL's socket BIO uses read/write on the socket, GnuTLS recv/sendmsg.
+TLS_IO_SYMBOLS: FrozenSet[str] = elf.with_fortified_forms({
+    "read", "write", "readv", "writev", "recv", "recvfrom", "recvmsg", "send", "sendto", "sendmsg",
+    "poll", "ppoll", "select", "pselect", "epoll_wait", "epoll_pwait"})
+
+
+@dataclass(frozen=True)
+class TlsIo:
+    """A TLS library under a client that does the client's socket I/O over
+    encrypted connections: the calls it imports for that."""
+
+    name: str          # as DT_NEEDED names it
+    path: str
+    io_calls: Tuple[str, ...]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "path": self.path, "io_calls": list(self.io_calls)}
+
+
+# the hash auditwheel adds to the libraries it bundles: libssl-3a5f0b4e.so.3
+_BUNDLED_HASH = re.compile(r"-[0-9a-f]{6,}$")
+
+
+def is_tls_library(path_or_name: str) -> bool:
+    stem = os.path.basename(path_or_name).split(".so")[0]
+    return _BUNDLED_HASH.sub("", stem) in TLS_LIBRARY_STEMS
+
+
+def tls_io_libraries(needed: Sequence[str], locate: Callable[[str], Optional[str]]) -> List[TlsIo]:
+    """The TLS libraries among ``needed`` (a client's DT_NEEDED) and their
+    own TLS dependencies (libssl -> libcrypto) that import socket I/O calls:
+    where an encrypted connection's reads, writes and waits really happen.
+    ``locate`` finds the file a DT_NEEDED name loads (None: not found)."""
+    found: List[TlsIo] = []
+    seen = set()
+    pending = [name for name in needed if is_tls_library(name)]
+    while pending:
+        name = pending.pop(0)
+        path = locate(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        try:
+            imports = elf.read_blocking_imports(path, TLS_IO_SYMBOLS)
+        except GreenifyError:
+            continue  # unreadable: its own entry (if listed) says why
+        calls = tuple(sorted({imp.symbol for imp in imports.imports}))
+        if calls:
+            found.append(TlsIo(name, path, calls))
+        pending += [dependency for dependency in imports.needed if is_tls_library(dependency)]
+    return found
+
+
+def tls_line(library: LibraryReport, tls: Sequence[TlsIo]) -> str:
+    where = "; ".join(f"{entry.name} ({', '.join(entry.io_calls)})" for entry in tls)
+    return f"TLS: encrypted connections read and write the socket in {where}, not in {library.patch_name}"
+
+
+def _locator(objects: Sequence[LoadedObject]) -> Callable[[str], Optional[str]]:
+    def locate(name: str) -> Optional[str]:
+        found = loaded.match_name(name, objects)
+        return found[0].path if found else None
+    return locate
+
+
 # ---------------------------------------------------------------- output
 
 @dataclass(frozen=True)
@@ -251,7 +324,7 @@ def verdict_lines(library: LibraryReport, painter: Painter, indent: str) -> List
                                                   subsequent_indent=indent + "  ", break_on_hyphens=False)]
 
 
-def render_file(target: str, library: LibraryReport, painter: Painter) -> List[str]:
+def render_file(target: str, library: LibraryReport, painter: Painter, tls: Sequence[TlsIo] = ()) -> List[str]:
     title = library.path if target == library.path else f"{target} -> {library.path}"
     if library.soname and library.soname != os.path.basename(library.path):
         title += f" (soname {library.soname})"
@@ -259,6 +332,9 @@ def render_file(target: str, library: LibraryReport, painter: Painter) -> List[s
     if library.imports:
         lines += import_table(library, painter)
     lines += verdict_lines(library, painter, "  ")
+    if tls:
+        lines += textwrap.wrap(tls_line(library, tls), 79, initial_indent="  ", subsequent_indent="    ",
+                               break_on_hyphens=False)
     return lines
 
 
@@ -275,7 +351,8 @@ def _symbols_line(library: LibraryReport) -> str:
     return "; ".join(parts)
 
 
-def render_process(process: ProcessReport, painter: Painter, verbose: bool) -> List[str]:
+def render_process(process: ProcessReport, painter: Painter, verbose: bool,
+                   tls: Optional[Dict[str, List[TlsIo]]] = None) -> List[str]:
     lines = [painter.bold(f"{process.source}: {process.objects_inspected} objects loaded, "
                           f"{len(process.libraries)} import blocking functions")]
     if process.executable:
@@ -289,6 +366,9 @@ def render_process(process: ProcessReport, painter: Painter, verbose: bool) -> L
         if verbose and library.imports:
             lines += import_table(library, painter, indent="    ")
         lines += verdict_lines(library, painter, "    ")
+        if (tls or {}).get(library.path):
+            lines += textwrap.wrap(tls_line(library, tls[library.path]), 78, initial_indent="    ",
+                                   subsequent_indent="      ", break_on_hyphens=False)
         if library.note and not library.recommended:
             lines += textwrap.wrap(library.note, 78, initial_indent="    ", subsequent_indent="    ")
     lines.append("")
@@ -330,6 +410,14 @@ def _inspect_files(targets: Sequence[str], as_json: bool, painter: Painter) -> i
     status = EXIT_OK
     entries: List[Dict[str, Any]] = []
     blocks: List[List[str]] = []
+    search_path: List[LoadedObject] = []
+
+    def locate(name: str) -> Optional[str]:
+        # a DT_NEEDED name, found as the loader would (the search path, read once)
+        if not search_path:
+            search_path.extend(_search_path())
+        return _locator(search_path)(name)
+
     for target in targets:
         try:
             path = resolve_target(target)
@@ -341,8 +429,10 @@ def _inspect_files(targets: Sequence[str], as_json: bool, painter: Painter) -> i
             continue
         if not library.can_patch:
             status = max(status, EXIT_NOTHING_TO_PATCH)
-        entries.append({"target": target, "bad_input": False, **library.to_dict()})
-        blocks.append(render_file(target, library, painter))
+        tls = _tls_of(library, locate)
+        entries.append({"target": target, "bad_input": False, **library.to_dict(),
+                        "tls": [entry.to_dict() for entry in tls]})
+        blocks.append(render_file(target, library, painter, tls))
     if as_json:
         _print_json({"mode": "files", "targets": entries, "exit_status": status})
     else:
@@ -360,12 +450,25 @@ def _inspect_process(args: argparse.Namespace, painter: Painter) -> int:
         pid = args.pid
     process = inspect_objects(objects, source, pid)
     status = EXIT_OK if process.recommended else EXIT_NOTHING_TO_PATCH
+    locate = _locator(objects)
+    tls = {library.path: _tls_of(library, locate) for library in process.libraries}
     if args.json:
         mode = "import" if modules else "pid"
-        _print_json({"mode": mode, "modules": modules, **process.to_dict(), "exit_status": status})
+        document = process.to_dict()
+        for entry in document["libraries"]:
+            entry["tls"] = [item.to_dict() for item in tls[entry["path"]]]
+        _print_json({"mode": mode, "modules": modules, **document, "exit_status": status})
     else:
-        print("\n".join(render_process(process, painter, args.verbose)))
+        print("\n".join(render_process(process, painter, args.verbose, tls)))
     return status
+
+
+def _tls_of(library: LibraryReport, locate: Callable[[str], Optional[str]]) -> List[TlsIo]:
+    """For a library (not itself TLS) that greenify could patch here: the TLS
+    libraries that do its encrypted connections' socket I/O."""
+    if library.error is not None or library.protected is not None or is_tls_library(library.path):
+        return []
+    return tls_io_libraries(library.needed, locate)
 
 
 def _print_json(document: Dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
-from greenify import elf, loaded, patcher
+from greenify import elf, loaded, patcher, slots
 from greenify.errors import GreenifyError, StaticExecutableError, WrongMachineError
 from greenify.loaded import LoadedObject
 
@@ -147,6 +147,12 @@ class ProcessReport:
     def can_patch(self) -> bool:
         return any(library.can_patch for library in self.libraries)
 
+    def __str__(self) -> str:
+        """The text greenify-inspect prints for it, without colour."""
+        from greenify.inspect import Painter, render_process
+
+        return "\n".join(render_process(self, Painter(False), verbose=False))
+
     def to_dict(self) -> Dict[str, Any]:
         return {
             "source": self.source, "pid": self.pid, "executable": self.executable,
@@ -174,18 +180,30 @@ def _imports_of(imports: elf.ElfImports, base: Optional[int] = None,
     return tuple(rows)
 
 
+def _read_for_report(path: str) -> Tuple[Optional[elf.ElfImports], Optional[str]]:
+    """The file's imports (None for a static executable) and why this process
+    cannot patch it (None when it can).  Another machine's or class's library
+    is still read and listed: only this process cannot patch it."""
+    try:
+        return patcher.read_target_file(path, _wanted_symbols()), None
+    except StaticExecutableError as exc:
+        return None, _without_path(str(exc), path)
+    except WrongMachineError as exc:
+        reason = _without_path(str(exc), path) + ", and greenify patches only the process it runs in"
+        return elf.read_blocking_imports(path, _wanted_symbols()), reason
+
+
 def inspect_file(path: str) -> LibraryReport:
     """The report for the ELF file at ``path``, as a library on disk.  Raises
     TargetNotFoundError or NotElfError for bad input; a file greenify cannot
     patch for another reason (static, another machine) comes back with
-    ``error`` set."""
+    ``error`` set (and another machine's imports listed)."""
     protected = loaded.protected_reason(LoadedObject(path, 0, (), None))
-    try:
-        imports = patcher.read_target_file(path, _wanted_symbols())
-    except (StaticExecutableError, WrongMachineError) as exc:
-        return LibraryReport(path, error=_without_path(str(exc), path), protected=protected)
+    imports, error = _read_for_report(path)
+    if imports is None:
+        return LibraryReport(path, error=error, protected=protected)
     return LibraryReport(path, imports.soname, imports.build_id_hex, imports.needed, _imports_of(imports),
-                         protected=protected)
+                         error=error, protected=protected)
 
 
 def _without_path(message: str, path: str) -> str:
@@ -196,17 +214,20 @@ def _without_path(message: str, path: str) -> str:
 def _inspect_loaded(obj: LoadedObject, in_this_process: bool) -> LibraryReport:
     protected = loaded.protected_reason(obj)
     try:
-        imports = patcher.read_target_file(obj.path, _wanted_symbols())
+        imports, error = _read_for_report(obj.path)
     except GreenifyError as exc:
         return LibraryReport(obj.path, error=_without_path(str(exc), obj.path), protected=protected)
-    if not in_this_process:
+    if imports is None:
+        return LibraryReport(obj.path, error=error, protected=protected)
+    if not in_this_process or error is not None:
         return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed, _imports_of(imports),
-                             protected=protected)
-    if obj.build_id != imports.build_id:
-        # its relocations would describe some other layout than what is mapped
+                             error=error, protected=protected)
+    try:
+        slots.check_object(obj, imports)  # the patcher's own check: else its relocations describe another layout
+    except GreenifyError as exc:
         return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed, protected=protected,
-                             error="the file on disk is not the loaded object (GNU build-ids differ)")
-    patched_slots = patcher.patched_slots(obj)  # {slot address: PatchedSlot}
+                             error=_without_path(str(exc), obj.path))
+    patched_slots = slots.written_slots(obj, slots.TWIN).get(slots.object_key(obj), {})  # {slot address: PatchedSlot}
     return LibraryReport(obj.path, imports.soname, imports.build_id_hex, imports.needed,
                          _imports_of(imports, obj.base, patched_slots), protected=protected)
 

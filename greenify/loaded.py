@@ -1,7 +1,7 @@
 """The objects loaded in this process, and matching a target to them.
 
 ``loaded_objects()`` asks the dynamic loader (dl_iterate_phdr, in
-csrc/slots.c) for every loaded object: its path, load base, PT_LOAD segments
+csrc/loaded.c) for every loaded object: its path, load base, PT_LOAD segments
 as mapped and GNU build-id as found in memory.  ``find_loaded(target)``
 resolves what a user names to those objects:
 
@@ -24,11 +24,11 @@ from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from greenify import elf
-from greenify.errors import NotLoadedError, TargetNotFoundError
+from greenify.errors import NotElfError, NotLoadedError, TargetNotFoundError
 
 log = logging.getLogger("greenify")
 
-Target = Union[str, "os.PathLike[str]", types.ModuleType]
+Target = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]", types.ModuleType]
 
 # Parts of glibc besides libc itself: they issue their system calls directly,
 # so following DT_NEEDED into them would only add risk.
@@ -72,24 +72,25 @@ class LoadedObject:
         return any(seg.writable and seg.start <= address and address + size <= seg.end for seg in self.segments)
 
 
-def loaded_objects() -> List[LoadedObject]:
-    """Every object loaded in this process that has a file (the vDSO has none)."""
+def loaded_objects(with_missing_files: bool = False) -> List[LoadedObject]:
+    """Every object loaded in this process that has a file (the vDSO has
+    none); with ``with_missing_files``, also those whose file is gone."""
     from greenify._green import ffi, lib
 
-    capacity = 128
+    capacity = lib.loaded_list_objects(ffi.NULL, 0)
     while True:
-        buffer = ffi.new("struct slots_object[]", capacity)
-        count = lib.slots_list_objects(buffer, capacity)
+        buffer = ffi.new("struct loaded_object[]", capacity)
+        count = lib.loaded_list_objects(buffer, capacity)
         if count <= capacity:
             break
-        capacity = count + 32  # objects loaded meanwhile: try again with room to spare
+        capacity = count  # objects loaded meanwhile: again, with room for all of them
     objects = []
     for i in range(count):
         entry = buffer[i]
         name = ffi.string(entry.path).decode("utf-8", "surrogateescape")
         is_main = i == 0 and not name  # glibc lists the main program first, without a name
         path = os.path.realpath("/proc/self/exe") if is_main else name
-        if not path or not os.path.isfile(path):
+        if not path or not (with_missing_files or os.path.isfile(path)):
             continue
         segments = tuple(LoadedSegment(seg.start, seg.end, seg.flags) for seg in entry.segments[0:entry.nsegments])
         build_id = bytes(ffi.buffer(entry.build_id, entry.build_id_size)) if entry.build_id_size else None
@@ -108,7 +109,7 @@ def protected_reason(obj: LoadedObject) -> Optional[str]:
     """Why greenify never patches ``obj`` (None when it may)."""
     name = obj.name
     if obj.is_main_program:
-        return "the main program (the Python interpreter)"
+        return f"the main program ({obj.name})"
     if name.startswith("libc.so") or name.startswith("libc-"):
         return "libc itself: its calls are what the green functions use"
     if name.startswith("ld-linux") or name.startswith("ld64.so") or name.startswith("ld-"):
@@ -181,6 +182,12 @@ def module_objects(module: types.ModuleType,
     file = getattr(module, "__file__", None)
     if not file or not os.path.isfile(file):
         raise TargetNotFoundError(f"module {target} has no shared-library file (__file__={file!r})", target)
+    try:
+        elf.read_identity(file)
+    except NotElfError:
+        raise NotElfError(f"module {target} is not a C extension module: {file} is not a shared library; pass the "
+                          "extension module that wraps the C library (such as MySQLdb._mysql) or the library's "
+                          "name", target) from None
     objects = loaded_objects() if objects is None else objects
     roots = match_path(file, objects)
     if not roots:
@@ -214,6 +221,21 @@ def _needed_objects(name: str, objects: Sequence[LoadedObject]) -> List[LoadedOb
     # file name usually equals it; otherwise compare sonames.
     found = [obj for obj in objects if obj.name == name]
     return found or [obj for obj in objects if _soname(obj) == name]
+
+
+def as_target(target: object, caller: str) -> Union[str, types.ModuleType]:
+    """``target`` as a module or a str (a bytes path, as code written for
+    douban's greenify passes, decoded as the file system does).  Raises
+    TypeError naming ``caller`` for anything else, ValueError for ""."""
+    if isinstance(target, types.ModuleType):
+        return target
+    if not isinstance(target, (str, bytes, os.PathLike)):
+        raise TypeError(f"{caller}() takes a path, a library name (file name, soname or stem) or an extension "
+                        f"module, not {type(target).__name__} {target!r}")
+    name = os.fsdecode(target)
+    if not name:
+        raise ValueError(f"{caller}(): an empty target")
+    return name
 
 
 def find_loaded(target: Target) -> List[LoadedObject]:

@@ -14,10 +14,13 @@ new objects get their own dlopen hooked, and those that match a registered
 target are patched by the patcher.  So a library is patched before the code
 that loaded it can call it; only its own constructors run unpatched.
 
-These hook slots are kept apart from the patcher's twin table: the patcher
-never patches the interpreter, libc or the loader, and the hooks never make
-anything wait.  When the last registration is cancelled every hooked slot
-gets back the value it held (unless someone re-hooked it meanwhile).
+The hooks are written, recorded and put back by greenify.slots, the same
+write path and lock as the patcher's twins (purpose DLOPEN_HOOK), with the
+same checks of the file against the loaded object.  They are not twins: the
+patcher never patches the interpreter, libc or the loader, and the hooks
+never make anything wait.  When the last registration is cancelled every
+hooked slot gets back the value it held (unless someone re-hooked it
+meanwhile).
 """
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ import logging
 import os
 import types
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
 from gevent.monkey import get_original
 
-from greenify import elf, loaded, patcher
+from greenify import elf, loaded, patcher, slots
 from greenify._green import ffi, lib
 from greenify.errors import GreenifyError, ProtectedTargetError
 from greenify.loaded import LoadedObject
@@ -41,22 +45,9 @@ log = logging.getLogger("greenify")
 
 # symbol -> the hook in greenify._green.lib that replaces it
 _HOOKS = {"dlopen": "greenify_dlopen_hook", "dlmopen": "greenify_dlmopen_hook"}
-_POINTER_SIZE = ffi.sizeof("void *")
-_get_ident = get_original("_thread", "get_ident")
-
-ObjectKey = Tuple[str, int]  # (real path, load base), as the patcher keys its records
-
-
-@dataclass(frozen=True)
-class HookedSlot:
-    """A dlopen/dlmopen slot that holds a hook of greenify's."""
-
-    path: str
-    symbol: str
-    version: Optional[str]
-    slot_address: int
-    previous: int  # restored when the last registration is cancelled
-    hook: int
+# Rounds of _catch_up: loads its own work causes (an import by pyelftools)
+# settle within one or two; every other thread's load is announced by its own hook.
+_CATCH_UP_ROUNDS = 16
 
 
 @dataclass(eq=False)
@@ -92,17 +83,12 @@ class OnLoadPatch:
         return f"<OnLoadPatch {', '.join(self.targets)}: {state}, {patched} patched report(s), {len(self.errors)} error(s)>"
 
 
-# A native re-entrant lock: the callback may run in a thread that already
-# holds it (patch_on_load() itself importing something through a hooked dlopen).
-_lock = get_original("threading", "RLock")()
 _registrations: List[OnLoadPatch] = []
-_seen: Set[ObjectKey] = set()           # objects already looked at while active
-_hooked: Dict[ObjectKey, Dict[int, HookedSlot]] = {}
-_busy_thread: Optional[int] = None     # the thread inside _catch_up()
-
-
-def _key(obj: LoadedObject) -> ObjectKey:
-    return obj.realpath, obj.base
+_seen: Set[slots.ObjectKey] = set()  # objects already looked at while active
+# Whether this thread is inside _catch_up() (or patch_on_load()'s own work).
+# Thread-local, so a fork needs no reset: only the forking thread lives on,
+# in the middle of whatever it was doing.
+_busy = get_original("threading", "local")()
 
 
 def _target_matches(target: str, obj: LoadedObject) -> bool:
@@ -122,47 +108,40 @@ def _may_hook(obj: LoadedObject) -> bool:
     return reason is None or obj.is_main_program or obj.name.startswith("libpython")
 
 
+@lru_cache(maxsize=1024)
+def _dlopen_imports(path: str, build_id: Optional[bytes]) -> elf.ElfImports:
+    # Keyed by the loaded build-id too: cancelling the last registration
+    # and registering again reads no file twice.
+    return patcher.read_target_file(path, _HOOKS.keys())
+
+
 def _install_hooks(objects: Iterable[LoadedObject]) -> None:
+    """Point the dlopen/dlmopen slots of each object that may be hooked at
+    the hooks, through the one write path (plan, check, write, record)."""
+    hooked = slots.written_slots(purpose=slots.DLOPEN_HOOK)
     for obj in objects:
-        key = _key(obj)
-        if key in _hooked or not _may_hook(obj):
+        if slots.object_key(obj) in hooked or not _may_hook(obj):
             continue
         try:
-            imports = elf.read_blocking_imports(obj.path, _HOOKS.keys())
+            imports = _dlopen_imports(obj.path, obj.build_id)
         except GreenifyError as exc:
             log.debug("greenify: cannot read %s for its dlopen: %s", obj.path, exc)
             continue
-        wanted = [imp for imp in imports.imports if imp.r_addend == 0]
-        if not wanted:
+        changes = [(imp, _hook_address(imp.symbol)) for imp in imports.imports if imp.r_addend == 0]
+        if not changes:
             continue
-        if imports.build_id != obj.build_id:
-            log.warning("greenify: %s changed on disk since it was loaded: its dlopen is not hooked", obj.path)
-            continue
-        slots = [(imp, obj.base + imp.r_offset) for imp in wanted]
-        if not all(obj.holds_slot(address, _POINTER_SIZE) for _imp, address in slots):
-            log.warning("greenify: %s names a dlopen slot outside its writable segments: not hooked", obj.path)
-            continue
-        writes, error = patcher.write_slots([(address, _hook_address(imp.symbol), 0) for imp, address in slots])
-        if writes is None:
-            log.warning("greenify: %s: %s; its dlopen is not hooked", obj.path, error)
-            continue
-        _hooked[key] = {address: HookedSlot(obj.path, imp.symbol, imp.version, address, writes[i].previous,
-                                            writes[i].value)
-                        for i, (imp, address) in enumerate(slots)}
-        log.debug("greenify: hooked %s of %s", ", ".join(sorted({imp.symbol for imp in wanted})), obj.path)
+        try:
+            slots.check_object(obj, imports)
+            slots.write(obj, slots.DLOPEN_HOOK, changes)
+        except GreenifyError as exc:
+            log.warning("greenify: %s; its dlopen is not hooked", exc)
 
 
 def _remove_hooks() -> None:
-    current = {_key(obj) for obj in loaded.loaded_objects()}
-    for key, record in list(_hooked.items()):
-        del _hooked[key]
-        if key not in current:
-            continue  # unloaded: nothing to put back
-        slots = list(record.values())
-        # expected: our hook; someone who hooked it after us keeps theirs
-        writes, error = patcher.write_slots([(slot.slot_address, slot.previous, slot.hook) for slot in slots])
-        if writes is None:
-            log.warning("greenify: %s: %s; its dlopen stays hooked", slots[0].path, error)
+    try:
+        slots.restore_all(purpose=slots.DLOPEN_HOOK)
+    except GreenifyError as exc:
+        log.warning("greenify: %s; some dlopen stays hooked", exc)
 
 
 def _patch_new(obj: LoadedObject, registration: OnLoadPatch) -> None:
@@ -183,38 +162,45 @@ def _patch_new(obj: LoadedObject, registration: OnLoadPatch) -> None:
 def _catch_up() -> None:
     """Look at every object not seen yet: hook its dlopen, patch it for each
     registration it matches.  Repeats while loads happen meanwhile."""
-    for _round in range(16):
-        adds = lib.onload_adds()
+    for _round in range(_CATCH_UP_ROUNDS):
+        adds = lib.loaded_adds()
         objects = loaded.loaded_objects()
-        keys = {_key(obj) for obj in objects}
-        new = [obj for obj in objects if _key(obj) not in _seen]
+        keys = {slots.object_key(obj) for obj in objects}
+        new = [obj for obj in objects if slots.object_key(obj) not in _seen]
         _seen.intersection_update(keys)  # an unloaded object's base may be reused
         _seen.update(keys)
-        for key in [key for key in _hooked if key not in keys]:
-            del _hooked[key]
         _install_hooks(new)
         for obj in new:
             for registration in _registrations:
                 if registration.matches(obj):
                     _patch_new(obj, registration)
-        if lib.onload_adds() == adds:
+        if lib.loaded_adds() == adds:
             return
 
 
 @contextlib.contextmanager
 def _working() -> Iterator[bool]:
-    """Hold the lock; yields False when this thread is already working (a
-    load caused by the work itself: the outer work's _catch_up sees it)."""
-    global _busy_thread
-    with _lock:
-        if _busy_thread == _get_ident():
+    """Hold the one slot lock; yields False when this thread is already
+    working (a load caused by the work itself: the outer work's _catch_up
+    sees it)."""
+    with slots.locked():
+        if getattr(_busy, "working", False):
             yield False
             return
-        _busy_thread = _get_ident()
+        _busy.working = True
         try:
             yield True
         finally:
-            _busy_thread = None
+            _busy.working = False
+
+
+def on_loaded() -> None:
+    """What the dlopen hook runs after a load added objects (through the
+    extern "Python" entry greenify_loaded): hook the new objects' dlopen,
+    patch those a registration names."""
+    with _working() as first:
+        if first and _registrations:
+            _catch_up()
 
 
 def _callback_failed(exc_type, exc_value, traceback) -> None:
@@ -223,24 +209,18 @@ def _callback_failed(exc_type, exc_value, traceback) -> None:
 
 @ffi.def_extern(onerror=_callback_failed)
 def greenify_loaded() -> None:
-    with _working() as first:
-        if first and _registrations:
-            _catch_up()
+    on_loaded()
 
 
 def _check_target(target: object) -> str:
     if isinstance(target, types.ModuleType):
         raise TypeError(f"patch_on_load() takes library names, stems or paths; module {target.__name__} is "
                         "already loaded: use patch_library(module)")
-    if not isinstance(target, (str, os.PathLike)):
-        raise TypeError(f"patch_on_load() takes library names, stems or paths, not {type(target).__name__}")
-    name = os.fspath(target)
-    if not name:
-        raise ValueError("patch_on_load(): an empty target")
-    return name
+    return loaded.as_target(target, "patch_on_load")
 
 
-def patch_on_load(*targets: "str | os.PathLike[str]", functions: Optional[Iterable[str]] = None) -> OnLoadPatch:
+def patch_on_load(*targets: "str | bytes | os.PathLike[str]",
+                  functions: "Optional[Iterable[str] | str]" = None) -> OnLoadPatch:
     """Patch every library a target names (file name, soname, stem or path,
     as for patch_library) now if it is loaded, and from now on the moment it
     is loaded: by an import, ``ctypes.CDLL`` or a C library's ``dlopen``,
@@ -251,7 +231,7 @@ def patch_on_load(*targets: "str | os.PathLike[str]", functions: Optional[Iterab
     if not targets:
         raise TypeError("patch_on_load() needs at least one target")
     names = tuple(_check_target(target) for target in targets)
-    registration = OnLoadPatch(names, None if functions is None else frozenset(functions))
+    registration = OnLoadPatch(names, patcher.wanted_functions(functions))
     with _working():
         objects = loaded.loaded_objects()
         now: Dict[str, List[LoadedObject]] = {}
@@ -267,7 +247,7 @@ def patch_on_load(*targets: "str | os.PathLike[str]", functions: Optional[Iterab
             lib.onload_set_enabled(1)
         try:
             _install_hooks(objects)
-            _seen.update(_key(obj) for obj in objects)
+            _seen.update(slots.object_key(obj) for obj in objects)
             for name in names:
                 if now[name]:
                     registration.reports.append(
@@ -303,26 +283,11 @@ def cancel_patch_on_load(registration: Optional[OnLoadPatch] = None) -> None:
 
 def registrations() -> Tuple[OnLoadPatch, ...]:
     """The active registrations."""
-    with _lock:
+    with slots.locked():
         return tuple(_registrations)
 
 
-def hooked_slots() -> Dict[ObjectKey, Tuple[HookedSlot, ...]]:
-    """(real path, load base) -> the dlopen/dlmopen slots hooked in it now."""
-    with _lock:
-        return {key: tuple(record.values()) for key, record in _hooked.items()}
-
-
-def _reset_after_fork() -> None:
-    # A lock held by another thread at fork() time would stay held forever
-    # in the child; the state it guards was copied consistent or not at all.
-    global _lock, _busy_thread
-    _lock = get_original("threading", "RLock")()
-    _busy_thread = None
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
 # Loads during interpreter shutdown do not enter Python.
 atexit.register(lib.onload_set_enabled, 0)
 
-__all__ = ["patch_on_load", "cancel_patch_on_load", "OnLoadPatch", "HookedSlot", "registrations", "hooked_slots"]
+__all__ = ["patch_on_load", "cancel_patch_on_load", "OnLoadPatch", "registrations"]

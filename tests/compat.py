@@ -1,35 +1,62 @@
-"""Issue 5's compatibility table, generated from the driver tests.
+"""The README's compatibility table, generated from the driver tests.
 
 A test marked ``@pytest.mark.compat("psycopg2")`` (or a module with
 ``pytestmark = pytest.mark.compat("MySQLdb")``) counts for that driver's row
-of ROWS.  When a session in which marked tests ran ends, this plugin writes
-each row's driver and C library versions and its tests' outcomes to
-tests/compat-results.json, one outcome per test; tests that did not run
-this time keep the outcome the file gave them before, so running one test
-file, or one test, updates only what ran.
+of ROWS.
+
+Honest by construction:
+
+* A session that runs any marked test owns tests/compat-results.json: it
+  marks the file "running" before the first test and rewrites it whole when
+  it finishes.  Nothing is merged with earlier runs, so a crashed session
+  leaves a file that says so, and rendering or checking it fails.  So
+  running one driver test file leaves the other rows "not run": render the
+  README's table from a whole `make test` (or `git checkout` the file).
+* Every row of ROWS is in the table.  A marked test that was collected but
+  did not run (an interrupted session) counts as not run; a test file that
+  names a row in a compat mark but failed to import puts that row's result
+  at "not run" with the file named.
+* ``python tests/compat.py --check README.md`` (``make check-readme``, after
+  ``make test``) fails when the README's table is not exactly the one this
+  file renders.
+
+Adding a column: append a Column to COLUMNS.  Its ``cell`` gets the row's
+entry from the results file (see ``_row_entry``) and returns the Markdown for
+the cell.  A column about an aspect of the drivers (TLS, asyncio, ...) is
+``aspect_column("TLS", "tls")``: mark the tests that prove that aspect
+``@pytest.mark.compat("psycopg2", "tls")``; the cell then summarizes those
+tests' outcomes ("3 of 3 passed", or "not tested").  Aspect tests count in the
+row's tests and result too.  Rerun the driver tests and
+``python tests/compat.py --readme README.md``.
 
 As a script it renders that file as the README's Markdown table:
 
     python tests/compat.py                    # print the table
     python tests/compat.py --readme README.md # rewrite it between the markers
+    python tests/compat.py --check README.md  # exit 1 if the README's table differs
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.metadata
 import json
 import os
 import platform
+import re
 import sys
+import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import pytest
 
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat-results.json")
 README_START = "<!-- compat:start -->"
 README_END = "<!-- compat:end -->"
+RUNNING, COMPLETE = "running", "complete"
+NOT_RUN = "not run"
 
 
 @dataclass(frozen=True)
@@ -76,92 +103,151 @@ def _library_version(row: Row) -> str:
         return f"unknown ({type(exc).__name__})"
 
 
-def row_result(passed: int, failed: int, skipped: int) -> str:
-    if failed:
+# --- outcomes and cells ------------------------------------------------------------
+
+def tests_cell(outcomes: Iterable[str]) -> str:
+    """"5 of 6 passed, 1 skipped": every outcome counted, none hidden."""
+    outcomes = list(outcomes)
+    if not outcomes:
+        return "not tested"
+    count = {kind: outcomes.count(kind) for kind in ("passed", "failed", "skipped", "xfailed", NOT_RUN)}
+    text = f"{count['passed']} of {len(outcomes)} passed"
+    for kind, label in (("failed", "failed"), ("skipped", "skipped"), ("xfailed", "known failures"),
+                        (NOT_RUN, "not run")):
+        if count[kind]:
+            text += f", {count[kind]} {label}"
+    return text
+
+
+def row_result(entry: dict) -> str:
+    outcomes = [test["outcome"] for test in entry["tests"].values()]
+    if "failed" in outcomes:
         return "failed"
-    if passed:
-        return "passed"
-    return "skipped"
+    if entry["not_collected"] or not outcomes or NOT_RUN in outcomes:
+        return NOT_RUN if "passed" not in outcomes else "incomplete"
+    if "passed" not in outcomes:
+        return "skipped"
+    return "passed"
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    cell: Callable[[dict], str]
+
+
+def aspect_column(header: str, aspect: str) -> Column:
+    """A column summarizing the row's tests marked ``compat(driver, aspect)``."""
+    return Column(header, lambda entry: tests_cell(test["outcome"] for test in entry["tests"].values()
+                                                   if aspect in test["aspects"]))
+
+
+def _not_collected_note(entry: dict) -> str:
+    return "".join(f"; {path} did not import" for path in entry["not_collected"])
+
+
+COLUMNS: List[Column] = [
+    Column("driver", lambda entry: entry["driver"]),
+    Column("version", lambda entry: ", ".join(f"{package} {version}"
+                                              for package, version in entry["versions"].items())),
+    Column("C library greenify patches", lambda entry: entry["library"]),
+    Column("library version", lambda entry: entry["library_version"]),
+    Column("tests", lambda entry: tests_cell(test["outcome"] for test in entry["tests"].values())
+           + _not_collected_note(entry)),
+    Column("result", lambda entry: f"**{row_result(entry)}**"),
+    aspect_column("under asyncio (greenify.asyncio)", "asyncio"),
+]
 
 
 # --- the pytest plugin ---------------------------------------------------------
 
-_row_of_test: Dict[str, str] = {}   # nodeid -> row name, for marked tests
-_outcomes: Dict[str, str] = {}      # nodeid -> passed / failed / skipped / xfailed, this session
-_collected_files: set = set()       # test files collected this session, before any -k deselection
+class _Session:
+    """What this pytest session records: set up when it collects a marked test."""
+
+    def __init__(self) -> None:
+        self.tests: Dict[str, Tuple[str, Tuple[str, ...]]] = {}  # nodeid -> (row, aspects)
+        self.outcomes: Dict[str, str] = {}
+        self.not_collected: Dict[str, List[str]] = {}            # row -> test files that did not import
+        self.started = ""
+        self.rootpath = ""
+
+
+_session = _Session()
+_COMPAT_MARK = re.compile(r"""mark\.compat\(\s*(['"])(.+?)\1""")
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "compat(driver): the test counts for that driver's row of the "
-                                       "README's compatibility table (tests/compat.py)")
+    _session.rootpath = str(config.rootpath)
+    config.addinivalue_line("markers", "compat(driver, *aspects): the test counts for that driver's row of the "
+                                       "README's compatibility table, and for each aspect's column (tests/compat.py)")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(session, config, items) -> None:
-    for item in items:
-        _collected_files.add(_file_of(item.nodeid))
+def pytest_collectreport(report) -> None:
+    if not report.failed or not report.nodeid.endswith(".py"):
+        return
+    try:
+        with open(os.path.join(_session.rootpath, report.nodeid)) as source:
+            rows = {match.group(2) for match in _COMPAT_MARK.finditer(source.read())}
+    except OSError:
+        return
+    for row in rows & set(ROWS):
+        _session.not_collected.setdefault(row, []).append(report.nodeid)
+
+
+def pytest_collection_finish(session) -> None:
+    for item in session.items:
         marker = item.get_closest_marker("compat")
         if marker is None:
             continue
-        driver = marker.args[0]
+        driver, *aspects = marker.args
         if driver not in ROWS:
             raise ValueError(f"{item.nodeid}: compat({driver!r}) names no row of tests/compat.py's ROWS "
                              f"({', '.join(ROWS)})")
-        _row_of_test[item.nodeid] = driver
+        _session.tests[item.nodeid] = (driver, tuple(aspects))
+    if _session.tests or _session.not_collected:
+        _session.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        _write({"status": RUNNING, "started": _session.started, "rows": {}})
 
 
 def pytest_runtest_logreport(report) -> None:
-    if report.nodeid in _row_of_test:
-        record_outcome(_outcomes, report)
-
-
-def record_outcome(outcomes: Dict[str, str], report) -> None:
-    """Keep in `outcomes` what the report says of its test (tests/compat_asyncio.py uses it too)."""
+    if report.nodeid not in _session.tests:
+        return
     if hasattr(report, "wasxfail"):
-        outcomes[report.nodeid] = "xfailed"
+        _session.outcomes[report.nodeid] = "xfailed"
     elif report.failed:
-        outcomes[report.nodeid] = "failed"
+        _session.outcomes[report.nodeid] = "failed"
     elif report.skipped:
-        outcomes.setdefault(report.nodeid, "skipped")
-    elif report.when == "call" and outcomes.get(report.nodeid) != "failed":
-        outcomes[report.nodeid] = "passed"
+        _session.outcomes.setdefault(report.nodeid, "skipped")
+    elif report.when == "call" and _session.outcomes.get(report.nodeid) != "failed":
+        _session.outcomes[report.nodeid] = "passed"
 
 
-def _file_of(nodeid: str) -> str:
-    return nodeid.split("::", 1)[0]
+def _row_entry(driver: str, row: Row) -> dict:
+    """A row as the results file keeps it, and as Column.cell receives it."""
+    return {
+        "driver": driver,
+        "library": row.library,
+        "versions": {package: _package_version(package) for package in row.packages},
+        "library_version": _library_version(row),
+        "tests": {nodeid: {"outcome": _session.outcomes.get(nodeid, NOT_RUN), "aspects": list(aspects)}
+                  for nodeid, (test_row, aspects) in sorted(_session.tests.items()) if test_row == driver},
+        "not_collected": sorted(_session.not_collected.get(driver, [])),
+    }
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    if not _outcomes:
-        return
-    results = load_results()
-    for driver, row in ROWS.items():
-        ran = {nodeid: outcome for nodeid, outcome in _outcomes.items() if _row_of_test[nodeid] == driver}
-        earlier = results["rows"].get(driver, {})
-        # Merge with earlier runs: a test that did not run this time keeps its
-        # outcome, unless its file was collected and it was not in it
-        # (renamed, removed or no longer marked) or its file is gone.
-        tests = {nodeid: outcome for nodeid, outcome in earlier.get("tests", {}).items()
-                 if (_file_of(nodeid) not in _collected_files or _row_of_test.get(nodeid) == driver)
-                 and os.path.exists(os.path.join(session.config.rootpath, _file_of(nodeid)))}
-        tests.update(ran)
-        if not tests:
-            results["rows"].pop(driver, None)
-            continue
-        if not ran and tests == earlier.get("tests"):
-            continue  # nothing new: keep the versions it was recorded with
-        counts = {kind: sum(1 for outcome in tests.values() if outcome == kind)
-                  for kind in ("passed", "failed", "skipped", "xfailed")}
-        entry = dict(earlier) if not ran else {
-            "versions": {package: _package_version(package) for package in row.packages},
-            "library_version": _library_version(row),
-            "python": platform.python_version(),
-            "gevent": _package_version("gevent"),
-            "machine": platform.machine(),
-        }
-        entry.update(driver=driver, library=row.library, **counts, tests=dict(sorted(tests.items())),
-                     result=row_result(counts["passed"], counts["failed"], counts["skipped"]))
-        results["rows"][driver] = entry
+    if not _session.started:
+        return  # no marked test in this session: the file is another session's
+    _write({
+        "status": COMPLETE,
+        "started": _session.started,
+        "environment": f"Python {platform.python_version()}, gevent {_package_version('gevent')}, "
+                       f"{platform.machine()}",
+        "rows": {driver: _row_entry(driver, row) for driver, row in ROWS.items()},
+    })
+
+
+def _write(results: dict) -> None:
     with open(RESULTS_PATH + ".tmp", "w") as out:
         json.dump(results, out, indent=2, sort_keys=True)
         out.write("\n")
@@ -169,67 +255,76 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
 
 def load_results(path: str = RESULTS_PATH) -> dict:
+    """The results of the last session that ran marked tests; SystemExit when
+    there are none or that session did not finish."""
     try:
         with open(path) as results_file:
             results = json.load(results_file)
-    except (OSError, ValueError):
-        results = {}
-    results.setdefault("rows", {})
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{path}: no results ({exc}); run the driver tests first (make test)") from None
+    if results.get("status") != COMPLETE:
+        raise SystemExit(f"{path}: the session that started writing it at {results.get('started', '?')} did not "
+                         f"finish (crashed, killed or still running): run the driver tests again (make test)")
     return results
 
 
 # --- the Markdown table ----------------------------------------------------------
 
 def markdown_table(results: dict) -> str:
+    lines = ["| " + " | ".join(column.header for column in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
     rows = results["rows"]
-    lines = ["| driver | version | C library greenify patches | library version | tests | result |",
-             "|---|---|---|---|---|---|"]
-    environments = set()
-    for driver in list(ROWS) + sorted(set(rows) - set(ROWS)):
-        if driver not in rows:
-            continue
-        row = rows[driver]
-        environments.add(f"Python {row['python']}, gevent {row['gevent']}, {row['machine']}")
-        total = row["passed"] + row["failed"] + row["skipped"]
-        tests = f"{row['passed']} of {total} passed"
-        if row["skipped"]:
-            tests += f", {row['skipped']} skipped"
-        if row["xfailed"]:
-            tests += f", {row['xfailed']} known failures"
-        versions = ", ".join(f"{package} {version}" for package, version in row["versions"].items())
-        lines.append(f"| {row['driver']} | {versions} | {row['library']} "
-                     f"| {row['library_version']} | {tests} | **{row['result']}** |")
+    for driver in [driver for driver in ROWS if driver in rows] + sorted(set(rows) - set(ROWS)):
+        entry = rows[driver]
+        lines.append("| " + " | ".join(column.cell(entry) for column in COLUMNS) + " |")
     lines.append("")
     lines.append(f"Generated by `python tests/compat.py` from `tests/compat-results.json`, which the driver tests "
-                 f"write ({'; '.join(sorted(environments)) or 'no results yet'}).")
+                 f"write ({results['environment']}).")
     return "\n".join(lines)
 
 
-def rewrite_readme(readme_path: str, table: str) -> None:
-    """Replace what lies between README_START and README_END with `table`."""
+def _split_readme(readme_path: str) -> Tuple[str, str, str]:
     with open(readme_path) as readme:
         text = readme.read()
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:
-        raise SystemExit(f"{readme_path}: no {README_START} ... {README_END} markers to write the table between")
-    text = text[:start + len(README_START)] + "\n" + table + "\n" + text[end:]
+        raise SystemExit(f"{readme_path}: no {README_START} ... {README_END} markers around the table")
+    start += len(README_START)
+    return text[:start], text[start:end], text[end:]
+
+
+def rewrite_readme(readme_path: str, table: str) -> None:
+    """Replace what lies between README_START and README_END with `table`."""
+    before, _old, after = _split_readme(readme_path)
     with open(readme_path + ".tmp", "w") as out:
-        out.write(text)
+        out.write(before + "\n" + table + "\n" + after)
     os.replace(readme_path + ".tmp", readme_path)
+
+
+def check_readme(readme_path: str, table: str) -> List[str]:
+    """The differences between the README's table and `table` (none: [])."""
+    _before, current, _after = _split_readme(readme_path)
+    return list(difflib.unified_diff(current.strip("\n").splitlines(), table.splitlines(),
+                                     f"{readme_path} (between the compat markers)", RESULTS_PATH, lineterm=""))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Render tests/compat-results.json as a Markdown table.")
     parser.add_argument("--results", default=RESULTS_PATH, help="the results file (default: %(default)s)")
-    parser.add_argument("--readme", help="rewrite this file between the compat markers instead of printing")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--readme", metavar="README", help="rewrite this file between the compat markers")
+    action.add_argument("--check", metavar="README", help="exit 1 if this file's table differs from the results")
     args = parser.parse_args(argv)
-    results = load_results(args.results)
-    if not results["rows"]:
-        print(f"{args.results}: no results; run the driver tests first (make test)", file=sys.stderr)
-        return 1
-    table = markdown_table(results)
+    table = markdown_table(load_results(args.results))
     if args.readme:
         rewrite_readme(args.readme, table)
+    elif args.check:
+        differences = check_readme(args.check, table)
+        if differences:
+            print("\n".join(differences), file=sys.stderr)
+            print(f"{args.check}: the compatibility table differs from what the last test run recorded; "
+                  f"after a full `make test`: python tests/compat.py --readme {args.check}", file=sys.stderr)
+            return 1
     else:
         print(table)
     return 0

@@ -37,7 +37,9 @@ VARIANTS: Dict[str, List[str]] = {
 def compiler() -> str:
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
-        pytest.skip("no C compiler (cc) to build the fixture libraries: install gcc")
+        from servers import missing  # here: fixturelib is loaded before the servers plugin
+
+        missing("no C compiler (cc) to build the fixture libraries: apt-get install gcc")
     return cc
 
 

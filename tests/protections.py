@@ -1,15 +1,16 @@
 """A suite-wide guard (a pytest plugin): every GOT write greenify makes, to
 patch or to unpatch, must leave page protections exactly as they were.
 
-Around patcher.write_slots, the one function through which greenify writes
+Around slots.write_slots, the one function through which greenify writes
 slots (patching, unpatching, hooking dlopen for patch_on_load), it reads
 /proc/self/maps and checks that every file-backed mapping that existed
 before keeps its protection, and that no mapping is writable and executable
-at once."""
+at once.  A failure fails the test that caused it, even when the write ran
+inside the dlopen hook, whose errors are otherwise only logged."""
 from __future__ import annotations
 
 import functools
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 
@@ -36,6 +37,11 @@ def check_unchanged(before, after, step: str) -> None:
     assert not changed, f"{step} changed page protections: {changed}"
 
 
+# What the guard found, kept until the test ends: a write inside the dlopen
+# hook runs under the hook's error handler, which only logs.
+failures: List[str] = []
+
+
 def guarded(step: str, write):
     @functools.wraps(write)
     def wrapper(*args, **kwargs):
@@ -43,16 +49,28 @@ def guarded(step: str, write):
         try:
             return write(*args, **kwargs)
         finally:
-            check_unchanged(before, file_mappings(), step)
+            try:
+                check_unchanged(before, file_mappings(), step)
+            except AssertionError as exc:
+                failures.append(str(exc))
+                raise
     return wrapper
+
+
+@pytest.fixture(autouse=True)
+def no_protection_changed_during_the_test():
+    """Fail the test that made a write change protections, wherever it ran."""
+    failures.clear()
+    yield
+    assert not failures, failures
 
 
 @pytest.fixture(autouse=True, scope="session")
 def page_protections_restored_after_every_write():
-    from greenify import patcher
-    saved = {"write_slots": patcher.write_slots}
+    from greenify import slots
+    saved = {"write_slots": slots.write_slots}
     for name, write in saved.items():
-        setattr(patcher, name, guarded(f"patcher.{name}", write))
+        setattr(slots, name, guarded(f"slots.{name}", write))
     yield
     for name, write in saved.items():
-        setattr(patcher, name, write)
+        setattr(slots, name, write)

@@ -10,8 +10,8 @@ under waiting queries fails each of them promptly.  And a Starlette app
 served by uvicorn answers 50 concurrent requests, each a 0.5 s MySQLdb
 query, together, from one worker.
 
-Each test counts for its driver's row of the README's asyncio column
-(tests/compat_asyncio.py, through ``counts_for``).
+Each test counts for its driver's row of the compatibility table, in its
+asyncio column (``@pytest.mark.compat(driver, "asyncio")``, tests/compat.py).
 """
 from __future__ import annotations
 
@@ -30,10 +30,6 @@ from greenify import _bridge
 from test_asyncio import Ticker, new_loop, run_on  # noqa: F401 - new_loop is a fixture
 from test_drivers import (expected_bodies, expected_round_trips, fetcher, late_memcached,  # noqa: F401 - fixture
                           memcached_round_trip, pg_sleeper)
-
-from compat_asyncio import counts_for
-
-pytest_plugins = ("compat_asyncio",)
 
 CONCURRENT = 50
 SLEEP_S = 0.5
@@ -99,7 +95,7 @@ def mysql_query(MySQLdb, server, sql: str = "SELECT SLEEP(%s), %s, REPEAT('x', 2
     return query
 
 
-@counts_for("MySQLdb")
+@pytest.mark.compat("MySQLdb", "asyncio")
 def test_mysqldb_50_sleeps_finish_together_with_the_results_of_stock(MySQLdb, mariadb, patched_libmariadb, new_loop):
     query = mysql_query(MySQLdb, mariadb)
 
@@ -116,7 +112,7 @@ def test_mysqldb_50_sleeps_finish_together_with_the_results_of_stock(MySQLdb, ma
     assert ticks >= 10
 
 
-@counts_for("MySQLdb")
+@pytest.mark.compat("MySQLdb", "asyncio")
 def test_mysqldb_timeout_mid_query_fails_the_connection_and_others_go_on(MySQLdb, mariadb, patched_libmariadb,
                                                                          new_loop):
     connection = MySQLdb.connect(**mariadb.connect_kwargs())
@@ -141,7 +137,7 @@ def test_mysqldb_timeout_mid_query_fails_the_connection_and_others_go_on(MySQLdb
     assert other == ((0, 7, "x" * 2007),)
 
 
-@counts_for("MySQLdb")
+@pytest.mark.compat("MySQLdb", "asyncio")
 def test_mysqldb_task_cancel_mid_query_raises_cancelled_error_at_once(MySQLdb, mariadb, patched_libmariadb, new_loop):
     def long_query():
         connection = MySQLdb.connect(**mariadb.connect_kwargs())
@@ -170,7 +166,7 @@ def own_mariadb():
     yield from servers.serve(servers.start_mariadb)
 
 
-@counts_for("MySQLdb")
+@pytest.mark.compat("MySQLdb", "asyncio")
 def test_mariadb_killed_under_20_waiting_queries_fails_each_promptly_then_works_again(
         MySQLdb, own_mariadb, patched_libmariadb, new_loop):
     if own_mariadb.process.popen.poll() is not None:
@@ -223,7 +219,7 @@ def patched_libpq(psycopg2, postgres):
         yield report
 
 
-@counts_for("psycopg2")
+@pytest.mark.compat("psycopg2", "asyncio")
 def test_psycopg2_50_pg_sleeps_finish_together_with_the_results_of_stock(psycopg2, postgres, patched_libpq,
                                                                          new_loop):
     query = pg_sleeper(psycopg2, postgres, SLEEP_S)
@@ -233,7 +229,7 @@ def test_psycopg2_50_pg_sleeps_finish_together_with_the_results_of_stock(psycopg
     assert elapsed < TOGETHER_BOUND_S, f"{CONCURRENT} pg_sleep({SLEEP_S}) took {elapsed:.2f} s"
 
 
-@counts_for("psycopg2")
+@pytest.mark.compat("psycopg2", "asyncio")
 def test_psycopg2_timeout_mid_query_returns_at_once_leaving_the_query_to_the_server(psycopg2, postgres,
                                                                                     patched_libpq, new_loop):
     # libpq takes the failed wait (poll) as the end of PQgetResult's wait,
@@ -289,7 +285,7 @@ def test_psycopg2_interrupted_by_gevent_timeout_is_left_in_its_query_as_under_as
 
 # --- pylibmc -------------------------------------------------------------------------
 
-@counts_for("pylibmc")
+@pytest.mark.compat("pylibmc", "asyncio")
 def test_pylibmc_50_clients_round_trip_the_values_of_stock(pylibmc, memcached, new_loop):
     round_trip = memcached_round_trip(pylibmc, memcached.address)
     with greenify.patched("libmemcached") as report:
@@ -298,7 +294,7 @@ def test_pylibmc_50_clients_round_trip_the_values_of_stock(pylibmc, memcached, n
     assert results == expected_round_trips(CONCURRENT)
 
 
-@counts_for("pylibmc")
+@pytest.mark.compat("pylibmc", "asyncio")
 def test_pylibmc_paused_server_neither_blocks_the_loop_nor_outlives_a_timeout(pylibmc, memcached, late_memcached,
                                                                               new_loop):
     late_client, timeout_client = (pylibmc.Client([late_memcached.address], binary=True) for _ in range(2))
@@ -328,7 +324,7 @@ def test_pylibmc_paused_server_neither_blocks_the_loop_nor_outlives_a_timeout(py
 
 # --- pycurl --------------------------------------------------------------------------
 
-@counts_for("pycurl")
+@pytest.mark.compat("pycurl", "asyncio")
 def test_pycurl_50_transfers_finish_together_with_the_bodies_of_stock(pycurl, slow_http, new_loop):
     fetch = fetcher(pycurl, slow_http, SLEEP_S)
     with greenify.patched("libcurl"):
@@ -337,7 +333,7 @@ def test_pycurl_50_transfers_finish_together_with_the_bodies_of_stock(pycurl, sl
     assert elapsed < TOGETHER_BOUND_S, f"{CONCURRENT} transfers of {SLEEP_S} s took {elapsed:.2f} s"
 
 
-@counts_for("pycurl")
+@pytest.mark.compat("pycurl", "asyncio")
 def test_pycurl_by_host_name_resolves_on_the_executor_and_a_timeout_ends_a_transfer(pycurl, slow_http, new_loop):
     by_name = fetcher(pycurl, slow_http, SLEEP_S, host="localhost")
     slow = fetcher(pycurl, slow_http, LONG_S)
@@ -356,7 +352,7 @@ def test_pycurl_by_host_name_resolves_on_the_executor_and_a_timeout_ends_a_trans
 
 # --- a web framework: Starlette served by uvicorn, one worker --------------------------
 
-@counts_for("MySQLdb")
+@pytest.mark.compat("MySQLdb", "asyncio")
 @pytest.mark.parametrize("loop_setting", ["asyncio", "uvloop"])
 def test_starlette_under_uvicorn_answers_50_requests_of_a_half_second_query_together(
         MySQLdb, mariadb, patched_libmariadb, loop_setting):

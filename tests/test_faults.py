@@ -22,6 +22,8 @@ from gevent import socket as gsocket
 
 import greenify
 from green_support import buffer, call_green, open_fds, rss_kb, run_concurrently, socketpair, tcp_pair
+from fault_support import FAULT_BOUND_S
+from servers import missing
 from greenify import _bridge, demo
 from greenify._green import ffi, lib
 
@@ -42,7 +44,7 @@ def raise_fd_limit(needed: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
             return
         except (ValueError, OSError):
-            pytest.skip(f"needs {needed} file descriptors; the hard limit is {hard}")
+            missing(f"needs {needed} file descriptors; the hard limit is {hard} (raise it: ulimit -Hn {needed})")
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
@@ -93,7 +95,7 @@ def test_a_peer_reset_mid_wait_gives_econnreset_promptly():
     gevent.spawn_later(0.1, reset)
     start = time.monotonic()
     assert call_green("recv", client.fileno(), buffer(8), 8, 0) == (-1, __import__("errno").ECONNRESET)
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < FAULT_BOUND_S
 
 
 def test_a_peer_close_mid_wait_reads_eof():
@@ -117,11 +119,12 @@ def test_an_fd_closed_by_another_greenlet_wakes_its_waiter_with_an_error():
     start = time.monotonic(), time.process_time()
     result, err = call_green("recv", fd, buffer(8), 8, 0)
     assert (result, err) == (-1, __import__("errno").EBADF)
-    assert time.monotonic() - start[0] < 0.5
-    # the hub goes on, without spinning on a dead descriptor
+    assert time.monotonic() - start[0] < FAULT_BOUND_S
+    # the hub goes on, without spinning on a dead descriptor (a spinning hub
+    # would take most of the second's CPU, even sharing a loaded core)
     cpu = time.process_time()
-    gevent.sleep(0.2)
-    assert time.process_time() - cpu < 0.1
+    gevent.sleep(1.0)
+    assert time.process_time() - cpu < 0.25
 
 
 def test_an_fd_closed_behind_greenifys_back_wakes_its_waiter_within_the_sweep_interval():
@@ -132,7 +135,7 @@ def test_an_fd_closed_behind_greenifys_back_wakes_its_waiter_within_the_sweep_in
     gevent.spawn_later(0.1, os.close, fd)
     start = time.monotonic()
     assert call_green("recv", fd, buffer(8), 8, 0) == (-1, __import__("errno").EBADF)
-    assert time.monotonic() - start < _bridge.SWEEP_INTERVAL_S + 0.6
+    assert time.monotonic() - start < _bridge.SWEEP_INTERVAL_S + FAULT_BOUND_S
 
 
 def test_a_closed_fd_in_a_poll_set_wakes_the_poll_with_pollnval():

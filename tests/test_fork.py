@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ import gevent
 
 import greenify
 from fixturelib import build_library
+from patch_support import slot_lock_held_by_another_thread
 
 CONCURRENT = 10
 DELAY = 0.2  # the slow_server's answer time
@@ -128,3 +130,20 @@ def test_a_forked_child_without_a_hub_blocks_natively(tmp_path, slow_server):
     child = result["child"]
     assert child["replies"] == ["pong:ping"] * 3 and not child["hub"], result
     assert child["elapsed"] >= 3 * DELAY * 0.9, result  # one after another, natively
+
+
+def test_a_slot_lock_another_thread_holds_at_fork_is_replaced_in_the_child(tmp_path):
+    # That thread does not exist in the child: the lock it held would never
+    # be released there, and the child's first patch would hang.
+    path = build_library("fx_client", "relro", tmp_path, name="libfxfork_lock.so")
+    ctypes.CDLL(str(path))
+
+    def child() -> dict:
+        signal.alarm(30)  # a hang kills the child, which fails the test
+        report = greenify.patch_library(str(path))
+        greenify.patch_on_load("libfxfork_lock_never").cancel()  # the dlopen hooks take the same lock
+        return {"patched": len(report.patched_slots), "restored": greenify.unpatch_library(str(path))}
+
+    with slot_lock_held_by_another_thread():
+        result = in_child(child)
+    assert result["patched"] > 0 and result["restored"] == result["patched"], result

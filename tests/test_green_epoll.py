@@ -51,8 +51,8 @@ def test_ready_events_return_at_once_as_the_kernel_reports_them():
     ep = epoll_on(a, mask=select.EPOLLIN | select.EPOLLOUT)
     expected = ep.poll(0)
     start = time.monotonic()
-    result, err, got = green_epoll_wait(ep.fileno(), timeout=1000)
-    assert time.monotonic() - start < 0.05
+    result, err, got = green_epoll_wait(ep.fileno(), timeout=5000)
+    assert time.monotonic() - start < 2.5  # not the 5 s timeout
     assert result == 1 and got == expected and err == 0
 
 
@@ -92,7 +92,7 @@ def test_timeout_returns_zero_after_the_timeout_and_leaves_errno():
     ffi.errno = errno.EBADF
     start = time.monotonic()
     assert lib.green_epoll_wait(ep.fileno(), events(), 8, 150) == 0
-    assert 0.14 <= time.monotonic() - start < 0.3
+    assert 0.14 <= time.monotonic() - start < 1.5
     assert ffi.errno == errno.EBADF
 
 
@@ -161,7 +161,7 @@ def test_a_timeout_ends_the_wait_with_a_timeout_result():
             lib.green_epoll_wait(ep.fileno(), events(), 8, -1)
             pytest.fail("the line after the call ran")
     assert caught.value is timeout
-    assert time.monotonic() - start < 0.3
+    assert time.monotonic() - start < 1.5
 
 
 def test_in_a_plain_thread_epoll_blocks_natively_and_creates_no_hub():

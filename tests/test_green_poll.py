@@ -79,10 +79,11 @@ def test_unusual_masks_wait_without_spinning_and_time_out(mask):
     b.sendall(b"plain data")
     fds = pollfds((a.fileno(), mask))
     start = time.process_time(), time.monotonic()
-    assert lib.green_poll(fds, 1, 200) == 0
+    assert lib.green_poll(fds, 1, 1000) == 0
     cpu, wall = time.process_time() - start[0], time.monotonic() - start[1]
-    assert 0.19 <= wall < 0.6
-    assert cpu < 0.1, f"poll spun: {cpu:.2f} s of CPU in {wall:.2f} s"
+    assert 0.99 <= wall < 3.0
+    # spinning would take most of the second, even sharing a loaded core
+    assert cpu < 0.25, f"poll spun: {cpu:.2f} s of CPU in {wall:.2f} s"
 
 
 def test_pollpri_reports_out_of_band_data():
@@ -181,7 +182,7 @@ def test_ppoll_waits_with_a_timespec_and_null_waits_for_ever_until_ready():
     fds = pollfds((a.fileno(), select.POLLIN))
     start = time.monotonic()
     assert lib.green_ppoll(fds, 1, timeout, ffi.NULL) == 0
-    assert 0.14 <= time.monotonic() - start < 0.5
+    assert 0.14 <= time.monotonic() - start < 1.5
     assert (timeout.tv_sec, timeout.tv_nsec) == (0, 150_000_000)  # glibc's ppoll leaves it alone
     send_later(b, b"x", 0.1)
     assert lib.green_ppoll(fds, 1, ffi.NULL, ffi.NULL) == 1
@@ -237,10 +238,10 @@ def test_select_updates_the_timeval_like_linux():
     send_later(b, b"x", 0.1)
     nfds = a.fileno() + 1
     r = fdset(a.fileno())
-    timeout = ffi.new("struct timeval *", {"tv_sec": 1, "tv_usec": 0})
+    timeout = ffi.new("struct timeval *", {"tv_sec": 5, "tv_usec": 0})
     assert lib.green_select(nfds, r, ffi.NULL, ffi.NULL, timeout) == 1
     left = timeout.tv_sec + timeout.tv_usec / 1e6
-    assert 0.7 < left < 0.95
+    assert 2.5 < left <= 4.91  # the data came after 0.1 s (later on a loaded machine)
 
 
 def test_select_times_out_with_empty_sets_and_zero_timeval():
@@ -250,7 +251,7 @@ def test_select_times_out_with_empty_sets_and_zero_timeval():
     timeout = ffi.new("struct timeval *", {"tv_sec": 0, "tv_usec": 120_000})
     start = time.monotonic()
     assert lib.green_select(nfds, r, ffi.NULL, ffi.NULL, timeout) == 0
-    assert 0.11 <= time.monotonic() - start < 0.5
+    assert 0.11 <= time.monotonic() - start < 1.5
     assert members(r, nfds) == []
     assert (timeout.tv_sec, timeout.tv_usec) == (0, 0)
 

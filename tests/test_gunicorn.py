@@ -30,10 +30,12 @@ UNPATCHED = 4
 UNPATCHED_SLEEP_S = 0.3
 
 APP = '''\
-"""One MySQLdb query per request: GET /?sleep=S runs SELECT SLEEP(S)."""
+"""One MySQLdb query per request: GET /?sleep=S runs SELECT SLEEP(S);
+with &timeout=T, under gevent.Timeout(T), answering 504 when it fires."""
 import os
 from urllib.parse import parse_qs
 
+import gevent
 import MySQLdb
 
 CONNECT = dict(host=os.environ["GREENIFY_DB_HOST"], port=int(os.environ["GREENIFY_DB_PORT"]),
@@ -45,12 +47,19 @@ def application(environ, start_response):
     if environ["PATH_INFO"] == "/ping":
         body = b"pong"
     else:
-        sleep_s = float(parse_qs(environ["QUERY_STRING"]).get("sleep", ["0"])[0])
+        query = parse_qs(environ["QUERY_STRING"])
+        sleep_s = float(query.get("sleep", ["0"])[0])
+        timeout_s = float(query["timeout"][0]) if "timeout" in query else None
         connection = MySQLdb.connect(**CONNECT)
         try:
-            cursor = connection.cursor()
-            cursor.execute("SELECT SLEEP(%s)", (sleep_s,))
-            (slept,), = cursor.fetchall()
+            with gevent.Timeout(timeout_s):
+                cursor = connection.cursor()
+                cursor.execute("SELECT SLEEP(%s)", (sleep_s,))
+                (slept,), = cursor.fetchall()
+        except gevent.Timeout:
+            body = f"timed out after {timeout_s} in {os.getpid()}".encode()
+            start_response("504 Gateway Timeout", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+            return [body]
         finally:
             connection.close()
         body = f"slept {sleep_s} -> {slept} in {os.getpid()}".encode()
@@ -177,3 +186,24 @@ def test_worker_without_the_hook_serves_sleeping_requests_one_after_another(plai
     assert elapsed >= UNPATCHED * UNPATCHED_SLEEP_S, (
         f"{UNPATCHED} requests of SELECT SLEEP({UNPATCHED_SLEEP_S}) took only {elapsed:.2f} s without greenify: "
         "libmariadb should block the worker")
+
+
+def test_post_fork_greenified_worker_times_out_requests_mid_query_and_keeps_serving(greenified_gunicorn):
+    # 20 requests whose queries would take 10 s, each under a 0.3 s gevent.Timeout
+    # in the app: every one answers 504 promptly, together, from the same worker,
+    # which meanwhile answers /ping and afterwards serves queries as before.
+    port, log_path = greenified_gunicorn
+    count, started = 20, time.monotonic()
+    with ThreadPoolExecutor(max_workers=count + 1) as pool:
+        timed_out = [pool.submit(get, port, "/?sleep=10&timeout=0.3") for _ in range(count)]
+        time.sleep(0.1)
+        assert answers_ping(port), "the worker did not answer /ping while its requests waited in queries"
+        responses = [future.result() for future in timed_out]
+    elapsed = time.monotonic() - started
+    pids = {body.rsplit(" ", 1)[1] for _, body in responses}
+    assert [status for status, _ in responses] == [504] * count, responses
+    assert elapsed < TOGETHER_BOUND_S, (
+        f"{count} requests timing out after 0.3 s took {elapsed:.2f} s (serial: {count * 0.3:.0f} s)\n"
+        f"--- {log_path} ---\n{servers.read_log(log_path)}")
+    _, responses = request_together(port, 10, SLEEP_S)
+    assert single_worker_answers(responses, SLEEP_S) == {int(pid) for pid in pids}, "the worker was replaced"

@@ -18,6 +18,7 @@ import gevent
 import pytest
 
 import greenify
+from fault_support import INTERRUPT_BOUND_S
 from green_support import buffer, open_fds, rss_kb, socketpair
 from greenify import _bridge
 from greenify._green import ffi, lib
@@ -66,7 +67,7 @@ def test_timeout_raises_itself_with_the_drivers_error_as_context(driver, release
     assert caught.value is timeout
     assert isinstance(caught.value.__context__, driver.DriverError)
     assert "timed out" in str(caught.value.__context__)
-    assert 0.29 <= took < 0.4
+    assert 0.29 <= took < 0.3 + INTERRUPT_BOUND_S
 
 
 def test_a_silent_timeout_stays_silent(driver):
@@ -75,7 +76,7 @@ def test_a_silent_timeout_stays_silent(driver):
     with gevent.Timeout(0.2, False):
         driver.recv_via(address_of("green_recv"), a.fileno(), 16, True)
         pytest.fail("the call went on after the timeout")
-    assert time.monotonic() - start < 0.3
+    assert time.monotonic() - start < 0.2 + INTERRUPT_BOUND_S
 
 
 def test_a_timeout_around_a_cffi_call_raises_at_the_next_line():
@@ -93,7 +94,7 @@ def test_kill_ends_the_greenlet_at_once(driver):
     gevent.sleep(0.05)
     start = time.monotonic()
     g.kill()
-    assert time.monotonic() - start < 0.1
+    assert time.monotonic() - start < INTERRUPT_BOUND_S
     assert g.dead and g.successful()
     assert isinstance(g.value, gevent.GreenletExit)
 
@@ -210,12 +211,20 @@ def test_a_thousand_cancellations_leave_nothing_behind(driver):
 
 def test_no_stray_exception_surfaces_later_in_other_greenlets(driver):
     a, b = socketpair()
-    for _ in range(20):
-        with gevent.Timeout(0.001, False):
-            driver.recv_via(address_of("green_recv"), a.fileno(), 16, True)
-    survivors = gevent.joinall([gevent.spawn(gevent.sleep, 0.02) for _ in range(20)], raise_error=True)
+    hub = gevent.get_hub()
+    reported = []  # every error the hub is handed: from its callbacks, watchers and dying greenlets
+    hub.handle_error = lambda context, kind, value, tb: reported.append((context, kind, value))
+    try:
+        for _ in range(20):
+            with gevent.Timeout(0.001, False):
+                driver.recv_via(address_of("green_recv"), a.fileno(), 16, True)
+        survivors = gevent.joinall([gevent.spawn(gevent.sleep, 0.02) for _ in range(20)], raise_error=True)
+        gevent.sleep(0.05)
+    finally:
+        del hub.handle_error  # back to the class's
     assert len(survivors) == 20 and all(g.successful() for g in survivors)
-    assert gevent.get_hub().exc_info is None if hasattr(gevent.get_hub(), "exc_info") else True
+    assert reported == []
+    assert sys.exc_info() == (None, None, None)
 
 
 def test_an_existing_trace_function_keeps_working_through_a_delivery(driver):

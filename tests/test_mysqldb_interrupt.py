@@ -20,15 +20,17 @@ import gevent
 import pytest
 
 import servers
+from fault_support import INTERRUPT_BOUND_S, LONG_WAIT_S
 from green_support import open_fds, rss_kb
 from greenify import _bridge
 
 pytestmark = [pytest.mark.compat("MySQLdb"), pytest.mark.usefixtures("patched_libmariadb")]
 
-LONG_SLEEP_S = 3  # the queries that get interrupted: far longer than any timeout here
+LONG_SLEEP_S = LONG_WAIT_S  # the queries that get interrupted: far longer than any timeout here
 TIMEOUT_S = 0.3
-# The exception arrives once libmariadb has unwound, just after the timer.
-DELIVERY_BOUND_S = 0.1
+# The exception arrives once libmariadb has unwound, just after the timer; a
+# wait that missed the interruption would last the whole LONG_SLEEP_S.
+DELIVERY_BOUND_S = INTERRUPT_BOUND_S
 
 
 

@@ -2,6 +2,7 @@
 cooperation under gevent, unpatching, repeated and concurrent patching."""
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import os
 import socket
@@ -15,6 +16,7 @@ import pytest
 
 import greenify
 from fixturelib import VARIANTS, build_library, maps_lines_of, slot_value
+from patch_support import no_slot_recorded, rewrite_slot
 from greenify import elf, loaded, patcher
 
 LOADERS = {"CDLL": ctypes.CDLL, "PyDLL": ctypes.PyDLL}
@@ -83,7 +85,7 @@ def test_patch_points_slots_at_twins_and_unpatch_restores_them(fixture_libs, var
     assert {slot.symbol for slot in report.patched_slots} == set(slots)
     for slot in report.patched_slots:
         assert slot.slot_address == slots[slot.symbol]
-        assert slot_value(slot.slot_address) == twin(slot.symbol) == slot.green
+        assert slot_value(slot.slot_address) == twin(slot.symbol) == slot.value
         assert slot.previous == before[slot.symbol]
     assert maps_lines_of(path) == maps_before
 
@@ -298,8 +300,46 @@ def test_a_stale_record_whose_slot_no_longer_holds_the_twin_is_patched_again(tmp
     ctypes.CDLL(str(path))
     with greenify.patched(str(path)) as report:
         slot = report.objects[0].patched[0]
-        writes, error = patcher.write_slots([(slot.slot_address, slot.previous, 0)])  # libc's address, behind greenify
-        assert writes is not None, error
+        rewrite_slot(slot.slot_address, slot.previous)  # libc's address, behind greenify
         again = greenify.patch_library(str(path))
         assert [s.slot_address for s in again.objects[0].patched] == [slot.slot_address]
-        assert slot_value(slot.slot_address) == slot.green
+        assert slot_value(slot.slot_address) == slot.value
+
+
+def test_an_unloaded_library_leaves_no_record_and_patches_anew_when_loaded_again(tmp_path):
+    path = build_library("fx_client", "relro", tmp_path, name="libfxunload.so")
+    handle = _ctypes.dlopen(str(path), os.RTLD_NOW)  # the only reference: dlclose unloads it
+    report = greenify.patch_library(str(path))
+    assert report and not no_slot_recorded(path)
+
+    _ctypes.dlclose(handle)
+
+    assert not loaded.match_path(str(path)), "the fixture library stayed loaded"
+    assert no_slot_recorded(path)
+    with pytest.raises(greenify.NotLoadedError):  # true: nothing of it is left to put back
+        greenify.unpatch_library(str(path))
+
+    handle = _ctypes.dlopen(str(path), os.RTLD_NOW)  # often at the same base: a new object all the same
+    try:
+        again = greenify.patch_library(str(path))
+        assert len(again.objects[0].patched) == len(report.objects[0].patched)
+        assert greenify.unpatch_library(str(path)) == len(report.objects[0].patched)
+        for slot in again.patched_slots:
+            assert slot_value(slot.slot_address) == libc_address(slot.symbol)
+        assert no_slot_recorded(path)
+    finally:
+        _ctypes.dlclose(handle)
+
+
+def test_report_prints_what_greenify_inspect_prints(fixture_libs):
+    path = fixture_libs["noplt"]["fx_client"]
+    ctypes.CDLL(str(path))
+    with greenify.patched(str(path)) as patch:
+        text = str(greenify.report())
+    lines = text.splitlines()
+    assert lines[0].startswith("this process: ") and "import blocking functions" in lines[0]
+    assert "    " + str(path) in lines
+    row = lines.index("    " + str(path))
+    assert f"{len(patch.patched_slots)} patched now" in " ".join(lines[row:row + 4])
+    assert all(len(line) <= 80 for line in lines if not line.strip().startswith("/")), text
+    assert "LibraryReport(" not in text

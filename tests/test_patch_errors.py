@@ -14,9 +14,12 @@ import pytest
 
 import greenify
 from fixturelib import build_library, slot_value
+from patch_support import imports_matching_the_loaded_object, recorded_slots
+from servers import missing
 from greenify import elf, loaded, patcher
-from greenify.errors import (BuildIdMismatchError, GreenifyError, NotElfError, NotLoadedError, ProtectedTargetError,
-                             SlotOutsideSegmentsError, StaticExecutableError, TargetNotFoundError, WrongMachineError)
+from greenify.errors import (BuildIdMismatchError, NotElfError, NotLoadedError, ProtectedTargetError,
+                             SlotOutsideSegmentsError, StaticExecutableError, TargetNotFoundError, UnknownFunctionError,
+                             WrongMachineError)
 
 
 def all_slots() -> Dict[int, int]:
@@ -24,10 +27,8 @@ def all_slots() -> Dict[int, int]:
     values = {}
     for obj in loaded.loaded_objects():
         if obj.name.startswith("libfx"):
-            try:
-                imports = elf.read_blocking_imports(obj.path)
-                patcher._check_identity(obj, imports)
-            except GreenifyError:
+            imports = imports_matching_the_loaded_object(obj)
+            if imports is None:
                 continue  # a file a test replaced on purpose: its offsets mean nothing here
             for imp in imports.imports:
                 if obj.holds_slot(obj.base + imp.r_offset, 8):
@@ -41,13 +42,13 @@ def nothing_written(fixture_libs) -> Iterator[None]:
     for libs in fixture_libs.values():
         for path in libs.values():
             ctypes.CDLL(str(path))
-    slots, records = all_slots(), {key: dict(value) for key, value in patcher._records.items()}
+    slots, records = all_slots(), recorded_slots()
     yield
     after = all_slots()
     assert {address: after[address] for address in slots} == slots
     # libraries the test loaded itself: no slot may point at a twin either
     assert not set(after.values()) & set(patcher.green_twins().values())
-    assert patcher._records == records
+    assert recorded_slots() == records
 
 
 def refused(target, error: type, *words: str) -> None:
@@ -97,7 +98,7 @@ def test_static_executable(nothing_written, tmp_path):
     source.write_text("int main(void) { return 0; }\n")
     static = tmp_path / "static-main"
     if subprocess.run(["cc", "-static", "-o", str(static), str(source)], capture_output=True).returncode != 0:
-        pytest.skip("no static libc (libc.a) to link a static executable: install libc6-dev")
+        missing("no static libc (libc.a) to link a static executable: apt-get install libc6-dev")
     refused(str(static), StaticExecutableError, "static")
 
 
@@ -115,10 +116,14 @@ def test_module_without_a_shared_library(nothing_written):
     refused(sys, TargetNotFoundError, "sys")
 
 
-@pytest.mark.parametrize("target", ["libc.so.6", "libc", "ld-linux-x86-64.so.2"])
+# the loader this process runs under: ld-linux-x86-64.so.2, ld-linux-aarch64.so.1, ...
+LOADER = next(obj.name for obj in loaded.loaded_objects() if obj.name.startswith("ld-"))
+
+
+@pytest.mark.parametrize("target", ["libc.so.6", "libc", LOADER])
 def test_libc_and_the_loader_are_never_patched(nothing_written, target):
     if not loaded.match_name(target):
-        pytest.skip(f"{target} is not loaded under that name here")
+        missing(f"{target} is not loaded under that name here")
     refused(target, ProtectedTargetError, "never patches")
 
 
@@ -140,6 +145,8 @@ def test_replaced_file_with_another_build_id_is_refused(nothing_written, tmp_pat
     os.replace(rebuilt, path)  # what a package upgrade does under a running process
     refused(str(path), BuildIdMismatchError, "build-id", "ab" * 20)
     refused("libfxrebuilt.so", BuildIdMismatchError, "build-id")
+    (library,) = [library for library in greenify.report().libraries if library.path == str(path)]
+    assert "build-id" in library.error and not library.imports  # report() applies the patcher's own check
 
 
 def test_same_build_id_but_another_layout_is_refused(nothing_written, tmp_path):
@@ -149,6 +156,8 @@ def test_same_build_id_but_another_layout_is_refused(nothing_written, tmp_path):
     other = build_library("fx_client", "default", tmp_path, name="other.so", extra=[same_id, "-O0", "-g0"])
     os.replace(other, path)
     refused(str(path), BuildIdMismatchError, "PT_LOAD")
+    (library,) = [library for library in greenify.report().libraries if library.path == str(path)]
+    assert "PT_LOAD" in library.error
 
 
 def test_relocation_naming_a_slot_outside_the_object_is_refused(nothing_written, tmp_path):
@@ -174,3 +183,54 @@ def test_unpatch_refuses_the_same_bad_input(nothing_written, tmp_path):
         greenify.unpatch_library(str(tmp_path / "libgone.so"))
     with pytest.raises(NotLoadedError, match="libgreenify-nowhere"):
         greenify.unpatch_library("libgreenify-nowhere")
+
+
+@pytest.mark.parametrize("target", [None, 42, ["libfx_client_default.so"]])
+def test_a_target_of_another_type_is_named_in_a_type_error(nothing_written, target):
+    with pytest.raises(TypeError, match=f"patch_library\\(\\) takes a path.*not {type(target).__name__}"):
+        greenify.patch_library(target)
+    with pytest.raises(TypeError, match="unpatch_library"):
+        greenify.unpatch_library(target)
+    with pytest.raises(ValueError, match="empty target"):
+        greenify.patch_library("")
+
+
+def test_a_bytes_path_or_name_works_as_douban_greenify_callers_pass_it(fixture_libs):
+    path = fixture_libs["noplt"]["fx_client"]
+    ctypes.CDLL(str(path))
+    with greenify.patched(os.fsencode(path)) as report:
+        assert report.target == str(path) and {"recv", "send"} <= {slot.symbol for slot in report.patched_slots}
+        assert greenify.patch_library(os.fsencode(path.name)).objects[0].already_patched == report.patched_slots
+    assert greenify.patch_lib(os.fsencode(path)) is True
+    assert greenify.unpatch_library(os.fsencode(path)) == len(report.patched_slots)
+
+
+def test_a_pure_python_module_is_not_a_c_extension(nothing_written):
+    refused(os, NotElfError, "module os is not a C extension module", os.__file__, "MySQLdb._mysql")
+
+
+def test_unknown_function_names_are_listed_with_the_known_ones(nothing_written, fixture_libs):
+    path = str(fixture_libs["default"]["fx_client"])
+    with pytest.raises(UnknownFunctionError) as caught:
+        greenify.patch_library(path, functions=["recv", "nonexistent", "strlen"])
+    message = str(caught.value)
+    assert "'nonexistent', 'strlen'" in message and "recv" not in message.split(";")[0]
+    assert "greenify has twins for: " in message and "poll" in message.split(";")[1]
+    assert isinstance(caught.value, ValueError) and caught.value.unknown == ("nonexistent", "strlen")
+    with pytest.raises(UnknownFunctionError, match="nonexistent"):
+        greenify.patch_on_load("libfx_never_loaded", functions=["nonexistent"])
+
+
+def test_functions_must_be_names(nothing_written, fixture_libs):
+    path = str(fixture_libs["default"]["fx_client"])
+    with pytest.raises(TypeError, match="functions: names of C functions \\(str\\), not NoneType None"):
+        greenify.patch_library(path, functions=[None])
+    with pytest.raises(TypeError, match="not bytes b'recv'"):
+        greenify.patch_library(path, functions=[b"recv"])
+
+
+def test_functions_given_as_one_string_is_one_name(fixture_libs):
+    path = fixture_libs["relro"]["fx_client"]
+    ctypes.CDLL(str(path))
+    with greenify.patched(str(path), functions="recv") as report:
+        assert [slot.symbol for slot in report.patched_slots] == ["recv"]

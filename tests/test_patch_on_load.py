@@ -5,6 +5,7 @@ hooks taken out again when the last registration is cancelled."""
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import threading
 import time
@@ -15,8 +16,9 @@ import gevent
 import pytest
 
 import greenify
-from fixturelib import build_extension_module, build_library, compiler, slot_value
-from greenify import elf, loaded, onload, patcher
+from fixturelib import build_extension_module, build_library, compiler, maps_lines_of, slot_value
+from patch_support import hooked_slots
+from greenify import elf, loaded, onload, patcher, slots
 from greenify._green import lib as green_lib
 
 CONCURRENT = 10
@@ -193,16 +195,16 @@ def test_loading_an_already_loaded_library_does_not_enter_python(tmp_path):
 def test_cancel_puts_back_the_dlopen_slots_and_stops_patching(tmp_path):
     before = file_mapping_perms()
     registration = greenify.patch_on_load("libfxol_late")
-    hooked = [slot for slots in onload.hooked_slots().values() for slot in slots]
-    assert any(slot.path.endswith(".so") and "_ctypes" in slot.path for slot in hooked)
-    assert all(slot_value(slot.slot_address) == slot.hook for slot in hooked)
+    hooked = hooked_slots()
+    assert any(path.endswith(".so") and "_ctypes" in path for path, _slot in hooked)
+    assert all(slot_value(slot.slot_address) == slot.value for _path, slot in hooked)
     assert file_mapping_perms() == before  # RELRO pages went back to read-only
 
     registration.cancel()
 
     assert not registration.active and not onload.registrations()
-    assert onload.hooked_slots() == {}
-    assert all(slot_value(slot.slot_address) == slot.previous for slot in hooked)
+    assert hooked_slots() == []
+    assert all(slot_value(slot.slot_address) == slot.previous for _path, slot in hooked)
     assert file_mapping_perms() == before
     path = build_library("fx_client", "default", tmp_path, name="libfxol_late.so")
     ctypes.CDLL(str(path))
@@ -213,7 +215,7 @@ def test_several_registrations_share_the_hooks(tmp_path):
     first = greenify.patch_on_load("libfxol_one")
     second = greenify.patch_on_load("libfxol_two")
     first.cancel()
-    assert onload.hooked_slots()  # the second still needs them
+    assert hooked_slots()  # the second still needs them
     path = build_library("fx_client", "default", tmp_path, name="libfxol_two.so")
     ctypes.CDLL(str(path))
     assert holds_twins(path)
@@ -227,7 +229,7 @@ def test_protected_targets_and_bad_targets_are_refused():
         greenify.patch_on_load(os)
     with pytest.raises(TypeError):
         greenify.patch_on_load()
-    assert not onload.registrations() and onload.hooked_slots() == {}
+    assert not onload.registrations() and hooked_slots() == []
 
 
 def test_dlopen_errors_reach_the_caller_unchanged(tmp_path):
@@ -239,3 +241,28 @@ def test_dlopen_errors_reach_the_caller_unchanged(tmp_path):
     with pytest.raises(OSError, match="invalid ELF header|file too short"):
         ctypes.CDLL(str(not_elf))
     assert compiler()
+
+
+def test_a_protection_change_inside_the_dlopen_hook_fails_the_test(tmp_path, monkeypatch):
+    import protections
+
+    victim = build_library("fx_client", "default", tmp_path, name="libfxol_victim.so")
+    ctypes.CDLL(str(victim))
+    page = int(next(line for line in maps_lines_of(victim) if line.split()[1] == "r--p").split("-")[0], 16)
+    mprotect = ctypes.CDLL(None).mprotect
+    mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    greenify.patch_on_load("libfxol_nothing")
+    write = slots.write_slots.__wrapped__  # the real write, under the suite's guard
+
+    def write_and_open_a_page(*args, **kwargs):  # the fault to catch: a protection left changed
+        result = write(*args, **kwargs)
+        mprotect(page, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE)
+        return result
+
+    monkeypatch.setattr(slots, "write_slots", protections.guarded("injected", write_and_open_a_page))
+    try:
+        build_loader(tmp_path)  # it imports dlopen: the hook hooks it, through the injected write
+        assert any(str(victim) in failure and "injected" in failure for failure in protections.failures)
+    finally:
+        mprotect(page, mmap.PAGESIZE, mmap.PROT_READ)
+    protections.failures.clear()  # caught: this test passes

@@ -78,6 +78,9 @@ def test_extension_module_follows_dt_needed_down_to_its_library(tmp_path, slow_s
         library = next(path for path in paths if Path(path).name == "libfxmod.so")
         assert module.__file__ in paths
         assert patched_paths(report) == [library]  # the module itself calls no blocking function
+        lines = repr(report).splitlines()  # an object with nothing under it says why
+        row = next(i for i, line in enumerate(lines) if line.startswith(f"  {module.__file__} "))
+        assert lines[row + 1] == "    nothing to patch: it imports no blocking call itself"
         assert any(Path(path).name.startswith("libc.so") and "libc" in reason
                    for path, reason in report.skipped_objects)
         assert not any("_green" in path or "libpython" in path for path in paths)

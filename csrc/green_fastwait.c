@@ -1,0 +1,291 @@
+/*
+ * The common wait, below Python: one descriptor, no deadline, on a gevent
+ * hub whose loop is libev's.
+ *
+ * The general bridge (greenify/_bridge.py) costs a cffi callback, a Python
+ * frame and gevent's watcher objects on every wait.  For the wait a database
+ * client makes all day (its socket, until the answer comes) this file does
+ * the same with libev's and greenlet's C APIs: it starts a libev io watcher
+ * it owns, one per descriptor, switches to the hub greenlet, and the
+ * watcher's C callback switches back.  Everything else (deadlines, several
+ * descriptors, an interrupted greenlet, a busy descriptor, another loop
+ * implementation, a thread not attached yet) answers GREEN_FAST_UNAVAILABLE
+ * and takes the general bridge, whose rules this path follows exactly.
+ *
+ * A thread is attached by greenify/_fastwait.py the first time the bridge
+ * waits on its hub; the hub is looked up on every wait, so a destroyed or
+ * replaced hub is never used.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <greenlet.h>
+
+#include "green.h"
+
+/* libev's struct ev_io as gevent embeds it (libev 4.x built with an empty
+   EV_COMMON, so no `data` field, and the default priority range);
+   greenify/_fastwait.py attaches only a loop built that way. */
+struct libev_io;
+typedef void (*libev_io_callback)(void *loop, struct libev_io *watcher, int revents);
+struct libev_io {
+    int active;
+    int pending;
+    int priority;
+    libev_io_callback cb;
+    void *next;
+    int fd;
+    int events;
+};
+#define LIBEV_IOFDSET 0x80 /* EV__IOFDSET: the fd was set anew, libev registers it again */
+
+typedef void (*libev_io_start_stop)(void *loop, struct libev_io *watcher);
+typedef void (*libev_feed_event)(void *loop, void *watcher, int revents);
+
+/* One descriptor's watcher, and the greenlet waiting on it. */
+struct fast_watch {
+    struct libev_io io;       /* first: libev's callback gets this address */
+    struct fast_hub *hub;
+    PyObject *waiter;         /* borrowed: the greenlet is inside green_fast_wait */
+};
+
+/* One thread's hub, as the fast wait uses it. */
+struct fast_hub {
+    PyObject *hub;            /* borrowed: when it dies, greenify/_fastwait.py sets `gone` first */
+    volatile int gone;
+    PyObject *get_hub;        /* gevent._hub_local.get_hub_if_exists */
+    void *loop;               /* the hub's struct ev_loop */
+    libev_io_start_stop io_start, io_stop;
+    libev_feed_event feed_event;
+    struct fast_watch **by_fd;
+    int capacity;
+};
+
+static __thread struct fast_hub *this_thread;
+static int greenlet_imported;
+static unsigned long long fast_waits; /* waits this path carried out, all threads */
+
+unsigned long long green_fast_waits(void) { return __atomic_load_n(&fast_waits, __ATOMIC_RELAXED); }
+
+static void fast_io_ready(void *loop, struct libev_io *io, int revents)
+{
+    struct fast_watch *watch = (struct fast_watch *)io;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *waiter = watch->waiter;
+    watch->hub->io_stop(loop, io);
+    if (waiter != NULL) {
+        /* Back here when the waiter (or anyone) switches to the hub again. */
+        PyObject *result = PyGreenlet_Switch((PyGreenlet *)waiter, NULL, NULL);
+        if (result == NULL)
+            PyErr_WriteUnraisable(waiter); /* something threw into the hub: gevent's callbacks report it likewise */
+        Py_XDECREF(result);
+    }
+    PyGILState_Release(gil);
+}
+
+/* GIL held. */
+static void fast_hub_free(struct fast_hub *fast)
+{
+    /* Called when the hub is replaced or gone: a watcher still active
+       belongs to a loop that is going away with its hub, and no greenlet
+       can be waiting on it (waiting keeps the hub running). */
+    for (int fd = 0; fd < fast->capacity; fd++)
+        free(fast->by_fd[fd]);
+    free(fast->by_fd);
+    Py_XDECREF(fast->get_hub);
+    free(fast);
+}
+
+/* Attaches the calling thread's hub; returns a handle for
+   green_fast_hub_gone(), or 0 when the fast wait cannot be used. */
+uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, void *io_stop, void *feed_event)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    struct fast_hub *fast = NULL;
+    uintptr_t handle = 0;
+
+    if (!greenlet_imported) {
+        PyGreenlet_Import();
+        if (_PyGreenlet_API == NULL)
+            goto done;
+        greenlet_imported = 1;
+    }
+    fast = calloc(1, sizeof *fast);
+    if (fast == NULL)
+        goto done;
+    PyObject *hub_local = PyImport_ImportModule("gevent._hub_local");
+    if (hub_local == NULL)
+        goto done;
+    fast->get_hub = PyObject_GetAttrString(hub_local, "get_hub_if_exists");
+    Py_DECREF(hub_local);
+    if (fast->get_hub == NULL)
+        goto done;
+    fast->hub = (PyObject *)hub_id;
+    fast->loop = (void *)loop;
+    fast->io_start = (libev_io_start_stop)io_start;
+    fast->io_stop = (libev_io_start_stop)io_stop;
+    fast->feed_event = (libev_feed_event)feed_event;
+    if (this_thread != NULL)
+        fast_hub_free(this_thread);
+    this_thread = fast;
+    handle = (uintptr_t)fast;
+    fast = NULL;
+done:
+    if (handle == 0)
+        PyErr_Clear();
+    if (fast != NULL)
+        fast_hub_free(fast);
+    PyGILState_Release(gil);
+    return handle;
+}
+
+/* The attached hub is being deallocated (a weakref callback, in any
+   thread): its thread frees the rest at its next wait.  A struct whose
+   thread has ended stays allocated; it is a few words. */
+void green_fast_hub_gone(uintptr_t handle)
+{
+    ((struct fast_hub *)handle)->gone = 1;
+}
+
+static struct fast_watch *watch_for(struct fast_hub *fast, int fd)
+{
+    if (fd >= fast->capacity) {
+        int capacity = fast->capacity ? fast->capacity : 64;
+        while (capacity <= fd)
+            capacity *= 2;
+        struct fast_watch **grown = realloc(fast->by_fd, (size_t)capacity * sizeof *grown);
+        if (grown == NULL)
+            return NULL;
+        memset(grown + fast->capacity, 0, (size_t)(capacity - fast->capacity) * sizeof *grown);
+        fast->by_fd = grown;
+        fast->capacity = capacity;
+    }
+    if (fast->by_fd[fd] == NULL) {
+        struct fast_watch *watch = calloc(1, sizeof *watch);
+        if (watch == NULL)
+            return NULL;
+        watch->io.cb = fast_io_ready;
+        watch->hub = fast;
+        fast->by_fd[fd] = watch;
+    }
+    return fast->by_fd[fd];
+}
+
+/* Records the exception thrown into the waiting greenlet (the current error) exactly as
+   the general bridge does, and clears it. */
+static int record_interruption(PyObject *current)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (value != NULL && traceback != NULL)
+        PyException_SetTraceback(value, traceback);
+    int status = GREEN_INTERRUPTED;
+    PyObject *bridge = PyImport_ImportModule("greenify._bridge");
+    PyObject *answer = bridge == NULL ? NULL : PyObject_CallMethod(bridge, "_interrupted_by", "OO", current, value);
+    if (answer == NULL)
+        PyErr_WriteUnraisable(value); /* cannot happen short of memory: the call still fails as interrupted */
+    Py_XDECREF(answer);
+    Py_XDECREF(bridge);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return status;
+}
+
+/* The calling thread's hub, if it is the one attached and the caller is
+   not the hub itself; NULL otherwise (GIL held). */
+static struct fast_hub *usable_hub(PyObject *current)
+{
+    struct fast_hub *fast = this_thread;
+    if (fast == NULL)
+        return NULL;
+    if (fast->gone) {
+        this_thread = NULL;
+        fast_hub_free(fast);
+        return NULL;
+    }
+    PyObject *hub = PyObject_CallNoArgs(fast->get_hub);
+    if (hub == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    Py_DECREF(hub); /* alive: it is this thread's hub; only its address is compared */
+    if (hub != fast->hub || current == hub)
+        return NULL;
+    return fast;
+}
+
+int green_fast_wait(const struct green_watch *watch_asked)
+{
+    struct fast_hub *fast;
+    struct fast_watch *watch;
+    PyObject *current, *result;
+    int status = GREEN_FAST_UNAVAILABLE;
+
+    if (this_thread == NULL || green_state.interrupts_pending)
+        return GREEN_FAST_UNAVAILABLE; /* not attached, or interruptions to honour: the bridge's rules */
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *saved_type, *saved_value, *saved_tb;
+    PyErr_Fetch(&saved_type, &saved_value, &saved_tb);
+    current = (PyObject *)PyGreenlet_GetCurrent();
+    fast = current == NULL ? NULL : usable_hub(current);
+    if (fast == NULL || watch_asked->fd < 0)
+        goto done;
+    watch = watch_for(fast, watch_asked->fd);
+    if (watch == NULL || watch->io.active || watch->waiter != NULL)
+        goto done; /* another greenlet waits on this descriptor: the bridge handles sharing */
+    /* Set the fd anew each time: the number may name another file than
+       libev registered (closed and reused behind greenify's back, with no
+       loop iteration in between), and libev registers it again only when
+       told so.  That costs an epoll_ctl per wait (ADD, failing with EEXIST
+       while the registration is still there), as gevent's own sockets pay;
+       test_fast_wait's reused-number test hangs without it. */
+    watch->io.fd = watch_asked->fd;
+    watch->io.events = watch_asked->events | LIBEV_IOFDSET;
+    watch->waiter = current;
+    fast->io_start(fast->loop, &watch->io);
+    __atomic_add_fetch(&fast_waits, 1, __ATOMIC_RELAXED);
+    result = PyGreenlet_Switch((PyGreenlet *)fast->hub, NULL, NULL);
+    watch->waiter = NULL;
+    if (watch->io.active)
+        fast->io_stop(fast->loop, &watch->io); /* woken by someone else: a spurious switch or a throw */
+    if (result != NULL) {
+        Py_DECREF(result);
+        status = GREEN_WOKEN; /* ready, or a spurious switch: the caller probes again */
+    }
+    else {
+        status = record_interruption(current); /* an exception was thrown into the waiting greenlet */
+    }
+done:
+    Py_XDECREF(current);
+    PyErr_Restore(saved_type, saved_value, saved_tb);
+    PyGILState_Release(gil);
+    return status;
+}
+
+/* Before fd is closed by the close twin: its waiter in this thread wakes,
+   probes again and finds it gone. */
+void green_fast_closing(int fd)
+{
+    struct fast_hub *fast = this_thread;
+    if (fast != NULL && fd >= 0 && fd < fast->capacity && fast->by_fd[fd] != NULL &&
+        fast->by_fd[fd]->waiter != NULL && fast->by_fd[fd]->io.active)
+        fast->feed_event(fast->loop, &fast->by_fd[fd]->io, fast->by_fd[fd]->io.events & (GREEN_READ | GREEN_WRITE));
+}
+
+/* The descriptors this thread's fast waiters wait on (for the sweeper,
+   which looks for descriptors closed behind greenify's back). */
+int green_fast_waiting_fds(int *fds, int max)
+{
+    struct fast_hub *fast = this_thread;
+    int count = 0;
+    for (int fd = 0; fast != NULL && fd < fast->capacity && count < max; fd++)
+        if (fast->by_fd[fd] != NULL && fast->by_fd[fd]->waiter != NULL)
+            fds[count++] = fd;
+    return count;
+}
