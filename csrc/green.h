@@ -65,6 +65,7 @@ struct green_state {
     volatile int active;             /* greenify.greenify() was called */
     volatile int finalizing;         /* the interpreter is shutting down: never enter Python */
     volatile int interrupts_pending; /* greenlets interrupted and not yet back in Python */
+    volatile int waiters_registered; /* greenlets with a waiter of their own (greenify.asyncio): the bridge decides */
     int waiting;                     /* waits on a hub in progress, all threads (atomic) */
 };
 extern struct green_state green_state;
@@ -129,6 +130,7 @@ void green_set_active(int active);
 int green_is_active(void);
 void green_set_finalizing(void);
 void green_set_interrupts_pending(int count);
+void green_set_waiters_registered(int count);
 int green_stats_count(void);
 const char *green_stats_name(int function);
 void green_stats_read(int function, unsigned long long *calls, unsigned long long *wait_ns);

@@ -31,6 +31,7 @@ void green_set_active(int active) { green_state.active = active; }
 int green_is_active(void) { return green_state.active; }
 void green_set_finalizing(void) { green_state.finalizing = 1; }
 void green_set_interrupts_pending(int count) { green_state.interrupts_pending = count; }
+void green_set_waiters_registered(int count) { green_state.waiters_registered = count; }
 
 /* ---- wait statistics (greenify.stats()): counted on the wait path only ---- */
 
@@ -272,7 +273,11 @@ int green_wait(struct green_call *call, const struct green_watch *watches, int n
         timeout_s = (double)left / 1e9;
     }
     __atomic_add_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
-    result = nwatches == 1 && deadline_ns == GREEN_NO_DEADLINE ? green_fast_wait(watches) : GREEN_FAST_UNAVAILABLE;
+    /* While any greenlet has a waiter of its own (greenify.asyncio, a temporary
+       hook until the Waiter bridge lands), the bridge chooses every wait. */
+    result = nwatches == 1 && deadline_ns == GREEN_NO_DEADLINE && !green_state.waiters_registered
+                 ? green_fast_wait(watches)
+                 : GREEN_FAST_UNAVAILABLE;
     if (result == GREEN_FAST_UNAVAILABLE)
         result = greenify_wait(watches, nwatches, timeout_s);
     __atomic_sub_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);

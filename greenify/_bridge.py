@@ -143,10 +143,12 @@ _waiters: Dict[greenlet, object] = {}
 
 def use_waiter(glet: greenlet, waiter) -> None:
     _waiters[glet] = waiter
+    lib.green_set_waiters_registered(len(_waiters))  # the C fast wait (gevent's) steps aside meanwhile
 
 
 def drop_waiter(glet: greenlet) -> None:
     _waiters.pop(glet, None)
+    lib.green_set_waiters_registered(len(_waiters))
 
 
 def _wait_through(waiter, current, watches, nwatches: int, timeout: float) -> int:

@@ -564,3 +564,32 @@ def test_an_asyncio_user_never_imports_gevent():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def gevent_recv_round_trip() -> None:
+    """A recv in a greenlet of this thread's hub, woken by a send: a common
+    wait (one fd, no deadline), which gevent's C fast wait takes."""
+    a, b = socket.socketpair()
+    with a, b:
+        waiter = gevent.spawn(recv_into, a.fileno())
+        gevent.sleep(0.05)
+        b.send(b"hub")
+        assert waiter.get(timeout=10)[2] == b"hub"
+
+
+def test_a_thread_whose_hub_takes_the_c_fast_wait_still_awaits_its_loop_inside_run(new_loop):
+    gevent_recv_round_trip()  # this thread's hub is attached to the fast wait
+    before = lib.green_fast_waits()
+    gevent_recv_round_trip()
+    assert lib.green_fast_waits() > before, "the fast wait was not taken: the test proves nothing"
+    reader, writer = socket.socketpair()
+
+    async def main():
+        asyncio.get_running_loop().call_later(WAIT_S, writer.send, b"loop")
+        return await asyncio.wait_for(gasyncio.run(recv_into, reader.fileno()), 10)
+
+    with reader, writer:
+        assert run_on(new_loop, main)[2] == b"loop"
+    before = lib.green_fast_waits()
+    gevent_recv_round_trip()  # and gevent's common waits take it again once no run is left
+    assert lib.green_fast_waits() > before
