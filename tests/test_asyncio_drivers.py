@@ -395,7 +395,7 @@ def test_starlette_under_uvicorn_answers_50_requests_of_a_half_second_query_toge
             answers = await asyncio.gather(*(get(index) for index in range(CONCURRENT)))
             return time.monotonic() - started, answers
 
-        elapsed, answers = asyncio.run(main())
+        elapsed, answers = run_on(asyncio.new_event_loop, main)  # no signal handlers touched
     finally:
         server.should_exit = True
         thread.join(20)
