@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CC ?= cc
 
-.PHONY: build test demo bench check-readme clean
+.PHONY: build test demo bench check-readme driver-suites clean test-versions test-aarch64 wheel
 
 build: $(VENV)/.installed $(VENV)/.drivers
 
@@ -59,15 +59,52 @@ test: build
 demo: $(VENV)/.base
 	$(PY) -m greenify.demo $(if $(ASYNCIO),--asyncio)
 
+# psycopg2's and mysqlclient's own test suites (sdists from PyPI), stock and
+# greenified, against the suite's servers; fails if greenify breaks a test.
+driver-suites: build
+	$(PY) tests/driver_suites/run.py
+	$(PY) tests/driver_suites/run.py --readme README.md
+
 bench: build
 	$(PIP) install -q -e '.[bench]'
 	$(PY) bench/run.py $(if $(QUICK),--quick) $(if $(PEER),--peer-python $(PEER))
 	$(PY) bench/asyncio_bench.py $(if $(QUICK),--quick)
 
-# Fails when the README's generated parts differ from what the last test run
-# recorded (the compatibility table: tests/compat.py --check).
+# Fails when any of the README's generated parts (tests/readme_sections.py)
+# differs from the recorded run it is rendered from.
 check-readme: $(VENV)/.base
 	$(PY) tests/compat.py --check README.md
+	$(PY) tests/tls_results.py --check README.md
+	$(PY) tests/driver_suites/run.py --check README.md
+	$(PY) ci/results.py readme README.md --check
+	$(PY) bench/run.py --check README.md
 
 clean:
 	rm -rf $(VENV) build greenify/_green*.so greenify/_green.c greenify/_green.o *.egg-info
+
+# --- platforms (ci/): other CPythons, aarch64 under qemu-user, the wheel ------
+# Each run records its outcome in ci/results.json; `python ci/results.py
+# readme README.md` writes the README's statement from it.
+CACHE ?= .cache
+# the green functions, interruption, patching and faults
+VERSION_TESTS ?= tests/test_green_io.py tests/test_green_poll.py tests/test_green_epoll.py \
+	tests/test_green_sleep.py tests/test_green_where.py tests/test_interrupt.py \
+	tests/test_patch.py tests/test_patch_errors.py tests/test_patch_on_load.py \
+	tests/test_patch_targets.py tests/test_faults.py tests/test_fork.py
+# ... and on aarch64 also the ELF reader, the inspector and MySQLdb
+AARCH64_TESTS ?= $(VERSION_TESTS) tests/test_elf.py tests/test_inspect.py \
+	tests/test_mysqldb.py tests/test_mysqldb_interrupt.py
+AARCH64_ROOT ?= $(CACHE)/aarch64-root
+
+# CPython 3.10, 3.12 and 3.13 (VERSIONS="3.10 3.12 3.13"), from pyenv or PATH
+test-versions:
+	ci/test-versions.sh $(VERSION_TESTS)
+
+# needs root, debootstrap, qemu-user-static and binfmt-support
+test-aarch64:
+	ci/test-aarch64.sh $(AARCH64_ROOT) $(AARCH64_TESTS)
+
+# dist/greenify-*.whl, and its manylinux copy in wheelhouse/; proven to
+# install and run without a C compiler (ci/wheel.sh)
+wheel:
+	ci/wheel.sh

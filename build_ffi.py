@@ -34,6 +34,12 @@ ffibuilder.set_source(
     include_dirs=[str(CSRC.relative_to(HERE)), str(Path(greenlet.__file__).parent)],
     define_macros=[("_GNU_SOURCE", "1")],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter", "-fno-strict-aliasing"],
+    # Not the stable ABI: green_deliver.c reads PyThreadState's trace fields
+    # and frames, and the fast wait uses greenlet's C API, which the limited
+    # API does not offer.  So the module is named and the
+    # wheel tagged for one CPython (_green.cpython-311-...so, cp311-cp311),
+    # not abi3 (cffi's default would name it _green.abi3.so).
+    py_limited_api=False,
 )
 
 if __name__ == "__main__":

@@ -546,6 +546,7 @@ def case_syscalls(options) -> List[dict]:
 
 
 RESULTS_EXTRA: Dict[str, dict] = {}
+README_SECTION = "bench"  # the README's generated tables (tests/readme_sections.py)
 CASES = {"fastpath": case_fastpath, "switch": case_switch, "patch": case_patch, "memory": case_memory,
          "concurrency": case_concurrency, "throughput": case_throughput, "syscalls": case_syscalls}
 PEER_CASES = ("fastpath", "switch")  # run in the peer interpreter itself; 3 and 4 run it per variant
@@ -754,16 +755,29 @@ def main(argv=None) -> int:
                         help=f"an interpreter with {PEER_LABEL} installed: cases 1 to 4 also run there")
     parser.add_argument("--markdown", action="store_true",
                         help="print the tables in --output as Markdown (for the README) and exit")
+    parser.add_argument("--readme", metavar="README", help="write the tables in --output into README's bench section")
+    parser.add_argument("--check", metavar="README", help="exit 1 if README's bench section is not --output's tables")
     parser.add_argument("--as-peer", action="store_true", help=argparse.SUPPRESS)  # run by --peer-python
     options = parser.parse_args(argv)
+    rendering = options.markdown or options.readme or options.check
     if options.output is None:
-        options.output = str(REPO / "build" / "bench-quick.json" if options.quick and not options.markdown
+        options.output = str(REPO / "build" / "bench-quick.json" if options.quick and not rendering
                              else HERE / "results.json")
     if options.chart is None:
         options.chart = str(Path(options.output).with_suffix(".png"))
     Path(options.output).parent.mkdir(parents=True, exist_ok=True)
-    if options.markdown:
-        print("\n".join(table_lines(json.loads(Path(options.output).read_text()), markdown=True)))
+    if rendering:
+        tables = "\n".join(table_lines(json.loads(Path(options.output).read_text()), markdown=True))
+        sys.path.insert(0, str(REPO / "tests"))
+        import readme_sections
+        if options.readme:
+            readme_sections.write(options.readme, README_SECTION, tables)
+        elif options.check:
+            differences = readme_sections.differences(options.check, README_SECTION, tables, options.output)
+            print("\n".join(differences), file=sys.stderr)
+            return 1 if differences else 0
+        else:
+            print(tables)
         return 0
     options.selected = options.cases or list(CASES)
     started = time.monotonic()

@@ -1,13 +1,15 @@
 /*
- * What the green functions share: the run-time state, the one wait entry
- * into Python, deadlines, and the prototypes of every green twin.
+ * What the green functions share: the list of them, the run-time state,
+ * green_wait(), deadlines.  The twins' prototypes are in green_twins.h.
  *
  * A green twin has the exact signature and results of the libc call it
  * replaces.  It first tries the call without blocking (one system call when
  * the descriptor is ready); only when the caller asked to block and the call
- * would block does it wait on the gevent hub, then retry.  Where no wait is
- * possible (not activated, no hub in this thread, inside the hub, during
- * interpreter shutdown) it blocks natively, exactly as libc would.
+ * would block does it call green_wait(), which waits through the bridge
+ * (greenify/_bridge.py: the greenlet's waiter, or the thread's gevent hub),
+ * then retry.  Where no wait is possible (not activated, no waiter or hub
+ * for this greenlet, inside the hub, during interpreter shutdown) it blocks
+ * natively, exactly as libc would.
  */
 #ifndef GREENIFY_GREEN_H
 #define GREENIFY_GREEN_H
@@ -22,14 +24,14 @@
 #include <time.h>
 
 /* Events a green function waits for; the values are libev's EV_READ/EV_WRITE,
-   which gevent's loop.io() takes as they are. */
+   which gevent's loop.io() takes as they are, and the Waiter interface's. */
 #define GREEN_READ 1
 #define GREEN_WRITE 2
 
 /* Results of green_wait(). */
 #define GREEN_WOKEN 0       /* something may be ready (or a spurious wake-up): probe again */
 #define GREEN_TIMED_OUT 1   /* the deadline passed */
-#define GREEN_CANNOT_WAIT 2 /* no hub to wait on here: block natively instead */
+#define GREEN_CANNOT_WAIT 2 /* no waiter or hub here: block natively instead */
 #define GREEN_INTERRUPTED 3 /* an exception was thrown into the waiting greenlet */
 #define GREEN_NONBLOCKING 4 /* green_wait_io only: the fd is O_NONBLOCK, give the caller EAGAIN */
 #define GREEN_FAST_UNAVAILABLE 5 /* green_fast_wait only: take the general bridge */
@@ -38,15 +40,43 @@
    as fatal for the call, unlike EINTR and EAGAIN, which they retry. */
 #define GREEN_INTERRUPTED_ERRNO ETIMEDOUT
 
-/* The green functions, for greenify.stats(): X(name) once each; the
-   fortified forms count as their plain function. */
-#define GREEN_FUNCTIONS(X)                                                                      \
-    X(connect) X(accept) X(accept4) X(recv) X(recvfrom) X(recvmsg) X(send) X(sendto) X(sendmsg) \
-    X(read) X(write) X(readv) X(writev) X(poll) X(ppoll) X(select) X(pselect) X(epoll_wait)      \
-    X(epoll_pwait) X(sleep) X(usleep) X(nanosleep) X(clock_nanosleep) X(getaddrinfo)             \
-    X(getnameinfo) X(gethostbyname) X(gethostbyname_r)
-#define GREEN_FUNCTION_ID(name) GREEN_FN_##name,
+/* Every libc call greenify knows to block, once each: the one list the
+   patcher's twins, greenify-inspect's categories and greenify.stats()'
+   names are derived from (through green_function_entry(), csrc/green_functions.c).
+   X(name, family): a green twin green_<name> exists, with libc's signature. */
+#define GREEN_FUNCTIONS(X)                                                                                    \
+    X(connect, "socket") X(accept, "socket") X(accept4, "socket") X(recv, "socket") X(recvfrom, "socket")    \
+    X(recvmsg, "socket") X(send, "socket") X(sendto, "socket") X(sendmsg, "socket") X(read, "io")            \
+    X(write, "io") X(readv, "io") X(writev, "io") X(close, "descriptor") X(poll, "poll") X(ppoll, "poll")            \
+    X(select, "poll") X(pselect, "poll") X(epoll_wait, "poll") X(epoll_pwait, "poll") X(sleep, "sleep")      \
+    X(usleep, "sleep") X(nanosleep, "sleep") X(clock_nanosleep, "sleep") X(getaddrinfo, "resolver")          \
+    X(getnameinfo, "resolver") X(gethostbyname, "resolver") X(gethostbyname_r, "resolver")
+/* glibc's _FORTIFY_SOURCE forms that have a twin of their own (green_<name>):
+   X(name, plain function, family); they count as the plain function in the
+   statistics. */
+#define GREEN_FORTIFIED_FUNCTIONS(X)                                                                        \
+    X(__read_chk, read, "io") X(__recv_chk, recv, "socket") X(__recvfrom_chk, recvfrom, "socket")          \
+    X(__poll_chk, poll, "poll") X(__ppoll_chk, ppoll, "poll")
+/* Calls that block but have no twin: greenify-inspect reports them as left
+   alone; they are never patched.  X(name, family). */
+#define GREEN_BLOCKING_WITHOUT_TWIN(X)                                                                        \
+    X(recvmmsg, "socket") X(sendmmsg, "socket") X(pread, "io") X(pwrite, "io") X(pread64, "io")              \
+    X(pwrite64, "io") X(gethostbyname2_r, "resolver") X(flock, "lock") X(lockf, "lock") X(fcntl, "lock")     \
+    X(wait, "process") X(waitpid, "process")
+
+#define GREEN_FUNCTION_ID(name, family) GREEN_FN_##name,
 enum green_function { GREEN_FUNCTIONS(GREEN_FUNCTION_ID) GREEN_FUNCTION_COUNT };
+
+/* One row of the list above, for Python (greenify/_functions.py). */
+struct green_function_entry {
+    const char *name;         /* libc's symbol */
+    void *twin;               /* green_<name>; NULL for a call without a twin */
+    const char *family;       /* "socket", "io", "poll", "sleep", "resolver", "lock", "process", or
+                                 "descriptor" for close, which never blocks (it wakes waiters) */
+    const char *fortified_of; /* the plain function of a _FORTIFY_SOURCE form, else NULL */
+};
+/* The index-th row, NULL past the last. */
+const struct green_function_entry *green_function_entry(int index);
 
 /* One call's waits, as counted by greenify.stats(): the call counts once,
    however many times it waits. */
@@ -65,8 +95,8 @@ struct green_state {
     volatile int active;             /* greenify.greenify() was called */
     volatile int finalizing;         /* the interpreter is shutting down: never enter Python */
     volatile int interrupts_pending; /* greenlets interrupted and not yet back in Python */
-    volatile int waiters_registered; /* greenlets with a waiter of their own (greenify.asyncio): the bridge decides */
-    int waiting;                     /* waits on a hub in progress, all threads (atomic) */
+    int waiting;                     /* waits in Python in progress, all threads (atomic) */
+    volatile int waiters_registered; /* greenlets with a waiter of their own (greenify._bridge.use_waiter) */
 };
 extern struct green_state green_state;
 
@@ -80,7 +110,8 @@ int64_t green_deadline_after_timespec(const struct timespec *timeout);
 const struct timespec *green_time_left(int64_t deadline_ns, struct timespec *left);
 int green_ms_left(int64_t deadline_ns);
 
-/* Wait on the hub until one of the watches is ready or the deadline passes. */
+/* Wait, through the bridge, until one of the watches is ready or the
+   deadline passes (csrc/green_core.c); errno is left as found. */
 int green_wait(struct green_call *call, const struct green_watch *watches, int nwatches, int64_t deadline_ns);
 
 /* The common wait (one fd, no deadline) below Python (csrc/green_fastwait.c):
@@ -131,40 +162,14 @@ int green_is_active(void);
 void green_set_finalizing(void);
 void green_set_interrupts_pending(int count);
 void green_set_waiters_registered(int count);
+
+/* Wait statistics (csrc/green_stats.c): a call that waited, counted once,
+   and the time it waited; read by greenify.stats(). */
+void green_stats_count_wait(struct green_call *call, int64_t started_ns);
 int green_stats_count(void);
 const char *green_stats_name(int function);
 void green_stats_read(int function, unsigned long long *calls, unsigned long long *wait_ns);
 void green_stats_reset(void);
-
-/* The green twins (csrc/green_io.c). */
-int green_close(int fd);
-int green_connect(int fd, const struct sockaddr *addr, socklen_t addrlen);
-int green_accept(int fd, struct sockaddr *addr, socklen_t *addrlen);
-int green_accept4(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags);
-ssize_t green_recv(int fd, void *buf, size_t len, int flags);
-ssize_t green_recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr, socklen_t *addrlen);
-ssize_t green_recvmsg(int fd, struct msghdr *msg, int flags);
-ssize_t green_send(int fd, const void *buf, size_t len, int flags);
-ssize_t green_sendto(int fd, const void *buf, size_t len, int flags, const struct sockaddr *addr, socklen_t addrlen);
-ssize_t green_sendmsg(int fd, const struct msghdr *msg, int flags);
-ssize_t green_read(int fd, void *buf, size_t count);
-ssize_t green_write(int fd, const void *buf, size_t count);
-ssize_t green_readv(int fd, const struct iovec *iov, int iovcnt);
-ssize_t green_writev(int fd, const struct iovec *iov, int iovcnt);
-ssize_t green___read_chk(int fd, void *buf, size_t nbytes, size_t buflen);
-ssize_t green___recv_chk(int fd, void *buf, size_t len, size_t buflen, int flags);
-ssize_t green___recvfrom_chk(int fd, void *buf, size_t len, size_t buflen, int flags,
-                             struct sockaddr *addr, socklen_t *addrlen);
-
-/* The green twins (csrc/green_poll.c). */
-int green_poll(struct pollfd *fds, nfds_t nfds, int timeout);
-int green_ppoll(struct pollfd *fds, nfds_t nfds, const struct timespec *timeout, const sigset_t *sigmask);
-int green_select(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds, struct timeval *timeout);
-int green_pselect(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds,
-                  const struct timespec *timeout, const sigset_t *sigmask);
-int green___poll_chk(struct pollfd *fds, nfds_t nfds, int timeout, size_t fdslen);
-int green___ppoll_chk(struct pollfd *fds, nfds_t nfds, const struct timespec *timeout,
-                      const sigset_t *sigmask, size_t fdslen);
 
 /* glibc reports a fortify failure through this; it never returns. */
 extern void __chk_fail(void) __attribute__((noreturn));

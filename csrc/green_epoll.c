@@ -11,7 +11,7 @@
 #include <errno.h>
 #include <limits.h>
 
-#include "green_more.h"
+#include "green_twins.h"
 
 
 /* epoll_wait and epoll_pwait after a zero-timeout probe found nothing. */

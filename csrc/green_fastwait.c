@@ -26,6 +26,7 @@
 #include <greenlet.h>
 
 #include "green.h"
+#include "green_python.h"
 
 /* libev's struct ev_io as gevent embeds it (libev 4.x built with an empty
    EV_COMMON, so no `data` field, and the default priority range);
@@ -185,12 +186,12 @@ static int record_interruption(PyObject *current)
     if (value != NULL && traceback != NULL)
         PyException_SetTraceback(value, traceback);
     int status = GREEN_INTERRUPTED;
-    PyObject *bridge = PyImport_ImportModule("greenify._bridge");
-    PyObject *answer = bridge == NULL ? NULL : PyObject_CallMethod(bridge, "_interrupted_by", "OO", current, value);
+    PyObject *entries = PyImport_ImportModule(GREENIFY_ENTRIES_MODULE);
+    PyObject *answer = entries == NULL ? NULL : PyObject_CallMethod(entries, "record_interruption", "OO", current, value);
     if (answer == NULL)
         PyErr_WriteUnraisable(value); /* cannot happen short of memory: the call still fails as interrupted */
     Py_XDECREF(answer);
-    Py_XDECREF(bridge);
+    Py_XDECREF(entries);
     Py_XDECREF(type);
     Py_XDECREF(value);
     Py_XDECREF(traceback);
@@ -227,11 +228,10 @@ int green_fast_wait(const struct green_watch *watch_asked)
     PyObject *current, *result;
     int status = GREEN_FAST_UNAVAILABLE;
 
-    if (this_thread == NULL || green_state.interrupts_pending)
-        return GREEN_FAST_UNAVAILABLE; /* not attached, or interruptions to honour: the bridge's rules */
-    PyGILState_STATE gil = PyGILState_Ensure();
-    PyObject *saved_type, *saved_value, *saved_tb;
-    PyErr_Fetch(&saved_type, &saved_value, &saved_tb);
+    if (this_thread == NULL || green_state.interrupts_pending || green_state.waiters_registered)
+        return GREEN_FAST_UNAVAILABLE; /* not attached, interruptions to honour, waiters to choose: the bridge's rules */
+    struct green_python_entry entry;
+    green_python_enter(&entry);
     current = (PyObject *)PyGreenlet_GetCurrent();
     fast = current == NULL ? NULL : usable_hub(current);
     if (fast == NULL || watch_asked->fd < 0)
@@ -263,8 +263,7 @@ int green_fast_wait(const struct green_watch *watch_asked)
     }
 done:
     Py_XDECREF(current);
-    PyErr_Restore(saved_type, saved_value, saved_tb);
-    PyGILState_Release(gil);
+    green_python_leave(&entry);
     return status;
 }
 

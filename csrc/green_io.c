@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "green.h"
+#include "green_tls.h"
 
 
 /* The green road is taken only when activated and the caller did not ask
@@ -507,6 +508,7 @@ ssize_t green_writev(int fd, const struct iovec *iov, int iovcnt)
 int green_close(int fd)
 {
     green_wake_waiters_on(fd);
+    green_tls_forget_client(fd);
     return close(fd);
 }
 
@@ -516,6 +518,7 @@ int green_connect(int fd, const struct sockaddr *addr, socklen_t addrlen)
 {
     struct green_io_wait io_wait = GREEN_IO_WAIT_INIT(connect);
     int saved_errno, flags, rc, connect_errno;
+    green_tls_note_client(fd); /* a patched library's connection: its TLS library's I/O on it goes green too */
     if (!green_state.active)
         return connect(fd, addr, addrlen);
     FAIL_IF_INTERRUPTED();

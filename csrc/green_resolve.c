@@ -4,10 +4,10 @@
  *
  * Resolution reads files, loads NSS modules and talks to DNS servers:
  * nothing a green function can wait on through one descriptor of its own.
- * So the real libc call runs on gevent's thread pool (hub.threadpool) while
- * the calling greenlet waits on the hub for an eventfd that the pool thread
- * signals when it is done.  The results are libc's own: freeaddrinfo frees a
- * green getaddrinfo's list as usual.
+ * So the real libc call runs on a worker thread (the waiter's: with gevent,
+ * hub.threadpool) while the calling greenlet waits, through green_wait, for
+ * an eventfd that the pool thread signals when it is done.  The results are
+ * libc's own: freeaddrinfo frees a green getaddrinfo's list as usual.
  *
  * A call is a heap-allocated job holding copies of the inputs and its own
  * outputs, shared by the caller and the pool through a reference count.  A
@@ -28,11 +28,9 @@
 #include <string.h>
 #include <sys/eventfd.h>
 
-#include "green_more.h"
-
-
-/* Defined by cffi from greenify/_offload.py (extern "Python+C"). */
-extern int greenify_offload(struct green_offload_job *job);
+#include "green_offload.h"
+#include "green_python.h"
+#include "green_twins.h"
 
 enum job_kind { JOB_GETADDRINFO, JOB_GETNAMEINFO, JOB_GETHOSTBYNAME, JOB_GETHOSTBYNAME_R };
 enum job_state { JOB_QUEUED, JOB_RUNNING, JOB_FINISHED, JOB_DROPPED, JOB_TAKEN_BACK };
@@ -251,7 +249,7 @@ static void job_call(struct green_offload_job *job)
     job->error_number = errno;
 }
 
-/* ---- the pool's side, called from greenify/_offload.py ---- */
+/* ---- the pool's side, called from the job runner greenify/_offload.py hands over ---- */
 
 struct green_offload_job *green_offload_retain(struct green_offload_job *job)
 {
@@ -281,7 +279,7 @@ void green_offload_drop(struct green_offload_job *job)
 
 /* ---- the caller's side ---- */
 
-/* Hands the job to the pool and waits for it on the hub. */
+/* Hands the job to a worker (green_python_offload) and waits for it. */
 static enum offload_outcome offload(struct green_offload_job *job)
 {
     static const int function_of_kind[] = {GREEN_FN_getaddrinfo, GREEN_FN_getnameinfo, GREEN_FN_gethostbyname,
@@ -289,9 +287,8 @@ static enum offload_outcome offload(struct green_offload_job *job)
     struct green_watch watch = {job->done_fd, GREEN_READ};
     struct green_call stats = {function_of_kind[job->kind], 0};
     int saved_errno = errno;
-    int can_wait = greenify_offload(job) == GREEN_OFFLOAD_SUBMITTED;
+    int can_wait = green_python_offload(job) == GREEN_OFFLOAD_SUBMITTED;
 
-    errno = saved_errno;
     if (!can_wait && (job_move_state(job, JOB_QUEUED, JOB_TAKEN_BACK) ||
                       __atomic_load_n(&job->state, __ATOMIC_SEQ_CST) == JOB_DROPPED))
         return OFFLOAD_NATIVE;
@@ -309,7 +306,7 @@ static enum offload_outcome offload(struct green_offload_job *job)
             }
             can_wait = status != GREEN_CANNOT_WAIT;
         }
-        else { /* the pool has it and there is no hub to wait on: block, as libc would */
+        else { /* the pool has it and nothing can wait here: block, as libc would */
             struct pollfd done = {job->done_fd, POLLIN, 0};
             poll(&done, 1, -1);
             errno = saved_errno;

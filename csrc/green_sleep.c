@@ -20,7 +20,7 @@
  */
 #include <errno.h>
 
-#include "green_more.h"
+#include "green_twins.h"
 
 #define NS_PER_SECOND 1000000000LL
 

@@ -13,11 +13,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "green_python.h"
 #include "loaded.h"
 #include "onload.h"
-
-/* Defined by cffi from greenify/onload.py (extern "Python+C"). */
-extern void greenify_loaded(void);
 
 static int onload_enabled;
 static unsigned long long onload_announced_count;
@@ -51,7 +49,7 @@ static void announce(unsigned long long adds_before, void *handle)
         return;
     int saved_errno = errno;
     in_python = 1;
-    greenify_loaded();
+    green_python_loaded();
     in_python = 0;
     dlerror(); /* whatever the patcher's look-ups left: a successful dlopen leaves no error */
     errno = saved_errno;

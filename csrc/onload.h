@@ -5,9 +5,10 @@
  * the GOT of objects that load libraries (the interpreter, _ctypes, drivers).
  * Each calls glibc's function and then, only when that load added objects
  * (loaded_adds(), in loaded.h, moved) and no other hooked load of this
- * thread is still in progress, calls greenify_loaded() (extern "Python",
- * which takes the GIL itself) before returning to the caller: the new
- * library is patched before its caller can call it.
+ * thread is still in progress, enters Python through green_python_loaded()
+ * (csrc/green_python.c: takes the GIL, keeps a pending exception) before
+ * returning to the caller: the new library is patched before its caller can
+ * call it.
  *
  * glibc resolves a bare name ("libpq.so.5") along the caller's
  * RPATH/RUNPATH, which it finds from dlopen's return address; the hook is
@@ -16,8 +17,8 @@
  * path.  A name with a dynamic string token ($ORIGIN, $LIB) is handed to
  * glibc as a tail call, so glibc sees the real caller (not announced).
  *
- * These are not green twins: they never wait and are never in the twin
- * table (their names do not start with green_).
+ * These are not green twins: they never wait and are not in the list of
+ * green functions (green.h).
  */
 #ifndef GREENIFY_ONLOAD_H
 #define GREENIFY_ONLOAD_H
@@ -29,7 +30,7 @@ void *greenify_dlmopen_hook(Lmid_t nsid, const char *file, int mode);
 
 /* On while some patch_on_load() registration is active. */
 void onload_set_enabled(int enabled);
-/* How many hooked loads called greenify_loaded(), for tests. */
+/* How many hooked loads entered Python, for tests. */
 unsigned long long onload_announced(void);
 
 #endif

@@ -7,7 +7,7 @@ of those calls at the twins.
 from __future__ import annotations
 
 from greenify import _bridge
-from greenify import _offload  # noqa: F401 - defines the resolver's extern "Python" callback
+from greenify import _entries  # noqa: F401 - defines every entry from C into Python
 from greenify.errors import (BuildIdMismatchError, GreenifyError, NotElfError, NotLoadedError, ProtectedTargetError,
                              SlotOutsideSegmentsError, SlotWriteError, StaticExecutableError, TargetNotFoundError,
                              UnknownFunctionError, WrongMachineError)

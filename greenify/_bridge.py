@@ -1,240 +1,201 @@
-"""The wait bridge: the only place where libgreenify's C enters Python.
+"""The wait bridge: how a green function's wait is carried out.
 
-A green function that would block calls ``greenify_wait`` with the
-descriptors it needs and a timeout.  This module waits for them on the
-calling thread's gevent hub and reports what happened; it never raises into
-C, and it never creates a hub: where there is none (a plain thread, a
-thread-pool worker), or where the caller is the hub itself, it answers
-CANNOT_WAIT and the C side blocks natively, as libc would.
+The green functions (C) decide *when* to wait; this module decides *how*.
+Its functions are entered from C through greenify/_entries.py, with the GIL
+held and no exception pending (csrc/green_python.c set the caller's aside),
+and never raise into C.
 
-An exception thrown into a waiting greenlet (``gevent.Timeout``,
-``Greenlet.kill``) is kept here and reported as INTERRUPTED; the C side then
-fails the call and, once the call is back in Python, raises that very
-exception in the greenlet (see csrc/green_core.c).
+Which waiter serves a wait, per wait: the current greenlet's own, if one was
+registered with ``use_waiter``; otherwise, if gevent has been imported, the
+thread has a hub (never created here) and the caller is not the hub, that
+hub (greenify/_gevent_waiter.py); otherwise none: the answer is CANNOT_WAIT
+and the C side blocks natively, as libc would.  Importing greenify never
+imports gevent.
+
+An exception a waiter raises (``gevent.Timeout`` or ``Greenlet.kill``
+thrown into the waiting greenlet, an asyncio cancellation) is kept here and
+reported as INTERRUPTED; every further green call of that greenlet fails at
+once, and as soon as the C call is back in Python the very exception is
+raised in the greenlet (csrc/green_deliver.c).
 """
 from __future__ import annotations
 
 import atexit
-import errno
-import fcntl
-import logging
-from typing import Dict, Optional
+import sys
+from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple
 
-from gevent._hub_local import get_hub_if_exists
 from greenlet import getcurrent, greenlet
 
-from greenify import _fastwait
-from greenify._green import ffi, lib
-
-log = logging.getLogger("greenify")
+from greenify._green import lib
 
 WOKEN: int = lib.GREEN_WOKEN
 TIMED_OUT: int = lib.GREEN_TIMED_OUT
 CANNOT_WAIT: int = lib.GREEN_CANNOT_WAIT
 INTERRUPTED: int = lib.GREEN_INTERRUPTED
+READ: int = lib.GREEN_READ
+WRITE: int = lib.GREEN_WRITE
 
+
+class Waiter(Protocol):
+    """How the green calls of one greenlet wait (see WAITER.md in the
+    project notes, and greenify.asyncio)."""
+
+    def wait(self, watches: Sequence[Tuple[int, int]], timeout: Optional[float]) -> int:
+        """In the greenlet inside the C call, GIL held, no exception pending:
+        wait until one of the (fd, READ|WRITE) watches may be ready (WOKEN) or
+        ``timeout`` seconds pass (TIMED_OUT; None: no deadline).  Raising
+        means the greenlet was interrupted: see the module's docstring."""
+
+    def closing(self, fd: int) -> None:
+        """fd is about to be closed by the close twin: wake whoever waits on it."""
+
+    def offload(self, job_runner: Callable[[], None]) -> bool:
+        """Arrange for job_runner() to be called once in a worker thread and
+        return True, or return False: C then calls libc itself."""
+
+
+class _Registered:
+    """A registered Waiter, seen the way the bridge calls the hub's."""
+
+    __slots__ = ("waiter", "thread_root")
+
+    def __init__(self, waiter: Waiter, thread_root: greenlet) -> None:
+        self.waiter = waiter
+        self.thread_root = thread_root
+
+    def green_wait(self, current: greenlet, watches, nwatches: int, timeout: float) -> int:
+        pairs = [(watches[i].fd, watches[i].events) for i in range(nwatches)]
+        try:
+            result = self.waiter.wait(pairs, None if timeout < 0 else timeout)
+        except BaseException as exc:  # noqa: B902 - the protocol's interruption
+            return interrupted_by(current, exc)
+        return TIMED_OUT if result == TIMED_OUT else WOKEN
+
+    def closing(self, fd: int) -> None:
+        self.waiter.closing(fd)
+
+    def offload(self, job_runner: Callable[[], None]) -> bool:
+        return bool(self.waiter.offload(job_runner))
+
+
+# Greenlets with a waiter of their own.
+_waiters: Dict[greenlet, _Registered] = {}
 # Greenlets interrupted inside a C call, and what was thrown into them.
 _interrupted: Dict[greenlet, BaseException] = {}
 
 
-def _callback_failed(exc_type, exc_value, traceback) -> int:
-    # A fault in the bridge itself must not leave the C call hanging or
-    # crash the hub: report it and let the call block natively.
-    log.error("greenify: wait bridge failed; blocking natively", exc_info=(exc_type, exc_value, traceback))
-    return CANNOT_WAIT
+def _thread_root(glet: greenlet) -> greenlet:
+    # the main greenlet of the thread glet runs in
+    while glet.parent is not None:
+        glet = glet.parent
+    return glet
 
 
-def _watcher_for(hub, fd: int, events: int):
-    """The hub's io watcher for (fd, events), kept from one wait to the next
-    (the Python object only: libev registers the fd anew each time), and
-    whether it is a private one, made because another greenlet is waiting on
-    the kept one; the wait closes private watchers."""
+def use_waiter(glet: greenlet, waiter: Waiter) -> None:
+    """From now on the green calls made in ``glet`` wait through ``waiter``."""
+    _waiters[glet] = _Registered(waiter, _thread_root(glet))
+    lib.green_set_waiters_registered(len(_waiters))  # the wait below Python defers to the bridge
+
+
+def drop_waiter(glet: greenlet) -> None:
+    """``glet``'s green calls wait as if use_waiter had never been called."""
+    _waiters.pop(glet, None)
+    lib.green_set_waiters_registered(len(_waiters))
+
+
+# gevent's get_hub_if_exists, once gevent is imported; and the module that
+# waits on a hub, imported with it.
+_get_hub_if_exists: Optional[Callable[[], object]] = None
+_gevent_waiter = None
+
+
+def _find_gevent() -> Optional[Callable[[], object]]:
+    global _get_hub_if_exists, _gevent_waiter
+    hub_local = sys.modules.get("gevent._hub_local")  # a hub exists only once this is imported
+    if hub_local is None or not hasattr(hub_local, "get_hub_if_exists"):
+        return None
+    from greenify import _gevent_waiter as waiter_module
+    _gevent_waiter = waiter_module
+    _get_hub_if_exists = hub_local.get_hub_if_exists
+    return _get_hub_if_exists
+
+
+def _hub_waiter(hub):
     try:
-        cache = hub._greenify_io_watchers
+        return hub._greenify
     except AttributeError:
-        cache = hub._greenify_io_watchers = {}
-        hub._greenify_private_watchers = set()
-        _start_sweeper(hub)
-        _fastwait.attach(hub)  # from now on the common wait on this hub stays in C
-    key = fd << 2 | events
-    watcher = cache.get(key)
-    if watcher is None:
-        watcher = cache[key] = hub.loop.io(fd, events)
-        return watcher, False
-    if not watcher.active:
-        # The number may name another file by now: setting it again makes
-        # libev register it anew (a kept registration would never fire).
-        watcher.fd = fd
-        return watcher, False
-    watcher = hub.loop.io(fd, events)
-    hub._greenify_private_watchers.add(watcher)
-    return watcher, True
+        return _gevent_waiter.attach(hub)
 
 
-# How often waits on descriptors closed behind greenify's back are looked for.
-SWEEP_INTERVAL_S = 1.0
+def waiter_for(current: greenlet):
+    """What a green call of ``current`` waits through (the selection rule
+    above), or None."""
+    if _waiters and current in _waiters:
+        return _waiters[current]
+    get_hub = _get_hub_if_exists or _find_gevent()
+    if get_hub is None:
+        return None
+    hub = get_hub()
+    if hub is None or hub is current:
+        return None
+    return _hub_waiter(hub)
 
 
-def _waiting_watchers(hub, fd: Optional[int] = None) -> list:
-    """The hub's io watchers a greenlet is waiting on (on ``fd``, if given)."""
-    cache = getattr(hub, "_greenify_io_watchers", None)
-    if not cache:
-        return []
-    if fd is None:
-        candidates = list(cache.values())
-    else:
-        candidates = [cache.get(fd << 2 | events) for events in (1, 2, 3)]
-    candidates.extend(watcher for watcher in hub._greenify_private_watchers if fd is None or watcher.fd == fd)
-    return [watcher for watcher in candidates if watcher is not None and watcher.active]
-
-
-def _wake(hub, watchers) -> None:
-    # The waiter probes again and finds its descriptor gone (EBADF, POLLNVAL).
-    for watcher in watchers:
-        callback, args = watcher.callback, watcher.args
-        watcher.stop()
-        hub.loop.run_callback(callback, *args)
-
-
-def _sweep(hub) -> None:
-    """A descriptor closed without greenify's close twin (Python's os.close,
-    an unpatched library) silently leaves epoll: its waiter would wait for
-    ever.  Once a second, wake the waiters whose descriptor is gone."""
-    gone = [watcher for watcher in _waiting_watchers(hub) if _closed(watcher.fd)]
-    _wake(hub, gone)
-    for fd in _fastwait.waiting_fds():
-        if _closed(fd):
-            _fastwait.wake(fd)
-
-
-def _closed(fd: int) -> bool:
-    try:
-        fcntl.fcntl(fd, fcntl.F_GETFD)
-    except OSError as exc:
-        return exc.errno == errno.EBADF
-    return False
-
-
-def _start_sweeper(hub) -> None:
-    # ref=False: the sweeper alone never keeps the loop running
-    sweeper = hub.loop.timer(SWEEP_INTERVAL_S, SWEEP_INTERVAL_S, ref=False)
-    sweeper.start(_sweep, hub)
-    hub._greenify_sweeper = sweeper
-
-
-def _release(hub, watcher, private: bool) -> None:
-    watcher.stop()
-    if private:
-        hub._greenify_private_watchers.discard(watcher)
-        watcher.close()
-
-
-def _interrupted_by(current, exc: BaseException) -> int:
+def interrupted_by(current: greenlet, exc: BaseException) -> int:
+    """Keep ``exc``, thrown into ``current`` while it waited inside C."""
     _interrupted[current] = exc
     lib.green_set_interrupts_pending(len(_interrupted))
     return INTERRUPTED
 
 
-# --- temporary asyncio hook (helper `asyncio`), until boundary's Waiter bridge
-# (helpers/WAITER.md) is merged: a greenlet registered here waits through its
-# waiter instead of the hub.
-_waiters: Dict[greenlet, object] = {}
-
-
-def use_waiter(glet: greenlet, waiter) -> None:
-    _waiters[glet] = waiter
-    lib.green_set_waiters_registered(len(_waiters))  # the C fast wait (gevent's) steps aside meanwhile
-
-
-def drop_waiter(glet: greenlet) -> None:
-    _waiters.pop(glet, None)
-    lib.green_set_waiters_registered(len(_waiters))
-
-
-def _wait_through(waiter, current, watches, nwatches: int, timeout: float) -> int:
-    if _interrupted and current in _interrupted:
-        return INTERRUPTED
-    try:
-        result = waiter.wait([(watches[i].fd, watches[i].events) for i in range(nwatches)],
-                             None if timeout < 0 else timeout)
-        return TIMED_OUT if result == TIMED_OUT else WOKEN
-    except BaseException as exc:  # noqa: B902
-        return _interrupted_by(current, exc)
-# --- end of the temporary asyncio hook
-
-
-@ffi.def_extern(onerror=_callback_failed)
-def greenify_wait(watches, nwatches: int, timeout: float) -> int:
-    if _waiters:
-        waiter = _waiters.get(getcurrent())
-        if waiter is not None:
-            return _wait_through(waiter, getcurrent(), watches, nwatches, timeout)
-    hub = get_hub_if_exists()
-    if hub is None:
-        return CANNOT_WAIT
+def wait(watches, nwatches: int, timeout: float) -> int:
+    """The wait of a green function (entry greenify_wait)."""
     current = getcurrent()
-    if current is hub:
-        return CANNOT_WAIT
     if _interrupted and current in _interrupted:
         return INTERRUPTED
-    if nwatches == 1 and timeout < 0:
-        # the common wait (one fd, no deadline), kept short: it is on every switch
-        watch = watches[0]
-        watcher, private = _watcher_for(hub, watch.fd, watch.events)
-        watcher.start(current.switch, WOKEN)
-        try:
-            hub.switch()
-            return WOKEN
-        except BaseException as exc:  # noqa: B902 - every exception thrown in must be kept, none may reach C
-            return _interrupted_by(current, exc)
-        finally:
-            _release(hub, watcher, private)
-    held = [_watcher_for(hub, watches[i].fd, watches[i].events) for i in range(nwatches)]
-    timer = hub.loop.timer(timeout) if timeout >= 0 else None
-    switch = current.switch
-    try:
-        for watcher, _private in held:
-            watcher.start(switch, WOKEN)
-        if timer is not None:
-            timer.start(switch, TIMED_OUT, update=True)
-        result = hub.switch()
-        return TIMED_OUT if result == TIMED_OUT else WOKEN  # anything else: a spurious switch, probe again
-    except BaseException as exc:  # noqa: B902
-        return _interrupted_by(current, exc)
-    finally:
-        for watcher, private in held:
-            _release(hub, watcher, private)
-        if timer is not None:
-            timer.close()
+    waiter = waiter_for(current)
+    if waiter is None:
+        return CANNOT_WAIT
+    return waiter.green_wait(current, watches, nwatches, timeout)
 
 
-@ffi.def_extern(onerror=_callback_failed)
-def greenify_closing(fd: int) -> None:
-    # Called just before fd is closed: wake this hub's waiters on it, so
-    # that they probe again and fail instead of waiting for ever.
-    if _waiters:  # temporary asyncio hook
-        waiter = _waiters.get(getcurrent())
-        if waiter is not None:
-            waiter.closing(fd)
-            return
-    hub = get_hub_if_exists()
+def closing(fd: int) -> None:
+    """fd is about to be closed (entry greenify_closing): wake its waiters on
+    this thread's hub and in this thread's registered waiters, so that they
+    probe again and fail instead of waiting for ever."""
+    if _waiters:
+        root = _thread_root(getcurrent())
+        told = set()
+        for registered in list(_waiters.values()):
+            if registered.thread_root is root and id(registered.waiter) not in told:
+                told.add(id(registered.waiter))
+                registered.closing(fd)
+    get_hub = _get_hub_if_exists or _find_gevent()
+    hub = get_hub() if get_hub is not None else None
     if hub is not None:
-        _wake(hub, _waiting_watchers(hub, fd))
+        _hub_waiter(hub).closing(fd)
 
 
-@ffi.def_extern(onerror=lambda *exc_info: 0)
-def greenify_interrupted() -> int:
+def interrupted() -> int:
+    """1 if the calling greenlet was interrupted and is still inside C
+    (entry greenify_interrupted)."""
     return 1 if getcurrent() in _interrupted else 0
 
 
 def take_pending_interrupt() -> Optional[BaseException]:
-    """Called from C once an interrupted call is back in Python: the
-    exception to raise in the current greenlet, or None."""
+    """The exception to raise in the current greenlet now that its
+    interrupted C call is back in Python, or None (for csrc/green_deliver.c)."""
     exc = _interrupted.pop(getcurrent(), None)
     for gone in [glet for glet in _interrupted if glet.dead]:
         del _interrupted[gone]
     lib.green_set_interrupts_pending(len(_interrupted))
     return exc
+
+
+def pending_interruptions() -> Dict[greenlet, BaseException]:
+    """Interruptions not delivered yet: greenlet -> exception (for tests:
+    after a test, none should be left)."""
+    return dict(_interrupted)
 
 
 def activate() -> None:

@@ -44,7 +44,7 @@ TIMED_OUT: int = _bridge.TIMED_OUT
 # How many times a closed coroutine throws CancelledError into a call that keeps waiting.
 _CLOSE_ATTEMPTS = 100
 # How often waits on descriptors closed behind greenify's back are looked for (as the gevent bridge's sweep).
-SWEEP_INTERVAL_S = _bridge.SWEEP_INTERVAL_S
+SWEEP_INTERVAL_S = 1.0
 
 
 class _Wait:

@@ -30,6 +30,7 @@ from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tup
 
 from elftools.elf.enums import ENUM_D_TAG, ENUM_E_MACHINE, ENUM_E_TYPE, ENUM_P_TYPE_BASE
 
+from greenify import _functions
 from greenify.errors import NotElfError, StaticExecutableError, TargetNotFoundError
 
 # e_machine -> {relocation type number: name}: the relocations whose slot
@@ -59,19 +60,10 @@ RELOCATION_TYPES: Dict[int, Dict[int, str]] = {
     },
 }
 
-# libc calls that can block a thread.  Only those with a green twin get
-# patched; the others are read so a report can say they were left alone.
-BLOCKING_CALLS: FrozenSet[str] = frozenset({
-    "connect", "accept", "accept4",
-    "recv", "recvfrom", "recvmsg", "recvmmsg",
-    "send", "sendto", "sendmsg", "sendmmsg",
-    "read", "write", "readv", "writev", "pread", "pwrite", "pread64", "pwrite64",
-    "poll", "ppoll", "select", "pselect",
-    "epoll_wait", "epoll_pwait",
-    "sleep", "usleep", "nanosleep", "clock_nanosleep",
-    "getaddrinfo", "gethostbyname", "gethostbyname_r", "gethostbyname2_r",
-    "flock", "lockf", "fcntl", "wait", "waitpid",
-})
+# libc calls that can block a thread, from the list of green functions
+# (csrc/green.h).  Only those with a green twin get patched; the others are
+# read so a report can say they were left alone.
+BLOCKING_CALLS: FrozenSet[str] = _functions.blocking_calls()
 
 
 def with_fortified_forms(names: Iterable[str]) -> FrozenSet[str]:

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
-from greenify import elf, loaded, patcher, slots
+from greenify import _functions, elf, loaded, patcher, slots
 from greenify.errors import GreenifyError, StaticExecutableError, WrongMachineError
 from greenify.loaded import LoadedObject
 
@@ -31,13 +31,8 @@ from greenify.loaded import LoadedObject
 # read/write/sleeps alone usually mean files or timers and rank lower.  A
 # library counts as a network client only if it imports a socket call;
 # poll/select alone are as often waits on a terminal or a pipe (libtinfo).
-SOCKET_CALLS: FrozenSet[str] = frozenset({
-    "connect", "accept", "accept4",
-    "recv", "recvfrom", "recvmsg", "recvmmsg",
-    "send", "sendto", "sendmsg", "sendmmsg",
-    "getaddrinfo", "getnameinfo", "gethostbyname", "gethostbyname_r", "gethostbyname2_r",
-})
-NETWORK_CALLS: FrozenSet[str] = SOCKET_CALLS | {"poll", "ppoll", "select", "pselect", "epoll_wait", "epoll_pwait"}
+SOCKET_CALLS: FrozenSet[str] = _functions.blocking_calls("socket", "resolver")
+NETWORK_CALLS: FrozenSet[str] = _functions.blocking_calls("socket", "resolver", "poll")
 SOCKET_SYMBOLS: FrozenSet[str] = elf.with_fortified_forms(SOCKET_CALLS)
 NETWORK_SYMBOLS: FrozenSet[str] = elf.with_fortified_forms(NETWORK_CALLS)
 

@@ -9,7 +9,7 @@ slots (every symbol version) of each loaded object that imports them point
 at ``greenify_dlopen_hook``/``greenify_dlmopen_hook`` (csrc/onload.c): the
 interpreter (its import machinery), ``_ctypes``, drivers, and every object
 loaded later.  The hook calls glibc's function and, when the load added
-objects, calls ``greenify_loaded`` below before returning to the caller:
+objects, calls ``on_loaded`` below before returning to the caller:
 new objects get their own dlopen hooked, and those that match a registered
 target are patched by the patcher.  So a library is patched before the code
 that loaded it can call it; only its own constructors run unpatched.
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
-from gevent.monkey import get_original
+from greenify._native import get_original
 
 from greenify import elf, loaded, patcher, slots
 from greenify._green import ffi, lib
@@ -196,20 +196,13 @@ def _working() -> Iterator[bool]:
 
 def on_loaded() -> None:
     """What the dlopen hook runs after a load added objects (through the
-    extern "Python" entry greenify_loaded): hook the new objects' dlopen,
+    entry greenify_loaded, greenify/_entries.py): hook the new objects' dlopen,
     patch those a registration names."""
     with _working() as first:
         if first and _registrations:
             _catch_up()
 
 
-def _callback_failed(exc_type, exc_value, traceback) -> None:
-    log.error("greenify: patching a newly loaded library failed", exc_info=(exc_type, exc_value, traceback))
-
-
-@ffi.def_extern(onerror=_callback_failed)
-def greenify_loaded() -> None:
-    on_loaded()
 
 
 def _check_target(target: object) -> str:

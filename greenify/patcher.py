@@ -16,7 +16,6 @@ unpatching restores exactly what was there.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import types
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple, Union
 
-from greenify import elf, loaded, slots
+from greenify import companions, elf, loaded, slots
 from greenify.errors import GreenifyError, ProtectedTargetError, UnknownFunctionError, WrongMachineError
 from greenify.loaded import LoadedObject, Target
 from greenify.slots import PatchedSlot
@@ -56,6 +55,7 @@ class ObjectReport:
     patched: List[PatchedSlot] = field(default_factory=list)          # written by this call
     already_patched: List[PatchedSlot] = field(default_factory=list)  # written by an earlier call
     skipped: List[SkippedImport] = field(default_factory=list)
+    reason: Optional[str] = None  # why an object the target did not name was patched (greenify.companions)
 
     def __bool__(self) -> bool:
         return bool(self.patched or self.already_patched)
@@ -81,7 +81,8 @@ class PatchReport:
     def __repr__(self) -> str:
         lines = [f"<PatchReport {self.target}: {len(self.patched_slots)} slot(s) in {sum(map(bool, self.objects))} object(s)"]
         for obj in self.objects:
-            lines.append(f"  {obj.path} (base {obj.base:#x}, build-id {obj.build_id or 'none'})")
+            lines.append(f"  {obj.path} (base {obj.base:#x}, build-id {obj.build_id or 'none'})"
+                         + (f": {obj.reason}" if obj.reason else ""))
             lines += [f"    patched  {slot!r}" for slot in obj.patched]
             lines += [f"    already  {slot!r}" for slot in obj.already_patched]
             lines += [f"    skipped  {skip!r}" for skip in obj.skipped]
@@ -93,20 +94,11 @@ class PatchReport:
 
 @lru_cache(maxsize=None)
 def green_twins() -> Dict[str, int]:
-    """symbol -> address of its green twin: every ``green_<name>`` in
-    greenify._green.lib whose <name> is a function libc exports."""
-    from greenify._green import ffi, lib
+    """symbol -> address of its green twin, from the list of green
+    functions (csrc/green.h, read by greenify._functions)."""
+    from greenify import _functions
 
-    libc = ctypes.CDLL(None)
-    twins = {}
-    for attribute in dir(lib):
-        if not attribute.startswith("green_"):
-            continue
-        symbol = attribute[len("green_"):]
-        if not hasattr(libc, symbol):  # green_set_active and friends are not twins
-            continue
-        twins[symbol] = int(ffi.cast("uintptr_t", ffi.addressof(lib, attribute)))
-    return twins
+    return _functions.twins()
 
 
 @lru_cache(maxsize=None)
@@ -148,10 +140,12 @@ def read_target_file(path: str, symbols: Optional[Iterable[str]] = None) -> elf.
     return elf.read_blocking_imports(path, symbols)
 
 
-def _plan(obj: LoadedObject, functions: Optional[FrozenSet[str]]) -> Tuple[ObjectReport, List[Tuple[elf.BlockingImport, int]]]:
+def _plan(obj: LoadedObject, functions: Optional[FrozenSet[str]],
+          twins: Optional[Dict[str, int]] = None) -> Tuple[ObjectReport, List[Tuple[elf.BlockingImport, int]]]:
     """Read, check and decide; writes nothing.  Returns the report so far
-    and the (import, twin address) to write."""
-    twins = green_twins()
+    and the (import, twin address) to write.  ``twins``: symbol -> twin
+    address, green_twins() unless given."""
+    twins = green_twins() if twins is None else twins
     imports = read_target_file(obj.path, elf.BLOCKING_SYMBOLS | twins.keys())
     slots.check_object(obj, imports)
     report = ObjectReport(obj.path, obj.base, imports.build_id_hex)
@@ -207,7 +201,13 @@ def patch_library(target: Target, *, functions: "Optional[Iterable[str] | str]" 
         # plan: the objects the target names, then each one read and checked before any write
         description, objects, left_out = _resolve(target)
         report = PatchReport(description, skipped_objects=left_out)
-        plans = [(obj,) + _plan(obj, wanted) for obj in objects]
+        # The TLS libraries that do the objects' socket I/O, found among them (a module target) or
+        # brought along, get twins of their own (greenify.companions)
+        tls = {companion.obj.realpath: companion for companion in companions.tls_companions_of(objects)}
+        plans = [(obj,) + _plan(obj, wanted) for obj in objects if obj.realpath not in tls]
+        for companion in tls.values():
+            plans.append((companion.obj,) + _plan(companion.obj, wanted, companions.tls_twins()))
+            plans[-1][1].reason = companion.reason
         for obj, object_report, changes in plans:  # write and record, all or nothing per object
             object_report.patched, object_report.already_patched = slots.write(obj, slots.TWIN, changes)
             report.objects.append(object_report)
@@ -221,6 +221,8 @@ def unpatch_library(target: Target) -> int:
     target = loaded.as_target(target, "unpatch_library")
     with slots.locked():
         _description, objects, _left_out = _resolve(target)
+        objects = objects + [companion.obj for companion in companions.tls_companions_of(objects)
+                             if companion.obj not in objects]
         return sum(slots.restore_all(obj, slots.TWIN) for obj in objects)
 
 

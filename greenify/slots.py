@@ -29,7 +29,7 @@ import struct
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from gevent.monkey import get_original
+from greenify._native import get_original
 
 from greenify import elf, loaded
 from greenify.errors import BuildIdMismatchError, SlotOutsideSegmentsError, SlotWriteError

@@ -38,7 +38,6 @@ As a script it renders that file as the README's Markdown table:
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import importlib.metadata
 import json
@@ -50,11 +49,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-import pytest
+
+import readme_sections
 
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat-results.json")
-README_START = "<!-- compat:start -->"
-README_END = "<!-- compat:end -->"
+README_SECTION = "compat"  # the README's generated part (tests/readme_sections.py)
 RUNNING, COMPLETE = "running", "complete"
 NOT_RUN = "not run"
 
@@ -283,31 +282,6 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _split_readme(readme_path: str) -> Tuple[str, str, str]:
-    with open(readme_path) as readme:
-        text = readme.read()
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        raise SystemExit(f"{readme_path}: no {README_START} ... {README_END} markers around the table")
-    start += len(README_START)
-    return text[:start], text[start:end], text[end:]
-
-
-def rewrite_readme(readme_path: str, table: str) -> None:
-    """Replace what lies between README_START and README_END with `table`."""
-    before, _old, after = _split_readme(readme_path)
-    with open(readme_path + ".tmp", "w") as out:
-        out.write(before + "\n" + table + "\n" + after)
-    os.replace(readme_path + ".tmp", readme_path)
-
-
-def check_readme(readme_path: str, table: str) -> List[str]:
-    """The differences between the README's table and `table` (none: [])."""
-    _before, current, _after = _split_readme(readme_path)
-    return list(difflib.unified_diff(current.strip("\n").splitlines(), table.splitlines(),
-                                     f"{readme_path} (between the compat markers)", RESULTS_PATH, lineterm=""))
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Render tests/compat-results.json as a Markdown table.")
     parser.add_argument("--results", default=RESULTS_PATH, help="the results file (default: %(default)s)")
@@ -317,9 +291,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     table = markdown_table(load_results(args.results))
     if args.readme:
-        rewrite_readme(args.readme, table)
+        readme_sections.write(args.readme, README_SECTION, table)
     elif args.check:
-        differences = check_readme(args.check, table)
+        differences = readme_sections.differences(args.check, README_SECTION, table, RESULTS_PATH)
         if differences:
             print("\n".join(differences), file=sys.stderr)
             print(f"{args.check}: the compatibility table differs from what the last test run recorded; "

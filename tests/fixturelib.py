@@ -106,3 +106,19 @@ def build_extension_module(folder: Path, library: str = "fxmod"):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def build_python_extension(source: str, folder: Path):
+    """Build fixtures/<source>.c as a CPython extension module named
+    <source> and import it."""
+    import importlib.util
+    import sysconfig
+
+    output = folder / (source + sysconfig.get_config_var("EXT_SUFFIX"))
+    command = [compiler(), "-shared", "-fPIC", "-O2", "-I", sysconfig.get_paths()["include"], "-o", str(output),
+               str(FIXTURES / f"{source}.c")]
+    subprocess.run(command, check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location(source, output)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -121,3 +121,27 @@ def fd_flags(fd: int) -> int:
 def errno_name(code: int) -> str:
     import errno
     return errno.errorcode.get(code, str(code))
+
+
+def twin_address(name: str) -> int:
+    """The address of libc's `name`'s green twin, as a library's patched slot holds it."""
+    from greenify import patcher
+    return patcher.green_twins()[name]
+
+
+def pending_interruptions() -> dict:
+    """Interruptions thrown into green waits and not delivered yet: greenlet -> exception."""
+    from greenify import _bridge
+    return _bridge.pending_interruptions()
+
+
+def no_interruption_pending() -> bool:
+    """Every interruption thrown into a green wait was delivered (what each
+    test should leave behind)."""
+    return not pending_interruptions()
+
+
+def sweep_interval_s() -> float:
+    """How often the hub's waiter looks for waits on descriptors closed behind greenify's back."""
+    from greenify._gevent_waiter import SWEEP_INTERVAL_S
+    return SWEEP_INTERVAL_S

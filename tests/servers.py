@@ -300,6 +300,66 @@ def tcp_answers(port: int, send: bytes = b"", expect: bytes = b"", timeout: floa
         return received.startswith(expect)
 
 
+# --- TLS: a self-signed certificate per server ------------------------------
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A self-signed certificate for 127.0.0.1 and its private key (PEM).
+    Clients verify the server with `certificate` as their CA file."""
+
+    certificate: str
+    key: str
+
+
+def make_tls_files(folder: str, owner: Optional[str] = None) -> TLSFiles:
+    """Generate a fresh self-signed certificate (EC P-256, subjectAltName
+    IP:127.0.0.1) in `folder`, with the openssl command or, without it,
+    Python's `cryptography`; the key is readable by its owner only (`owner`
+    if given: PostgreSQL refuses a key others may read)."""
+    certificate, key = os.path.join(folder, "server-cert.pem"), os.path.join(folder, "server-key.pem")
+    openssl = shutil.which("openssl")
+    if openssl:
+        run_checked([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                     "-nodes", "-days", "2", "-subj", f"/CN={HOST}", "-addext", f"subjectAltName=IP:{HOST}",
+                     "-keyout", key, "-out", certificate], os.path.join(folder, "openssl.log"),
+                    "generating a self-signed TLS certificate")
+    else:
+        _make_tls_files_with_cryptography(certificate, key)
+    os.chmod(key, 0o600)
+    if owner is not None:
+        account = pwd.getpwnam(owner)
+        for path in (certificate, key):
+            os.chown(path, account.pw_uid, account.pw_gid)
+    return TLSFiles(certificate, key)
+
+
+def _make_tls_files_with_cryptography(certificate_path: str, key_path: str) -> None:
+    try:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        missing("TLS tests need a certificate: apt-get install openssl (or pip install cryptography)")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]), False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+                   .sign(key, hashes.SHA256()))
+    with open(key_path, "wb") as out:
+        out.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    with open(certificate_path, "wb") as out:
+        out.write(certificate.public_bytes(serialization.Encoding.PEM))
+
+
 # --- MariaDB -----------------------------------------------------------------
 
 @dataclass
@@ -313,10 +373,17 @@ class MariaDB:
     log_path: str
     startup_s: float
     process: Process = field(repr=False)
+    tls: Optional[TLSFiles] = None
+    tls_user: str = "greenify_tls"  # same password; the server refuses it without TLS (REQUIRE SSL)
 
     def connect_kwargs(self) -> dict:
         """Keyword arguments for MySQLdb.connect / pymysql.connect over TCP."""
         return dict(host=self.host, port=self.port, user=self.user, password=self.password, database=self.database)
+
+    def tls_connect_kwargs(self) -> dict:
+        """MySQLdb.connect keywords for a TLS connection, as the user that
+        the server accepts only over TLS, verifying the server's certificate."""
+        return dict(self.connect_kwargs(), user=self.tls_user, ssl_mode="REQUIRED", ssl={"ca": self.tls.certificate})
 
     def restart(self) -> float:
         """Start the server again, on the same port, data and socket, after a
@@ -343,6 +410,7 @@ def start_mariadb() -> Iterator[MariaDB]:
     client = find_binary(["mariadb", "mysql"], "mariadb-client")
     started = time.monotonic()
     with scratch_dir("greenify-mariadb-") as base:
+        tls = make_tls_files(base)
         datadir = os.path.join(base, "data")
         unix_socket = os.path.join(base, "mysqld.sock")
         log_path = os.path.join(base, "mariadb.log")
@@ -358,16 +426,19 @@ def start_mariadb() -> Iterator[MariaDB]:
                     "--skip-networking=0", f"--bind-address={HOST}", f"--port={port}", f"--socket={unix_socket}",
                     f"--pid-file={os.path.join(base, 'mysqld.pid')}", f"--tmpdir={base}", f"--log-error={log_path}",
                     "--skip-name-resolve", "--skip-log-bin", "--max-connections=500",
-                    "--innodb-flush-log-at-trx-commit=0", *small]
+                    "--innodb-flush-log-at-trx-commit=0", *small,
+                    f"--ssl-cert={tls.certificate}", f"--ssl-key={tls.key}", f"--ssl-ca={tls.certificate}"]
 
         with running_on_free_port("mariadbd", command, log_path, _mysql_handshake_received) as (process, port):
             setup_sql = ("CREATE DATABASE greenify; "
                          "CREATE USER 'greenify'@'%' IDENTIFIED BY 'greenify'; "
-                         "GRANT ALL ON greenify.* TO 'greenify'@'%';")
+                         "GRANT ALL ON greenify.* TO 'greenify'@'%'; "
+                         "CREATE USER 'greenify_tls'@'%' IDENTIFIED BY 'greenify' REQUIRE SSL; "
+                         "GRANT ALL ON greenify.* TO 'greenify_tls'@'%';")
             run_checked([client, "--no-defaults", "--user=root", f"--socket={unix_socket}", "-e", setup_sql],
                         log_path, "creating the greenify user and database")
             yield MariaDB(HOST, port, unix_socket, "greenify", "greenify", "greenify", log_path,
-                          time.monotonic() - started, process)
+                          time.monotonic() - started, process, tls)
 
 
 # --- PostgreSQL --------------------------------------------------------------
@@ -382,10 +453,19 @@ class PostgreSQL:
     log_path: str
     startup_s: float
     process: Process = field(repr=False)
+    tls: Optional[TLSFiles] = None
 
     @property
     def dsn(self) -> str:
-        return f"host={self.host} port={self.port} user={self.user} dbname={self.database}"
+        """A plain TCP connection (sslmode=disable: libpq would otherwise
+        prefer TLS, which the server offers)."""
+        return f"host={self.host} port={self.port} user={self.user} dbname={self.database} sslmode=disable"
+
+    @property
+    def tls_dsn(self) -> str:
+        """A TLS connection that verifies the server's certificate."""
+        return (f"host={self.host} port={self.port} user={self.user} dbname={self.database} "
+                f"sslmode=verify-full sslrootcert={self.tls.certificate}")
 
 
 def _postgres_bin_dirs() -> List[str]:
@@ -399,7 +479,8 @@ def _postgres_bin_dirs() -> List[str]:
 
 
 @contextlib.contextmanager
-def start_postgres() -> Iterator[PostgreSQL]:
+def start_postgres(settings: Sequence[str] = ()) -> Iterator[PostgreSQL]:
+    """Start PostgreSQL; `settings` are extra ``name=value`` server settings."""
     bin_dirs = _postgres_bin_dirs()
     initdb = find_binary(["initdb"], "postgresql", bin_dirs)
     bin_dir = os.path.dirname(os.path.realpath(initdb))
@@ -422,13 +503,16 @@ def start_postgres() -> Iterator[PostgreSQL]:
     with scratch_dir("greenify-postgres-", owner) as base:
         datadir = os.path.join(base, "data")
         log_path = os.path.join(base, "postgres.log")
+        tls = make_tls_files(base, owner)
         run_checked([initdb, "-D", datadir, "-U", "postgres", "--auth=trust", "-E", "UTF8",
                      "--locale=C", "--no-sync"], log_path, "initdb", cwd=base, **as_owner)
         def command(port: int) -> List[str]:
             return [postgres, "-D", datadir, "-p", str(port),
                     "-c", f"listen_addresses={HOST}", "-c", f"unix_socket_directories={base}",
                     "-c", "max_connections=200", "-c", "shared_buffers=32MB",
-                    "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+                    "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                    "-c", "ssl=on", "-c", f"ssl_cert_file={tls.certificate}", "-c", f"ssl_key_file={tls.key}",
+                    *(option for setting in settings for option in ("-c", setting))]
 
         def accepts_queries(port: int) -> bool:
             if not tcp_answers(port):
@@ -444,7 +528,8 @@ def start_postgres() -> Iterator[PostgreSQL]:
             for statement in ("CREATE USER greenify", "CREATE DATABASE greenify OWNER greenify"):
                 run_checked([psql, "-h", HOST, "-p", str(port), "-U", "postgres", "-d", "postgres",
                              "-v", "ON_ERROR_STOP=1", "-c", statement], log_path, statement)
-            yield PostgreSQL(HOST, port, base, "greenify", "greenify", log_path, time.monotonic() - started, process)
+            yield PostgreSQL(HOST, port, base, "greenify", "greenify", log_path, time.monotonic() - started, process,
+                             tls)
 
 
 # --- memcached ---------------------------------------------------------------
@@ -490,17 +575,25 @@ class SlowHTTP:
     log_path: str
     startup_s: float
     process: Process = field(repr=False)
+    https_port: int = 0
+    tls: Optional[TLSFiles] = None
 
     def url(self, delay_s: float = 0.0, tag: str = "") -> str:
         """A URL the server answers after `delay_s` seconds with the body
         ``slept <delay_s> for <tag>``."""
         return f"http://{self.host}:{self.port}/?delay={delay_s}&tag={tag}"
 
+    def https_url(self, delay_s: float = 0.0, tag: str = "") -> str:
+        """The same over TLS (clients verify with `tls.certificate`)."""
+        return f"https://{self.host}:{self.https_port}/?delay={delay_s}&tag={tag}"
 
-def serve_slow_http() -> None:
+
+def serve_slow_http(certificate: str, key: str) -> None:
     """The slow HTTP server's process: answers GET /?delay=S&tag=T after S
-    seconds with ``slept S for T``, each request in a thread of its own.
-    Prints its port on the first line of stdout once it listens."""
+    seconds with ``slept S for T``, each request in a thread of its own, over
+    HTTP on one port and HTTPS (`certificate`, `key`) on another.  Prints
+    both ports on the first line of stdout once it listens."""
+    import ssl
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import parse_qs, urlsplit
 
@@ -526,8 +619,21 @@ def serve_slow_http() -> None:
         daemon_threads = True
         request_queue_size = 256  # the default 5 drops bursts of concurrent connects
 
-    server = Server((HOST, 0), Handler)
-    print(server.server_address[1], flush=True)
+    class TLSServer(Server):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certificate, key)
+
+        def get_request(self):
+            # The handshake happens in the request's own thread, on first read.
+            conn, address = self.socket.accept()
+            return self.context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False), address
+
+        def handle_error(self, request, client_address) -> None:
+            sys.stderr.write(f"{client_address}: {sys.exc_info()[1]!r}\n")  # a client gone mid-handshake
+
+    server, tls_server = Server((HOST, 0), Handler), TLSServer((HOST, 0), Handler)
+    threading.Thread(target=tls_server.serve_forever, daemon=True).start()
+    print(server.server_address[1], tls_server.server_address[1], flush=True)
     server.serve_forever()
 
 
@@ -537,7 +643,9 @@ def start_slow_http() -> Iterator[SlowHTTP]:
     with scratch_dir("greenify-http-") as base:
         log_path = os.path.join(base, "http.log")
         port_path = os.path.join(base, "port")
-        process = Process("slow HTTP server", [sys.executable, "-u", os.path.abspath(__file__), "slow-http"], log_path)
+        tls = make_tls_files(base)
+        process = Process("slow HTTP server", [sys.executable, "-u", os.path.abspath(__file__), "slow-http",
+                                               tls.certificate, tls.key], log_path)
         with open(port_path, "wb") as port_file:
             # stdout (the port) to its own file, stderr (the access log) to the log.
             with open(log_path, "ab") as log:
@@ -547,12 +655,12 @@ def start_slow_http() -> Iterator[SlowHTTP]:
             def listening() -> bool:
                 with open(port_path) as port_file:
                     text = port_file.read()
-                return text.endswith("\n") and tcp_answers(int(text))
+                return text.endswith("\n") and all(tcp_answers(int(port)) for port in text.split())
 
             process.wait_ready(listening)
             with open(port_path) as port_file:
-                port = int(port_file.read())
-            yield SlowHTTP(HOST, port, log_path, time.monotonic() - started, process)
+                port, https_port = map(int, port_file.read().split())
+            yield SlowHTTP(HOST, port, log_path, time.monotonic() - started, process, https_port, tls)
         finally:
             process.stop()
 
@@ -604,6 +712,21 @@ def serve(start):
         pytest.fail(str(exc), pytrace=False)
 
 
+# GREENIFY_TEST_MARIADB=HOST:PORT: the `mariadb` fixture uses a server that
+# start_mariadb() started elsewhere (same user, password and database) instead
+# of starting one; `make test-aarch64` starts it natively on the host
+# (ci/host_mariadb.py) and the emulated tests reach it over loopback.
+EXTERNAL_MARIADB = "GREENIFY_TEST_MARIADB"
+
+
+@contextlib.contextmanager
+def external_mariadb() -> Iterator[MariaDB]:
+    host, _, port = os.environ[EXTERNAL_MARIADB].rpartition(":")
+    yield MariaDB(host=host, port=int(port), unix_socket="", user="greenify", password="greenify",
+                  database="greenify", log_path=f"(started outside: {EXTERNAL_MARIADB})", startup_s=0.0,
+                  process=None)
+
+
 try:
     import pytest
 except ImportError:  # run as the slow HTTP server's script, outside pytest
@@ -613,7 +736,7 @@ if pytest is not None:
     @pytest.fixture(scope="session")
     def mariadb() -> Iterator[MariaDB]:
         """A MariaDB server with user, password and database `greenify`."""
-        yield from serve(start_mariadb)
+        yield from serve(external_mariadb if os.environ.get(EXTERNAL_MARIADB) else start_mariadb)
 
     @pytest.fixture(scope="session")
     def postgres() -> Iterator[PostgreSQL]:
@@ -659,5 +782,5 @@ if pytest is not None:
             yield report
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["slow-http"]:
-    serve_slow_http()
+if __name__ == "__main__" and sys.argv[1:2] == ["slow-http"]:
+    serve_slow_http(*sys.argv[2:4])

@@ -26,7 +26,7 @@ import pytest
 import greenify
 import greenify.asyncio as gasyncio
 import servers
-from greenify import _bridge
+from green_support import no_interruption_pending
 from greenify._green import ffi, lib
 
 # Twenty 0.3 s waits: 6 s one after another, about 0.3 s together.  The bound
@@ -254,7 +254,7 @@ def test_task_cancel_reaches_a_recv_waiting_in_c_at_once(new_loop):
         delay, clean = run_on(new_loop, main)
     assert seen == [asyncio.CancelledError], "the CancelledError was not raised inside fn"
     assert delay < 1.0 and clean
-    assert not _bridge._interrupted, "an interruption was never delivered"
+    assert no_interruption_pending(), "an interruption was never delivered"
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout() is new in Python 3.11")
@@ -279,7 +279,7 @@ def test_asyncio_timeout_and_wait_for_interrupt_a_sleep_and_raise_timeout_error(
     assert first[:2] == ("timeout", "TimeoutError") and second[:2] == ("wait_for", "TimeoutError")
     assert first[2] < 2.0 and second[2] < 2.0
     assert after == (0, 0)
-    assert not _bridge._interrupted
+    assert no_interruption_pending()
 
 
 def test_a_cancelled_call_that_waits_again_in_its_clean_up_finishes_it(new_loop):
@@ -548,11 +548,9 @@ def test_closing_the_awaiting_coroutine_unwinds_the_call_inside_c(new_loop):
     with reader, writer:
         assert run_on(new_loop, main)
     assert seen == [asyncio.CancelledError]
-    assert not _bridge._interrupted
+    assert no_interruption_pending()
 
 
-@pytest.mark.xfail(strict=True, reason="greenify._bridge imports gevent at module level until boundary's Waiter "
-                                       "bridge (lazy gevent import, helpers/WAITER.md) is merged")
 def test_an_asyncio_user_never_imports_gevent():
     import subprocess
     code = ("import sys, asyncio, greenify, greenify.asyncio\n"

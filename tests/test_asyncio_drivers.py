@@ -26,7 +26,7 @@ import pytest
 import greenify
 import greenify.asyncio as gasyncio
 import servers
-from greenify import _bridge
+from green_support import pending_interruptions
 from test_asyncio import Ticker, new_loop, run_on  # noqa: F401 - new_loop is a fixture
 from test_drivers import (expected_bodies, expected_round_trips, fetcher, late_memcached,  # noqa: F401 - fixture
                           memcached_round_trip, pg_sleeper)
@@ -50,7 +50,7 @@ def active():
 @pytest.fixture(autouse=True)
 def nothing_left_behind():
     yield
-    assert not _bridge._interrupted, f"interruptions never delivered: {_bridge._interrupted!r}"
+    assert not pending_interruptions(), f"interruptions never delivered: {pending_interruptions()!r}"
     waiter = getattr(gasyncio._local, "waiter", None)
     if waiter is not None:
         assert not waiter.readers and not waiter.writers, "descriptors left registered on the loop"

@@ -21,10 +21,11 @@ import pytest
 from gevent import socket as gsocket
 
 import greenify
-from green_support import buffer, call_green, open_fds, rss_kb, run_concurrently, socketpair, tcp_pair
+from green_support import (buffer, call_green, no_interruption_pending, open_fds, rss_kb, run_concurrently, socketpair,
+                           sweep_interval_s, tcp_pair)
 from fault_support import FAULT_BOUND_S
 from servers import missing
-from greenify import _bridge, demo
+from greenify import demo
 from greenify._green import ffi, lib
 
 STRESS = os.environ.get("STRESS") == "1"
@@ -135,7 +136,7 @@ def test_an_fd_closed_behind_greenifys_back_wakes_its_waiter_within_the_sweep_in
     gevent.spawn_later(0.1, os.close, fd)
     start = time.monotonic()
     assert call_green("recv", fd, buffer(8), 8, 0) == (-1, __import__("errno").EBADF)
-    assert time.monotonic() - start < _bridge.SWEEP_INTERVAL_S + FAULT_BOUND_S
+    assert time.monotonic() - start < sweep_interval_s() + FAULT_BOUND_S
 
 
 def test_a_closed_fd_in_a_poll_set_wakes_the_poll_with_pollnval():
@@ -281,4 +282,4 @@ def test_fast_path_calls_and_waits_leave_memory_watchers_and_fds_where_they_were
     assert rss_kb() - rss < 1024, f"resident memory grew by {rss_kb() - rss} KiB"
     assert open_fds() == fds
     assert loop.activecnt == active
-    assert not _bridge._interrupted
+    assert no_interruption_pending()

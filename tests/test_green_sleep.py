@@ -12,8 +12,7 @@ import pytest
 from gevent._hub_local import get_hub_if_exists
 
 import greenify
-from green_support import libc, run_concurrently
-from greenify import _bridge
+from green_support import libc, no_interruption_pending, run_concurrently
 from greenify._green import ffi, lib
 
 CLOCK_REALTIME = lib.CLOCK_REALTIME
@@ -164,7 +163,7 @@ def test_absolute_sleep_ends_at_its_time():
 def nothing_left_behind():
     yield
     gevent.sleep(0.01)
-    assert not _bridge._interrupted, "an interruption was never delivered"
+    assert no_interruption_pending(), "an interruption was never delivered"
 
 
 @pytest.mark.parametrize("name", ["sleep", "nanosleep", "clock_nanosleep"])

@@ -19,8 +19,7 @@ import pytest
 
 import greenify
 from fault_support import INTERRUPT_BOUND_S
-from green_support import buffer, open_fds, rss_kb, socketpair
-from greenify import _bridge
+from green_support import buffer, no_interruption_pending, open_fds, rss_kb, socketpair
 from greenify._green import ffi, lib
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -52,7 +51,7 @@ def nothing_left_behind():
     trace_before = sys.gettrace()
     yield
     gevent.sleep(0.01)
-    assert not _bridge._interrupted, "an interruption was never delivered"
+    assert no_interruption_pending(), "an interruption was never delivered"
     assert sys.gettrace() is trace_before
 
 
@@ -206,7 +205,7 @@ def test_a_thousand_cancellations_leave_nothing_behind(driver):
     assert open_fds() == fds
     assert loop.activecnt == active
     assert rss_kb() - rss < 2048
-    assert not _bridge._interrupted and lib.green_is_active()
+    assert no_interruption_pending() and lib.green_is_active()
 
 
 def test_no_stray_exception_surfaces_later_in_other_greenlets(driver):

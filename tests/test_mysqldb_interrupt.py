@@ -21,8 +21,7 @@ import pytest
 
 import servers
 from fault_support import INTERRUPT_BOUND_S, LONG_WAIT_S
-from green_support import open_fds, rss_kb
-from greenify import _bridge
+from green_support import no_interruption_pending, open_fds, pending_interruptions, rss_kb
 
 pytestmark = [pytest.mark.compat("MySQLdb"), pytest.mark.usefixtures("patched_libmariadb")]
 
@@ -40,7 +39,7 @@ def nothing_left_behind():
     trace_before = sys.gettrace()
     yield
     gevent.sleep(0.01)
-    assert not _bridge._interrupted, f"interruptions never delivered: {_bridge._interrupted!r}"
+    assert no_interruption_pending(), f"interruptions never delivered: {pending_interruptions()!r}"
     assert sys.gettrace() is trace_before
 
 
@@ -199,7 +198,7 @@ def test_a_thousand_cancellations_leave_no_memory_fds_or_watchers_behind(MySQLdb
     assert open_fds() == fds
     assert loop.activecnt == active_watchers
     assert rss_kb() - rss < 4096, f"resident memory grew by {rss_kb() - rss} KiB over 1000 cancellations"
-    assert not _bridge._interrupted
+    assert no_interruption_pending()
 
 
 def test_no_stray_exception_surfaces_in_other_greenlets_after_interruptions(MySQLdb, mariadb, connect):

@@ -212,7 +212,8 @@ def test_report_says_what_was_skipped_and_why(fixture_libs, tmp_path):
         assert skipped == {symbol: "no green twin" for symbol in blocking - patcher.green_twins().keys()}
         assert {slot.symbol for slot in report.patched_slots} == set(slots_of(path)) >= {"__read_chk", "select"}
         text = repr(report)
-        assert str(path) in text and "__read_chk@GLIBC_2.4" in text
+        (read_chk,) = [imp for imp in elf.read_blocking_imports(path).imports if imp.symbol == "__read_chk"]
+        assert str(path) in text and f"__read_chk@{read_chk.version}" in text
         if "flock" not in patcher.green_twins():
             assert "flock" in skipped and "flock" in text
 

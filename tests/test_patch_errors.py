@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import shutil
 import struct
 import subprocess
@@ -77,12 +78,15 @@ def test_file_that_is_not_elf(nothing_written, tmp_path):
 
 
 def test_elf_for_another_machine(nothing_written, fixture_libs, tmp_path):
-    foreign = tmp_path / "libaarch64.so"
+    # e_machine of the other one of x86-64 (62) and aarch64 (183)
+    native, other, other_number = (("EM_AARCH64", "EM_X86_64", 62) if platform.machine() == "aarch64"
+                                   else ("EM_X86_64", "EM_AARCH64", 183))
+    foreign = tmp_path / "libforeign.so"
     shutil.copy(fixture_libs["default"]["fx_client"], foreign)
     with open(foreign, "r+b") as file:
         file.seek(18)  # e_machine
-        file.write(struct.pack("<H", 183))  # EM_AARCH64
-    refused(str(foreign), WrongMachineError, "EM_AARCH64", "EM_X86_64")
+        file.write(struct.pack("<H", other_number))
+    refused(str(foreign), WrongMachineError, other, native)
 
 
 def test_elf_of_another_class(nothing_written, tmp_path):
@@ -165,11 +169,12 @@ def test_relocation_naming_a_slot_outside_the_object_is_refused(nothing_written,
     ctypes.CDLL(str(path))
     data = bytearray(path.read_bytes())
     recv = next(imp for imp in elf.read_blocking_imports(path).imports if imp.symbol == "recv")
-    # the Elf64_Rela of recv: r_offset, then r_info whose type is R_X86_64_GLOB_DAT (6)
+    # the Elf64_Rela of recv: r_offset, then r_info whose type is GLOB_DAT
+    glob_dat = {"R_X86_64_GLOB_DAT": 6, "R_AARCH64_GLOB_DAT": 1025}[recv.relocation_type]
     at = 0
     while True:
         at = data.index(struct.pack("<Q", recv.r_offset), at + 1)
-        if struct.unpack_from("<Q", data, at + 8)[0] & 0xFFFFFFFF == 6:
+        if struct.unpack_from("<Q", data, at + 8)[0] & 0xFFFFFFFF == glob_dat:
             break
     struct.pack_into("<Q", data, at, 0x10_0000_0000)  # far outside the library's segments
     crafted = tmp_path / "crafted.so"

@@ -1,0 +1,38 @@
+/*
+ * Twins for TLS libraries that do a client library's socket I/O
+ * (greenify/companions.py): libcrypto's socket BIO reads and writes the
+ * descriptor libmariadb hands it.  Such a TLS library is shared with other
+ * users (Python's ssl module links the same libcrypto), so its twins go
+ * green only on the descriptors of greenified client libraries: those a
+ * patched library connected (green_connect notes them, green_close and
+ * green_tls_close forget them).  On any other descriptor they are libc's
+ * call itself.
+ */
+#ifndef GREENIFY_GREEN_TLS_H
+#define GREENIFY_GREEN_TLS_H
+
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include "green.h"
+
+/* The client descriptors. */
+void green_tls_note_client(int fd);
+void green_tls_forget_client(int fd);
+int green_tls_is_client(int fd);
+
+ssize_t green_tls_read(int fd, void *buf, size_t count);
+ssize_t green_tls_write(int fd, const void *buf, size_t count);
+ssize_t green_tls_readv(int fd, const struct iovec *iov, int iovcnt);
+ssize_t green_tls_writev(int fd, const struct iovec *iov, int iovcnt);
+ssize_t green_tls_recv(int fd, void *buf, size_t len, int flags);
+ssize_t green_tls_recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr, socklen_t *addrlen);
+ssize_t green_tls_recvmsg(int fd, struct msghdr *msg, int flags);
+ssize_t green_tls_send(int fd, const void *buf, size_t len, int flags);
+ssize_t green_tls_sendto(int fd, const void *buf, size_t len, int flags, const struct sockaddr *addr,
+                         socklen_t addrlen);
+ssize_t green_tls_sendmsg(int fd, const struct msghdr *msg, int flags);
+int green_tls_close(int fd);
+
+#endif

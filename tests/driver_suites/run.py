@@ -1,0 +1,370 @@
+"""The drivers' own test suites, as their maintainers wrote them, stock and greenified.
+
+    python tests/driver_suites/run.py                     # both suites (make driver-suites)
+    python tests/driver_suites/run.py --only psycopg2     # one of them
+    python tests/driver_suites/run.py --readme README.md  # render results.json into the README
+
+For psycopg2 (the psycopg2-binary installed) and mysqlclient: downloads the
+sdist of the installed version from PyPI (``pip download --no-binary :all:
+--no-deps``, kept in build/driver-suites/), extracts its tests, starts the
+test suite's own PostgreSQL and MariaDB (tests/servers.py), and runs each
+suite twice, each time in a fresh interpreter:
+
+* stock: the suite as its maintainers run it;
+* greenified: ``greenify.greenify()``, the driver's C library patched
+  (``patch_library("libpq")`` / ``patch_library("libmariadb")``), a greenlet
+  that ticks every millisecond, and the suite run inside a greenlet, so that
+  every wait in the C library really switches to the hub and back.
+
+Every test's outcome goes to tests/driver_suites/results.json.  The run fails
+(exit 1) if a test that passed stock does not pass greenified.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(HERE)
+ROOT = os.path.dirname(TESTS)
+sys.path.insert(0, TESTS)
+import readme_sections  # noqa: E402 - after the path it lives on
+RESULTS_PATH = os.path.join(HERE, "results.json")
+CACHE = os.path.join(ROOT, "build", "driver-suites")
+README_SECTION = "driver-suites"  # the README's generated part (tests/readme_sections.py)
+SUITE_TIMEOUT_S = 900
+# What psycopg2's suite needs beyond the defaults: two-phase commit
+# (test_tpc) and logical replication (test_replication).
+POSTGRES_SETTINGS = ("max_prepared_transactions=10", "wal_level=logical", "max_wal_senders=10",
+                     "max_replication_slots=10")
+TICK_S = 0.001
+
+# suite -> (the installed distribution whose version is taken, the sdist to
+# download, the driver's C library as patch_library names it, the module
+# that loads it)
+SUITES = {
+    "psycopg2": ("psycopg2-binary", "psycopg2", "libpq", "psycopg2"),
+    "mysqlclient": ("mysqlclient", "mysqlclient", "libmariadb", "MySQLdb"),
+}
+
+
+# --- preparing a suite ------------------------------------------------------------
+
+def fetch_sdist(name: str, version: str) -> str:
+    """The extracted sdist folder of name==version, downloaded once."""
+    folder = os.path.join(CACHE, f"{name}-{version}")
+    if os.path.isdir(os.path.join(folder, "tests")):
+        return folder
+    os.makedirs(CACHE, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as download:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
+                        "--no-build-isolation", "--dest", download, f"{name}=={version}"], check=True)
+        (archive,) = [os.path.join(download, entry) for entry in os.listdir(download)]
+        with tarfile.open(archive) as tar:
+            tar.extractall(download, filter="data")
+        shutil.move(os.path.join(download, f"{name}-{version}"), folder)
+    return folder
+
+
+# --- running a suite (in the child interpreter) -----------------------------------
+
+def _greenify(library: str, module: str) -> None:
+    import importlib
+
+    import gevent
+
+    import greenify
+
+    importlib.import_module(module)
+    greenify.greenify()
+    report = greenify.patch_library(library)
+    if not report:
+        raise SystemExit(f"nothing patched for {library}: {report!r}")
+
+    def tick() -> None:
+        while True:
+            gevent.sleep(TICK_S)
+
+    gevent.spawn(tick)
+
+
+def _run_psycopg2(source: str) -> Dict[str, str]:
+    import unittest
+
+    sys.path.insert(0, source)
+    import tests  # the sdist's tests package
+
+    outcomes: Dict[str, str] = {}
+
+    class Result(unittest.TextTestResult):
+        def addSuccess(self, test):  # noqa: N802 - unittest's names
+            super().addSuccess(test)
+            outcomes[test.id()] = "passed"
+
+        def addFailure(self, test, err):  # noqa: N802
+            super().addFailure(test, err)
+            outcomes[test.id()] = "failed: " + _first_line(self.failures[-1][1])
+
+        def addError(self, test, err):  # noqa: N802
+            super().addError(test, err)
+            outcomes[getattr(test, "id", lambda: str(test))()] = "failed: " + _first_line(self.errors[-1][1])
+
+        def addSkip(self, test, reason):  # noqa: N802
+            super().addSkip(test, reason)
+            outcomes[test.id()] = "skipped: " + reason
+
+        def addExpectedFailure(self, test, err):  # noqa: N802
+            super().addExpectedFailure(test, err)
+            outcomes[test.id()] = "xfailed"
+
+        def addUnexpectedSuccess(self, test):  # noqa: N802
+            super().addUnexpectedSuccess(test)
+            outcomes[test.id()] = "passed"
+
+    runner = unittest.TextTestRunner(stream=sys.stderr, verbosity=1, resultclass=Result)
+    runner.run(tests.test_suite())
+    return outcomes
+
+
+def _run_mysqlclient(source: str) -> Dict[str, str]:
+    import pytest
+
+    outcomes: Dict[str, str] = {}
+
+    class Recorder:
+        def pytest_collectreport(self, report):
+            if report.skipped:  # a module skipped as a whole (importorskip)
+                reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+                outcomes[report.nodeid] = "skipped: " + reason
+            elif report.failed:
+                outcomes[report.nodeid] = "failed: " + _first_line(str(report.longrepr))
+
+        def pytest_runtest_logreport(self, report):
+            if report.failed:
+                outcomes[report.nodeid] = "failed: " + _first_line(str(report.longrepr))
+            elif report.skipped and report.nodeid not in outcomes:
+                reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+                outcomes[report.nodeid] = ("xfailed" if hasattr(report, "wasxfail") else "skipped: " + reason)
+            elif report.when == "call" and report.passed:
+                outcomes[report.nodeid] = "passed"
+
+    config = os.path.join(source, "driver-suites-pytest.ini")
+    with open(config, "w") as ini:
+        ini.write("[pytest]\n")  # the sdist's own settings stay out; so do ours
+    os.chdir(source)
+    pytest.main(["-c", config, "-p", "no:cacheprovider", "-q", "tests"], plugins=[Recorder()])
+    return outcomes
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def child(suite: str, mode: str, source: str, out_path: str) -> None:
+    import gevent
+
+    if mode == "greenified":
+        _greenify(*SUITES[suite][2:4])
+    run = _run_psycopg2 if suite == "psycopg2" else _run_mysqlclient
+    started = time.monotonic()
+    outcomes = gevent.spawn(run, source).get() if mode == "greenified" else run(source)
+    document = {"seconds": round(time.monotonic() - started, 1), "outcomes": outcomes}
+    if mode == "greenified":
+        import greenify
+
+        document["waits"] = sum(entry.calls for entry in greenify.stats().values())
+    with open(out_path, "w") as out:
+        json.dump(document, out, indent=1, sort_keys=True)
+
+
+# --- the parent: servers, runs, comparison -----------------------------------------
+
+def _prepare_postgres(postgres) -> Dict[str, str]:
+    import psycopg2
+
+    admin = psycopg2.connect(f"host={postgres.host} port={postgres.port} user=postgres dbname=postgres "
+                             "sslmode=disable")
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute("DROP DATABASE IF EXISTS psycopg2_test")
+        cursor.execute("CREATE DATABASE psycopg2_test")
+    admin.close()
+    test_db = psycopg2.connect(f"host={postgres.host} port={postgres.port} user=postgres dbname=psycopg2_test "
+                               "sslmode=disable")
+    test_db.autocommit = True
+    with test_db.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'hstore'")
+        if cursor.fetchall():  # the hstore tests; Debian's postgresql package ships it
+            cursor.execute("CREATE EXTENSION hstore")
+    test_db.close()
+    return {"PSYCOPG2_TESTDB": "psycopg2_test", "PSYCOPG2_TESTDB_HOST": postgres.host,
+            "PSYCOPG2_TESTDB_PORT": str(postgres.port), "PSYCOPG2_TESTDB_USER": "postgres",
+            "PSYCOPG2_TEST_REPL_DSN": "",  # replicate over the test DSN itself (trust, superuser)
+            # plain TCP, as the suite's own CI connects; libpq would otherwise prefer TLS
+            "PGSSLMODE": "disable"}
+
+
+def _prepare_mariadb(mariadb, source: str) -> Dict[str, str]:
+    import MySQLdb
+
+    admin = MySQLdb.connect(unix_socket=mariadb.unix_socket, user="root")
+    cursor = admin.cursor()
+    cursor.execute("DROP DATABASE IF EXISTS mysqldb_test")
+    cursor.execute("CREATE DATABASE mysqldb_test DEFAULT CHARACTER SET utf8mb4")
+    cursor.execute(f"GRANT ALL ON mysqldb_test.* TO '{mariadb.user}'@'%'")
+    admin.close()
+    config = os.path.join(source, "tests", "driver-suites.cnf")
+    with open(config, "w") as cnf:
+        cnf.write(f"[MySQLdb-tests]\nhost = {mariadb.host}\nport = {mariadb.port}\nuser = {mariadb.user}\n"
+                  f"password = {mariadb.password}\ndatabase = mysqldb_test\ndefault-character-set = utf8mb4\n")
+    return {"TESTDB": "driver-suites.cnf"}
+
+
+def run_suite(suite: str, source: str, env: Dict[str, str], mode: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, os.path.abspath(__file__), "--child", suite, mode, source, out.name]
+        print(f"--- {suite}, {mode}", flush=True)
+        started = time.monotonic()
+        log_path = os.path.join(CACHE, f"{suite}-{mode}.log")
+        with open(log_path, "w") as log:
+            process = subprocess.run(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                     timeout=SUITE_TIMEOUT_S)
+        try:
+            with open(out.name) as result:
+                document = json.load(result)
+        except ValueError:
+            raise SystemExit(f"{suite} {mode}: the suite ended (status {process.returncode}) without results; "
+                             f"see {log_path}") from None
+    counts = count(document["outcomes"])
+    print(f"    {counts} in {time.monotonic() - started:.0f} s (log: {os.path.relpath(log_path, ROOT)})", flush=True)
+    return document
+
+
+def count(outcomes: Dict[str, str]) -> Dict[str, int]:
+    kinds = ("passed", "failed", "skipped", "xfailed")
+    return {kind: sum(1 for outcome in outcomes.values() if outcome.split(":")[0] == kind) for kind in kinds}
+
+
+def compare(stock: Dict[str, str], greenified: Dict[str, str]) -> dict:
+    passed_stock = {test for test, outcome in stock.items() if outcome == "passed"}
+    regressions = sorted(test for test in passed_stock if greenified.get(test) != "passed")
+    failed_both = sorted(test for test, outcome in stock.items()
+                         if outcome.startswith("failed") and greenified.get(test, "").startswith("failed"))
+    return {"regressions": {test: greenified.get(test, "did not run") for test in regressions},
+            "failed_both_ways": {test: stock[test] for test in failed_both},
+            "fixed_greenified": sorted(test for test, outcome in stock.items() if outcome.startswith("failed")
+                                       and greenified.get(test) == "passed")}
+
+
+def main_run(only: Optional[List[str]]) -> int:
+    import servers
+
+    results = load_results()
+    status = 0
+    with contextlib.ExitStack() as stack:
+        for suite in only or list(SUITES):
+            installed, sdist, library, _module = SUITES[suite]
+            version = importlib.metadata.version(installed)
+            source = fetch_sdist(sdist, version)
+            if suite == "psycopg2":
+                env = _prepare_postgres(stack.enter_context(servers.start_postgres(POSTGRES_SETTINGS)))
+            else:
+                env = _prepare_mariadb(stack.enter_context(servers.start_mariadb()), source)
+            runs = {mode: run_suite(suite, source, env, mode) for mode in ("stock", "greenified")}
+            comparison = compare(runs["stock"]["outcomes"], runs["greenified"]["outcomes"])
+            results["suites"][suite] = {
+                "sdist": f"{sdist} {version}", "installed": f"{installed} {version}",
+                "patched": f'patch_library("{library}")',
+                "stock": count(runs["stock"]["outcomes"]), "greenified": count(runs["greenified"]["outcomes"]),
+                "seconds": {mode: runs[mode]["seconds"] for mode in runs},
+                "greenified_waits": runs["greenified"].get("waits"),
+                **comparison,
+                "outcomes": {mode: runs[mode]["outcomes"] for mode in runs},
+            }
+            results["environment"] = (f"Python {platform.python_version()}, gevent "
+                                      f"{importlib.metadata.version('gevent')}, {platform.machine()}")
+            save_results(results)
+            if comparison["regressions"]:
+                status = 1
+                print(f"{suite}: {len(comparison['regressions'])} test(s) pass stock and fail greenified:")
+                for test, outcome in comparison["regressions"].items():
+                    print(f"    {test}: {outcome}")
+    return status
+
+
+def load_results() -> dict:
+    try:
+        with open(RESULTS_PATH) as results_file:
+            results = json.load(results_file)
+    except (OSError, ValueError):
+        results = {}
+    results.setdefault("suites", {})
+    return results
+
+
+def save_results(results: dict) -> None:
+    readme_sections.replace_file(RESULTS_PATH, json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
+# --- the README table --------------------------------------------------------------
+
+def markdown_table(results: dict) -> str:
+    lines = ["| suite | C library patched | stock | greenified | passed stock, not greenified |",
+             "|---|---|---|---|---|"]
+
+    def counts(entry: Dict[str, int]) -> str:
+        text = f"{entry['passed']} passed, {entry['failed']} failed, {entry['skipped']} skipped"
+        return text + (f", {entry['xfailed']} expected failures" if entry["xfailed"] else "")
+
+    for suite, row in results["suites"].items():
+        lines.append(f"| {row['sdist']} (tests of the sdist) | `{row['patched']}` | {counts(row['stock'])} "
+                     f"| {counts(row['greenified'])} | {len(row['regressions'])} |")
+    for suite, row in results["suites"].items():
+        for test, outcome in row["regressions"].items():
+            lines.append(f"\n{suite}: `{test}` passes stock, greenified {outcome}")
+    lines.append("")
+    lines.append("Generated by `python tests/driver_suites/run.py --readme README.md` from "
+                 f"`tests/driver_suites/results.json`, which `make driver-suites` writes "
+                 f"({results.get('environment', 'no results yet')}).")
+    return "\n".join(lines)
+
+
+def rewrite_readme(path: str) -> None:
+    readme_sections.write(path, README_SECTION, markdown_table(load_results()))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        child(*argv[1:5])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", choices=list(SUITES), help="run only this suite (repeatable)")
+    parser.add_argument("--readme", help="only render results.json into this README between the markers")
+    parser.add_argument("--check", metavar="README", help="only check that this README's table is results.json's")
+    args = parser.parse_args(argv)
+    if args.readme:
+        rewrite_readme(args.readme)
+        return 0
+    if args.check:
+        differences = readme_sections.differences(args.check, README_SECTION, markdown_table(load_results()),
+                                                  RESULTS_PATH)
+        print("\n".join(differences), file=sys.stderr)
+        return 1 if differences else 0
+    return main_run(args.only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
