@@ -591,3 +591,23 @@ def test_a_thread_whose_hub_takes_the_c_fast_wait_still_awaits_its_loop_inside_r
     before = lib.green_fast_waits()
     gevent_recv_round_trip()  # and gevent's common waits take it again once no run is left
     assert lib.green_fast_waits() > before
+
+
+def test_close_of_a_watched_fd_by_plain_code_in_the_loop_thread_wakes_its_waiter_at_once(new_loop):
+    # The close twin tells every waiter registered in its thread, so a close
+    # outside run is seen at once, not by the once-a-second sweep.
+    reader, writer = socket.socketpair()
+    fd = reader.detach()
+
+    async def main():
+        waiting = asyncio.ensure_future(gasyncio.run(recv_into, fd))
+        await asyncio.sleep(0.1)
+        closed = lib.green_close(fd)  # plain code: the loop's own greenlet
+        closed_at = time.monotonic()
+        result = await asyncio.wait_for(waiting, 10)
+        return closed, result, time.monotonic() - closed_at, nothing_registered(fd)
+
+    with writer:
+        closed, (result, error, _), took, clean = run_on(new_loop, main)
+    assert closed == 0 and (result, error) == (-1, errno.EBADF)
+    assert took < gasyncio.SWEEP_INTERVAL_S / 2 and clean
