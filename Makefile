@@ -57,7 +57,7 @@ test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(VENV)/.base
-	$(PY) -m greenify.demo
+	$(PY) -m greenify.demo $(if $(ASYNCIO),--asyncio)
 
 # psycopg2's and mysqlclient's own test suites (sdists from PyPI), stock and
 # greenified, against the suite's servers; fails if greenify breaks a test.
@@ -68,6 +68,7 @@ driver-suites: build
 bench: build
 	$(PIP) install -q -e '.[bench]'
 	$(PY) bench/run.py $(if $(QUICK),--quick) $(if $(PEER),--peer-python $(PEER))
+	$(PY) bench/asyncio_bench.py $(if $(QUICK),--quick)
 
 # Fails when any of the README's generated parts (tests/readme_sections.py)
 # differs from the recorded run it is rendered from.

@@ -181,11 +181,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "instead of the built-in server")
     parser.add_argument("--user", default="root", help="the MySQL user, with --mysql (default: %(default)s)")
     parser.add_argument("--password", default="", help="the MySQL user's password, with --mysql (default: none)")
+    parser.add_argument("--asyncio", action="store_true",
+                        help="run the calls as asyncio tasks through greenify.asyncio.run instead of greenlets")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.asyncio:  # the same rounds, as asyncio tasks (greenify/demo_asyncio.py)
+        global run_round
+        from greenify.demo_asyncio import run_round
+        print("(asyncio: each call is a task awaiting greenify.asyncio.run on one event loop)")
     if args.mysql:
         host, port = args.mysql
         blocking, green = demo_mysql(host, port, args.user, args.password, args.greenlets, args.delay)

@@ -154,6 +154,7 @@ COLUMNS: List[Column] = [
     Column("tests", lambda entry: tests_cell(test["outcome"] for test in entry["tests"].values())
            + _not_collected_note(entry)),
     Column("result", lambda entry: f"**{row_result(entry)}**"),
+    aspect_column("under asyncio (greenify.asyncio)", "asyncio"),
 ]
 
 
