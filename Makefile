@@ -78,6 +78,7 @@ check-readme: $(VENV)/.base
 	$(PY) tests/driver_suites/run.py --check README.md
 	$(PY) ci/results.py readme README.md --check
 	$(PY) bench/run.py --check README.md
+	$(PY) bench/asyncio_bench.py --check README.md
 
 # The differential test of the green twins against libc, run long:
 # `make fuzz` (EXAMPLES=n per mode, default 2000; SEED=n to replay a run).

@@ -251,6 +251,9 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+README_SECTION = "asyncio-bench"  # the README's generated table (tests/readme_sections.py)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
@@ -259,9 +262,21 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="100 queries, 1 round; results not saved")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--markdown", action="store_true", help="print the README's table from the results file")
+    parser.add_argument("--readme", metavar="README", help="write the results file's table into README")
+    parser.add_argument("--check", metavar="README", help="exit 1 if README's table is not the results file's")
     options = parser.parse_args(argv)
-    if options.markdown:
-        print(markdown(json.loads(RESULTS_PATH.read_text())))
+    if options.markdown or options.readme or options.check:
+        table = markdown(json.loads(RESULTS_PATH.read_text()))
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        import readme_sections
+        if options.readme:
+            readme_sections.write(options.readme, README_SECTION, table)
+        elif options.check:
+            differences = readme_sections.differences(options.check, README_SECTION, table, str(RESULTS_PATH))
+            print("\n".join(differences), file=sys.stderr)
+            return 1 if differences else 0
+        else:
+            print(table)
         return 0
     results = measure(options)
     if not options.quick:

@@ -3,7 +3,7 @@
 Each lies between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``, is
 written by the script that owns its source (compat: tests/compat.py; tls:
 tests/tls_results.py; driver-suites: tests/driver_suites/run.py; platforms:
-ci/results.py; bench: bench/run.py) and is checked against that source by
+ci/results.py; bench: bench/run.py; asyncio-bench: bench/asyncio_bench.py) and is checked against that source by
 ``make check-readme``, which CI runs: a figure in a generated part is never
 edited by hand.
 """
