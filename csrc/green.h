@@ -77,6 +77,8 @@ struct green_function_entry {
 };
 /* The index-th row, NULL past the last. */
 const struct green_function_entry *green_function_entry(int index);
+/* Likewise for the TLS libraries' twins (csrc/green_tls.h): family "tls". */
+const struct green_function_entry *green_tls_function_entry(int index);
 
 /* One call's waits, as counted by greenify.stats(): the call counts once,
    however many times it waits. */

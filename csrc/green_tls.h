@@ -17,6 +17,12 @@
 
 #include "green.h"
 
+/* The calls a TLS library gets a twin for, X(name): green_tls_<name> has
+   libc's signature.  The one list: csrc/green_functions.c exports it to
+   Python (greenify/_functions.py's tls_twins()). */
+#define GREEN_TLS_TWINS(X)                                                                                    \
+    X(read) X(write) X(readv) X(writev) X(recv) X(recvfrom) X(recvmsg) X(send) X(sendto) X(sendmsg) X(close)
+
 /* The client descriptors. */
 void green_tls_note_client(int fd);
 void green_tls_forget_client(int fd);

@@ -27,11 +27,11 @@ def _string(pointer) -> Optional[str]:
     return None if pointer == ffi.NULL else ffi.string(pointer).decode()
 
 
-def _read_rows() -> Tuple[GreenFunction, ...]:
+def _read_rows(entry_at=lib.green_function_entry) -> Tuple[GreenFunction, ...]:
     rows = []
     index = 0
     while True:
-        entry = lib.green_function_entry(index)
+        entry = entry_at(index)
         if entry == ffi.NULL:
             return tuple(rows)
         twin = int(ffi.cast("uintptr_t", entry.twin)) or None
@@ -40,11 +40,18 @@ def _read_rows() -> Tuple[GreenFunction, ...]:
 
 
 GREEN_FUNCTIONS: Tuple[GreenFunction, ...] = _read_rows()
+# The twins a TLS library gets (csrc/green_tls.h): green on a greenified client's descriptors only.
+TLS_TWINS: Tuple[GreenFunction, ...] = _read_rows(lib.green_tls_function_entry)
 
 
 def twins() -> Dict[str, int]:
     """symbol -> address of its green twin, fortified forms included."""
     return {row.name: row.twin for row in GREEN_FUNCTIONS if row.twin is not None}
+
+
+def tls_twins() -> Dict[str, int]:
+    """symbol -> address of its twin for a TLS library (greenify.companions)."""
+    return {row.name: row.twin for row in TLS_TWINS}
 
 
 BLOCKING_FAMILIES = ("socket", "io", "poll", "sleep", "resolver", "lock", "process")

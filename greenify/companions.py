@@ -17,7 +17,6 @@ the twins of ``tls_twins()``, and the PatchReport says why.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import re
 from dataclasses import dataclass
@@ -32,17 +31,14 @@ log = logging.getLogger("greenify")
 
 @lru_cache(maxsize=None)
 def tls_twins() -> Dict[str, int]:
-    """symbol -> address of its twin for TLS libraries: every
-    ``green_tls_<name>`` of greenify._green (csrc/green_tls.c) whose <name>
-    libc exports.  They cover data transfer and close, and go green only on
-    a descriptor a patched library connected: the library's other users
-    (Python's ssl module shares the system's libcrypto) keep libc's calls."""
-    from greenify._green import ffi, lib
+    """symbol -> address of its twin for TLS libraries (csrc/green_tls.h's
+    list, read by greenify._functions).  They cover data transfer and close,
+    and go green only on a descriptor a patched library connected: the
+    library's other users (Python's ssl module shares the system's
+    libcrypto) keep libc's calls."""
+    from greenify import _functions
 
-    libc = ctypes.CDLL(None)
-    prefix = "green_tls_"
-    return {name[len(prefix):]: int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
-            for name in dir(lib) if name.startswith(prefix) and hasattr(libc, name[len(prefix):])}
+    return _functions.tls_twins()
 
 
 @dataclass(frozen=True)
