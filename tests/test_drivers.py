@@ -293,12 +293,17 @@ def test_patched_late_memcached_does_not_block_other_greenlets(pylibmc, memcache
 
 # --- pycurl: libcurl-<hash>.so in pycurl.libs --------------------------------------
 
-def fetcher(pycurl, slow_http, delay_s: float, host: str = servers.HOST):
+def fetcher(pycurl, slow_http, delay_s: float, host: str = servers.HOST, https: bool = False):
+    """function(index): one pycurl transfer from the slow server (over TLS,
+    its certificate verified, with ``https``): (status, body)."""
     def fetch(index: int):
         body = io.BytesIO()
         curl = pycurl.Curl()
         try:
-            curl.setopt(pycurl.URL, slow_http.url(delay_s, str(index)).replace(servers.HOST, host, 1))
+            url = slow_http.https_url(delay_s, str(index)) if https else slow_http.url(delay_s, str(index))
+            curl.setopt(pycurl.URL, url.replace(servers.HOST, host, 1))
+            if https:
+                curl.setopt(pycurl.CAINFO, slow_http.tls.certificate)
             curl.setopt(pycurl.WRITEDATA, body)
             curl.setopt(pycurl.NOSIGNAL, 1)
             curl.setopt(pycurl.TIMEOUT, 30)

@@ -21,13 +21,11 @@ and urllib over https behave as before (same results, no wait on a hub).
 from __future__ import annotations
 
 import ctypes
-import io
 import json
 import re
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -40,7 +38,8 @@ import greenify
 import servers
 import tls_results
 from greenify import companions
-from greenify._bridge import _interrupted
+from green_support import no_interruption_pending, pending_interruptions
+from test_drivers import fetcher
 
 COUNT = 10
 SLEEP_S = 0.3
@@ -60,7 +59,7 @@ def active():
 def nothing_left_behind():
     yield
     gevent.sleep(0.01)
-    assert not _interrupted, f"interruptions never delivered: {_interrupted!r}"
+    assert no_interruption_pending(), f"interruptions never delivered: {pending_interruptions()!r}"
 
 
 @dataclass(frozen=True)
@@ -89,20 +88,7 @@ class Driver:
     def _pycurl(request, sleep_s):
         pycurl, slow_http = request.getfixturevalue("pycurl"), request.getfixturevalue("slow_http")
 
-        def fetch(index):
-            body = io.BytesIO()
-            curl = pycurl.Curl()
-            try:
-                curl.setopt(pycurl.URL, slow_http.https_url(sleep_s, str(index)))
-                curl.setopt(pycurl.CAINFO, slow_http.tls.certificate)
-                curl.setopt(pycurl.WRITEDATA, body)
-                curl.setopt(pycurl.NOSIGNAL, 1)
-                curl.setopt(pycurl.TIMEOUT, 30)
-                curl.perform()
-                return curl.getinfo(pycurl.RESPONSE_CODE), body.getvalue().decode()
-            finally:
-                curl.close()
-        return fetch
+        return fetcher(pycurl, slow_http, sleep_s, https=True)
 
 
 def _querier(connect, sql: str, sleep_s: float):
