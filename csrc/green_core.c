@@ -75,6 +75,26 @@ int green_ms_left(int64_t deadline_ns)
 
 /* ---- waiting ---- */
 
+/* An interrupted wait leaves the connections it waited on unusable, as the
+   README promises: each connected stream socket among them is shut down, so
+   the library's next use of it fails for good.  Failing the call alone is
+   not enough: libpq takes a poll that "timed out" as an error, keeps the
+   connection, and the next query read the interrupted query's late answer.
+   Listening sockets, datagram sockets and other files are left alone. */
+static void shut_interrupted_connections(const struct green_watch *watches, int nwatches)
+{
+    for (int i = 0; i < nwatches; i++) {
+        int type = 0, listening = 0;
+        socklen_t size = sizeof type;
+        if (getsockopt(watches[i].fd, SOL_SOCKET, SO_TYPE, &type, &size) != 0 || type != SOCK_STREAM)
+            continue;
+        size = sizeof listening;
+        if (getsockopt(watches[i].fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &size) != 0 || listening)
+            continue;
+        shutdown(watches[i].fd, SHUT_RDWR);
+    }
+}
+
 int green_wait(struct green_call *call, const struct green_watch *watches, int nwatches, int64_t deadline_ns)
 {
     double timeout_s = -1.0;
@@ -101,8 +121,10 @@ int green_wait(struct green_call *call, const struct green_watch *watches, int n
     __atomic_sub_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
     if (result != GREEN_CANNOT_WAIT)
         green_stats_count_wait(call, started_ns);
-    if (result == GREEN_INTERRUPTED)
+    if (result == GREEN_INTERRUPTED) {
+        shut_interrupted_connections(watches, nwatches);
         green_arm_delivery();
+    }
     else if (result == GREEN_TIMED_OUT && deadline_ns != GREEN_NO_DEADLINE && green_now_ns() < deadline_ns)
         result = GREEN_WOKEN; /* the loop's clock ran ahead of ours: probe and wait the rest */
     errno = saved_errno;
