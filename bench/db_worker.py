@@ -18,8 +18,7 @@ Variants: greenified (MySQLdb, libmariadb patched), stock (MySQLdb as is),
 threadpool (stock MySQLdb through gevent.get_hub().threadpool, one thread per
 greenlet), pymysql (PyMySQL after gevent.monkey.patch_all()).
 
-Prints one line of JSON: {"seconds": ..., "rows": ..., "greenify": ..., "waits": ...}
-(waits: greenify.stats()'s count for this project, None for the others).
+Prints one line of JSON: {"seconds": ..., "rows": ..., "greenify": ...}.
 """
 from __future__ import annotations
 
@@ -110,14 +109,6 @@ def run_greenlets(variant: str, connect, host: str, port: int, count: int, work,
     return seconds, [g.value for g in greenlets] if timed == "connect" else list(items)
 
 
-def waits_counted() -> "int | None":
-    """How many green calls waited on the hub (this project only)."""
-    import greenify
-    if not hasattr(greenify, "stats"):
-        return None
-    return sum(each.calls for each in greenify.stats().values())
-
-
 def concurrency(host: str, port: int, variant: str, count: int, timed: str = "work") -> dict:
     raise_fd_limit(2 * count + 256)
     connect, flavour = prepare(variant)
@@ -131,7 +122,7 @@ def concurrency(host: str, port: int, variant: str, count: int, timed: str = "wo
     seconds, connections = run_greenlets(variant, connect, host, port, count, sleep_query, timed)
     for conn in connections:
         conn.close()
-    return {"seconds": seconds, "greenify": flavour, "waits": waits_counted() if flavour else None}
+    return {"seconds": seconds, "greenify": flavour}
 
 
 def idle(host: str, port: int, variant: str, count: int) -> dict:
@@ -139,7 +130,7 @@ def idle(host: str, port: int, variant: str, count: int) -> dict:
     connect, flavour = prepare(variant)
     for conn in open_connections(variant, connect, host, port, count):
         conn.close()
-    return {"seconds": 0.0, "greenify": flavour, "waits": waits_counted() if flavour else None}
+    return {"seconds": 0.0, "greenify": flavour}
 
 
 def throughput(host: str, port: int, variant: str, count: int, queries: int, timed: str = "work") -> dict:
@@ -157,8 +148,7 @@ def throughput(host: str, port: int, variant: str, count: int, queries: int, tim
         conn.close()
     if fetched != [TABLE_ROWS] * (count * queries):
         raise RuntimeError(f"expected {count * queries} results of {TABLE_ROWS} rows")
-    return {"seconds": seconds, "rows": sum(fetched), "greenify": flavour,
-            "waits": waits_counted() if flavour else None}
+    return {"seconds": seconds, "rows": sum(fetched), "greenify": flavour}
 
 
 def setup(host: str, port: int) -> dict:

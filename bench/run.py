@@ -499,7 +499,6 @@ def case_syscalls(options) -> List[dict]:
     greenlets, queries = 10, (20 if options.quick else 100)
     variants = ["greenified"] + (["peer"] if options.peer_python else [])
     per_query: Dict[str, Dict[str, List[float]]] = {}
-    waits: Dict[str, Optional[float]] = {}
     with mariadb_server() as db:
         for variant in variants:
             python, name = variant_python(variant, options)
@@ -511,13 +510,10 @@ def case_syscalls(options) -> List[dict]:
             total = greenlets * queries
             per_query[variant] = {call: [(busy.get(call, [0, 0])[i] - idle.get(call, [0, 0])[i]) / total
                                          for i in (0, 1)] for call in set(busy) | set(idle)}
-            result = db_worker(python, "throughput", db, name, greenlets, queries)
-            waits[variant] = None if result.get("waits") is None else result["waits"] / total
     RESULTS_EXTRA["syscalls"] = {"queries": greenlets * queries, "labels": {v: VARIANTS[v] for v in variants},
                                  "per_query": {v: {c: [round(x, 2) for x in pair] for c, pair in sorted(calls.items())
                                                    if abs(pair[0]) >= 0.05}
-                                               for v, calls in per_query.items()},
-                                 "waits_counted_by_greenify": waits}
+                                               for v, calls in per_query.items()}}
     rows = []
     totals, per_wait = {}, {}
     for variant in variants:

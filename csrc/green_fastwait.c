@@ -88,16 +88,27 @@ static void fast_io_ready(void *loop, struct libev_io *io, int revents)
     PyGILState_Release(gil);
 }
 
-/* GIL held. */
-static void fast_hub_free(struct fast_hub *fast)
+/* What a fast_hub holds, released (GIL held): called when its hub is
+   replaced or gone.  A watcher still active belongs to a loop that is going
+   away with its hub, and no greenlet can be waiting on it (waiting keeps the
+   hub running). */
+static void fast_hub_release(struct fast_hub *fast)
 {
-    /* Called when the hub is replaced or gone: a watcher still active
-       belongs to a loop that is going away with its hub, and no greenlet
-       can be waiting on it (waiting keeps the hub running). */
     for (int fd = 0; fd < fast->capacity; fd++)
         free(fast->by_fd[fd]);
     free(fast->by_fd);
-    Py_XDECREF(fast->get_hub);
+    fast->by_fd = NULL;
+    fast->capacity = 0;
+    Py_CLEAR(fast->get_hub);
+}
+
+/* The struct itself may go only once nothing will write to it: after its
+   hub's weakref callback set `gone`, or before the hub was attached.  The
+   struct of a replaced hub that is still alive stays allocated (a few
+   words), released, for that callback to write into. */
+static void fast_hub_free(struct fast_hub *fast)
+{
+    fast_hub_release(fast);
     free(fast);
 }
 
@@ -130,8 +141,10 @@ uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, vo
     fast->io_start = (libev_io_start_stop)io_start;
     fast->io_stop = (libev_io_start_stop)io_stop;
     fast->feed_event = (libev_feed_event)feed_event;
-    if (this_thread != NULL)
+    if (this_thread != NULL && this_thread->gone)
         fast_hub_free(this_thread);
+    else if (this_thread != NULL)
+        fast_hub_release(this_thread); /* its hub lives on: its callback will still write `gone` */
     this_thread = fast;
     handle = (uintptr_t)fast;
     fast = NULL;

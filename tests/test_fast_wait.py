@@ -149,3 +149,25 @@ def test_a_number_closed_and_reused_behind_greenifys_back_is_registered_anew():
 
     numbers = gevent.spawn(reuse_numbers).get(timeout=10)
     assert len(numbers) == 1  # the number really was reused each time
+
+
+def test_a_hub_replaced_while_still_referenced_is_let_go_safely():
+    """The old hub outlives its replacement's attachment: when it finally
+    goes, its callback must find its C state still there (it was released,
+    not freed), and waits on the new hub go on."""
+    outcome = []
+
+    def thread_body():
+        ping_pong(3)
+        old_hub = get_hub()
+        old_hub.destroy(destroy_loop=True)
+        ping_pong(3)  # a new hub, attached while the old one is still referenced
+        del old_hub
+        gc.collect()
+        ping_pong(3)
+        outcome.append("done")
+
+    thread = threading.Thread(target=thread_body)
+    thread.start()
+    thread.join(60)
+    assert outcome == ["done"]
