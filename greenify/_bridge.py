@@ -21,6 +21,8 @@ raised in the greenlet (csrc/green_deliver.c).
 from __future__ import annotations
 
 import atexit
+import errno
+import fcntl
 import sys
 from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple
 
@@ -34,6 +36,21 @@ CANNOT_WAIT: int = lib.GREEN_CANNOT_WAIT
 INTERRUPTED: int = lib.GREEN_INTERRUPTED
 READ: int = lib.GREEN_READ
 WRITE: int = lib.GREEN_WRITE
+
+
+# How often a waiter looks for waits on descriptors closed behind
+# greenify's back (os.close, an unpatched library): epoll silently drops
+# them, and their waiters would wait for ever.
+SWEEP_INTERVAL_S = 1.0
+
+
+def descriptor_closed(fd: int) -> bool:
+    """Whether ``fd`` no longer names an open file (the sweeps' test)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError as exc:
+        return exc.errno == errno.EBADF
+    return False
 
 
 class Waiter(Protocol):

@@ -7,20 +7,16 @@ descriptors closed behind greenify's back.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import gevent
 
 from greenify import _bridge, _fastwait
-from greenify._bridge import READ, TIMED_OUT, WOKEN, WRITE
+from greenify._bridge import READ, SWEEP_INTERVAL_S, TIMED_OUT, WOKEN, WRITE, descriptor_closed
 
 log = logging.getLogger("greenify")
 
-# How often waits on descriptors closed behind greenify's back are looked for.
-SWEEP_INTERVAL_S = 1.0
 # A watcher is kept per (fd, events): events (READ | WRITE) take two bits.
 _EVENT_BITS = 2
 _EVENT_MASKS = (READ, WRITE, READ | WRITE)
@@ -129,9 +125,9 @@ class HubWaiter:
         os.close, an unpatched library) silently leaves epoll: its waiter
         would wait for ever.  Once a second, wake the waiters whose
         descriptor is gone."""
-        self._wake([watcher for watcher in self.waiting_watchers() if _closed(watcher.fd)])
+        self._wake([watcher for watcher in self.waiting_watchers() if descriptor_closed(watcher.fd)])
         for fd in _fastwait.waiting_fds():  # the waits below Python (csrc/green_fastwait.c)
-            if _closed(fd):
+            if descriptor_closed(fd):
                 _fastwait.wake(fd)
 
     def offload(self, job_runner: Callable[[], None]) -> bool:
@@ -139,14 +135,6 @@ class HubWaiter:
         waits in C, interruptible."""
         gevent.spawn(_submit, self.hub, job_runner)
         return True
-
-
-def _closed(fd: int) -> bool:
-    try:
-        fcntl.fcntl(fd, fcntl.F_GETFD)
-    except OSError as exc:
-        return exc.errno == errno.EBADF
-    return False
 
 
 def _submit(hub, job_runner: Callable[[], None]) -> None:

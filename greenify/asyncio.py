@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import errno
-import fcntl
 import functools
 import inspect
 import threading
@@ -30,6 +29,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tup
 from greenlet import getcurrent, greenlet
 
 from greenify import _bridge
+from greenify._bridge import descriptor_closed
 from greenify._green import lib
 
 __all__ = ["run", "wrap", "AsyncProxy"]
@@ -43,8 +43,7 @@ TIMED_OUT: int = _bridge.TIMED_OUT
 
 # How many times a closed coroutine throws CancelledError into a call that keeps waiting.
 _CLOSE_ATTEMPTS = 100
-# How often waits on descriptors closed behind greenify's back are looked for (as the gevent bridge's sweep).
-SWEEP_INTERVAL_S = 1.0
+SWEEP_INTERVAL_S = _bridge.SWEEP_INTERVAL_S  # as the hub's sweep
 
 
 class _Wait:
@@ -140,13 +139,7 @@ class _LoopWaiter:
         descriptors that are gone are woken and fail with EBADF."""
         self.sweeper = None
         for table, remove in ((self.readers, self.loop.remove_reader), (self.writers, self.loop.remove_writer)):
-            for fd in list(table):
-                try:
-                    fcntl.fcntl(fd, fcntl.F_GETFD)
-                    continue
-                except OSError as exc:
-                    if exc.errno != errno.EBADF:
-                        continue
+            for fd in [fd for fd in table if descriptor_closed(fd)]:
                 waits = table.pop(fd, None) or []
                 self._forget(remove, fd)
                 for wait in waits:

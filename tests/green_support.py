@@ -143,5 +143,5 @@ def no_interruption_pending() -> bool:
 
 def sweep_interval_s() -> float:
     """How often the hub's waiter looks for waits on descriptors closed behind greenify's back."""
-    from greenify._gevent_waiter import SWEEP_INTERVAL_S
+    from greenify._bridge import SWEEP_INTERVAL_S
     return SWEEP_INTERVAL_S
