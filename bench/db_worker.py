@@ -8,11 +8,15 @@ greenify 0.5.0, which is used through its documented API.
 
     db_worker.py setup       HOST PORT                     create the 1,000-row table
     db_worker.py concurrency HOST PORT VARIANT N [TIMED]   N greenlets, SELECT SLEEP(0.5) each
-    db_worker.py throughput  HOST PORT VARIANT GREENLETS QUERIES [TIMED]
+    db_worker.py throughput  HOST PORT VARIANT GREENLETS QUERIES [TIMED [ROWS]]
     db_worker.py idle        HOST PORT VARIANT GREENLETS   what the others do before their work (strace's baseline)
 
 TIMED is `work` (the default: connections are opened before the clock
 starts) or `connect` (each greenlet opens its connection inside the timing).
+ROWS (default 1,000, the whole table) is the size of each result.
+
+With GREENIFY_BENCH_PERF_CONTROL=CTL,ACK (two FIFOs of `perf record -D -1
+--control fifo:CTL,ACK`), perf samples the timed part only.
 
 Variants: greenified (MySQLdb, libmariadb patched), stock (MySQLdb as is),
 threadpool (stock MySQLdb through gevent.get_hub().threadpool, one thread per
@@ -22,7 +26,9 @@ Prints one line of JSON: {"seconds": ..., "rows": ..., "greenify": ...}.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import resource
 import sys
 import time
@@ -82,6 +88,27 @@ def open_connections(variant: str, connect, host: str, port: int, count: int) ->
     return list(Pool(100).imap(one, range(count)))
 
 
+@contextlib.contextmanager
+def profiled():
+    """perf samples what runs inside, when GREENIFY_BENCH_PERF_CONTROL names its FIFOs."""
+    control = os.environ.get("GREENIFY_BENCH_PERF_CONTROL")
+    if not control:
+        yield
+        return
+    ctl_path, ack_path = control.split(",")
+    with open(ctl_path, "w") as ctl, open(ack_path) as ack:
+        def tell(command: str) -> None:
+            ctl.write(command + "\n")
+            ctl.flush()
+            if ack.readline().strip() != "ack":
+                raise RuntimeError(f"perf did not acknowledge {command!r}")
+        tell("enable")
+        try:
+            yield
+        finally:
+            tell("disable")
+
+
 def run_greenlets(variant: str, connect, host: str, port: int, count: int, work, timed: str):
     """Run work(conn) for `count` connections, each in a greenlet of its own;
     returns (seconds until all finished, the connections).  With timed ==
@@ -102,10 +129,11 @@ def run_greenlets(variant: str, connect, host: str, port: int, count: int, work,
         call = lambda item: pool.apply(each, (item,))
     else:
         call = each
-    start = time.perf_counter()
-    greenlets = [gevent.spawn(call, item) for item in items]
-    gevent.joinall(greenlets, raise_error=True)
-    seconds = time.perf_counter() - start
+    with profiled():
+        start = time.perf_counter()
+        greenlets = [gevent.spawn(call, item) for item in items]
+        gevent.joinall(greenlets, raise_error=True)
+        seconds = time.perf_counter() - start
     return seconds, [g.value for g in greenlets] if timed == "connect" else list(items)
 
 
@@ -133,21 +161,25 @@ def idle(host: str, port: int, variant: str, count: int) -> dict:
     return {"seconds": 0.0, "greenify": flavour}
 
 
-def throughput(host: str, port: int, variant: str, count: int, queries: int, timed: str = "work") -> dict:
+def throughput(host: str, port: int, variant: str, count: int, queries: int, timed: str = "work",
+               rows: int = TABLE_ROWS) -> dict:
     connect, flavour = prepare(variant)
     fetched = []
+    query = "SELECT id, account, name, amount FROM bench_rows"
+    if rows != TABLE_ROWS:
+        query += f" WHERE id < {int(rows)}"
 
     def fetch_all(conn) -> None:
         cursor = conn.cursor()
         for _ in range(queries):
-            cursor.execute("SELECT id, account, name, amount FROM bench_rows")
+            cursor.execute(query)
             fetched.append(len(cursor.fetchall()))
 
     seconds, connections = run_greenlets(variant, connect, host, port, count, fetch_all, timed)
     for conn in connections:
         conn.close()
-    if fetched != [TABLE_ROWS] * (count * queries):
-        raise RuntimeError(f"expected {count * queries} results of {TABLE_ROWS} rows")
+    if fetched != [rows] * (count * queries):
+        raise RuntimeError(f"expected {count * queries} results of {rows} rows")
     return {"seconds": seconds, "rows": sum(fetched), "greenify": flavour}
 
 
@@ -173,7 +205,7 @@ def main(argv) -> int:
     elif what == "concurrency":
         result = concurrency(host, port, rest[0], int(rest[1]), *rest[2:])
     elif what == "throughput":
-        result = throughput(host, port, rest[0], int(rest[1]), int(rest[2]), *rest[3:])
+        result = throughput(host, port, rest[0], int(rest[1]), int(rest[2]), *rest[3:4], *map(int, rest[4:5]))
     elif what == "idle":
         result = idle(host, port, rest[0], int(rest[1]))
     else:

@@ -16,7 +16,10 @@ Cases:
   concurrency  N greenlets each run SELECT SLEEP(0.5) on a connection of their own to MariaDB:
                greenified MySQLdb, stock MySQLdb, stock MySQLdb through the hub's threadpool,
                PyMySQL under monkey patching
-  throughput   rows per second, 10 greenlets fetching 1,000-row result sets
+  throughput   10 greenlets fetching results: rows per second for 1,000-row results,
+               queries per second for 10-row ones
+  syscalls     system calls per query and per wait of the 1,000-row workload (strace)
+  profile      where the client's CPU goes in the 1,000-row workload (perf)
 
 The MariaDB cases start a server as the tests do (tests/servers.py) and run
 each variant in a process of its own (bench/db_worker.py).  With
@@ -432,45 +435,126 @@ THROUGHPUT_TIMINGS = {  # how db_worker.py times the queries -> what the row say
     "work": "connections opened before the clock",
     "connect": "connections opened inside the timing",
 }
+# result size -> (queries per greenlet, quick run's, the timings it runs): 1,000-row results keep the client
+# busy turning rows into Python objects; 10-row results make the wait path most of a query's cost
+THROUGHPUT_SHAPES = {1000: (100, 20, ("work", "connect")), 10: (1000, 200, ("work",))}
 
 
 def case_throughput(options) -> List[dict]:
     greenlets = 10
-    queries = 20 if options.quick else 100
     rounds = 1 if options.quick else 7
     variants = ["greenified", "stock", "pymysql"] + (["peer"] if options.peer_python else [])
-    seen: Dict[str, Dict[str, List[float]]] = {t: {v: [] for v in variants} for t in THROUGHPUT_TIMINGS}
+    runs = [(rows, timed) for rows, (_, _, timings) in THROUGHPUT_SHAPES.items() for timed in timings]
+    seen: Dict[tuple, Dict[str, List[float]]] = {run: {v: [] for v in variants} for run in runs}
     with mariadb_server() as db:
         for round_number in range(1, rounds + 1):
-            for timed in THROUGHPUT_TIMINGS:
+            for rows, timed in runs:
+                full, quick, _ = THROUGHPUT_SHAPES[rows]
+                queries = quick if options.quick else full
                 for variant in variants:
                     progress(f"throughput round {round_number}/{rounds}: {VARIANTS[variant]}, "
-                             f"{greenlets} greenlets x {queries} queries x 1,000 rows, {THROUGHPUT_TIMINGS[timed]}")
+                             f"{greenlets} greenlets x {queries} queries x {rows:,} rows, {THROUGHPUT_TIMINGS[timed]}")
                     python, name = variant_python(variant, options)
-                    result = db_worker(python, "throughput", db, name, greenlets, queries, timed)
-                    seen[timed][variant].append(result["rows"] / result["seconds"])
+                    result = db_worker(python, "throughput", db, name, greenlets, queries, timed, rows)
+                    seen[rows, timed][variant].append(result["rows"] / result["seconds"])
     RESULTS_EXTRA["throughput"] = {
-        "greenlets": greenlets, "queries": queries, "rounds": rounds, "labels": {v: VARIANTS[v] for v in variants},
-        "rows_per_s": {v: round(Spread(rates).median) for v, rates in seen["work"].items()},
-        "spread": {t: {v: Spread(rates).summary(0) for v, rates in by_variant.items()}
-                   for t, by_variant in seen.items()}}
-    rows = []
-    for timed, how in THROUGHPUT_TIMINGS.items():
-        spreads = {v: Spread(rates) for v, rates in seen[timed].items()}
+        "greenlets": greenlets, "queries": THROUGHPUT_SHAPES[1000][1 if options.quick else 0], "rounds": rounds,
+        "labels": {v: VARIANTS[v] for v in variants},
+        "rows_per_s": {v: round(Spread(rates).median) for v, rates in seen[1000, "work"].items()},
+        "spread": {t: {v: Spread(rates).summary(0) for v, rates in seen[1000, t].items()}
+                   for t in THROUGHPUT_SHAPES[1000][2]},
+        "small": {"rows": 10, "queries_per_s": {v: Spread(rates).summary(0) for v, rates in
+                                                ((v, [r / 10 for r in rates]) for v, rates in seen[10, "work"].items())}}}
+    rows_out = []
+    for rows, timed in runs:
+        per_query = rows < 1000  # small results: queries per second say more than rows
+        scale = 1 / rows if per_query else 1
+        spreads = {v: Spread([r * scale for r in rates]) for v, rates in seen[rows, timed].items()}
         median = {v: spread.median for v, spread in spreads.items()}
-        what = f"rows/s, {greenlets} greenlets fetching 1,000-row results, {how}"
-        comparisons = [("pymysql", ">= 8"), ("stock", ">= 1.0")] + ([("peer", ">= 1.1")] if options.peer_python else [])
+        unit = "queries/s" if per_query else "rows/s"
+        what = f"{unit}, {greenlets} greenlets fetching {rows:,}-row results, {THROUGHPUT_TIMINGS[timed]}"
+        comparisons = [("pymysql", ">= 8" if not per_query else None), ("stock", ">= 1.0")] \
+            + ([("peer", ">= 1.1")] if options.peer_python else [])
         for variant, target in comparisons:
             ratio = median["greenified"] / median[variant]
             # "no slower than stock": within 2%, this machine's noise
-            met = meets(ratio, target, 0.02 if target == ">= 1.0" else 0.0)
-            rows.append(row("throughput", what, VARIANTS[variant], round(median[variant]), round(median["greenified"]),
-                            "rows/s", target, met, ratio,
-                            spread={"alt": spreads[variant].summary(0), "green": spreads["greenified"].summary(0)}))
+            met = None if target is None else meets(ratio, target, 0.02 if target == ">= 1.0" else 0.0)
+            rows_out.append(row("throughput", what, VARIANTS[variant], round(median[variant]),
+                                round(median["greenified"]), unit, target, met, ratio,
+                                spread={"alt": spreads[variant].summary(0), "green": spreads["greenified"].summary(0)}))
             if options.peer_python and variant != "peer":
-                rows[-1]["peer"] = round(median["peer"])
-                rows[-1]["peer_ratio"] = round(median["peer"] / median[variant], 3)
-    return rows
+                rows_out[-1]["peer"] = round(median["peer"])
+                rows_out[-1]["peer_ratio"] = round(median["peer"] / median[variant], 3)
+    return rows_out
+
+
+# What a profile's shared objects are, by the start of their file name.
+PROFILE_GROUPS = {
+    "wait machinery (greenify, greenlet, gevent)": ("_green.", "greenify.", "_greenlet.", "corecext.", "_gevent_c_"),
+    "Python interpreter": ("libpython", "python3"),
+    "MySQLdb and libmariadb": ("_mysql.", "libmariadb"),
+    "C library": ("libc.so", "libm.so", "ld-linux"),
+    "kernel": ("[kernel",),
+}
+
+
+def perf_shares(command: List[str]) -> Dict[str, float]:
+    """Percent of the CPU samples perf took of `command`'s timed part (db_worker.py opens
+    and closes perf's window around it) per PROFILE_GROUPS group, and `other`."""
+    with tempfile.TemporaryDirectory() as folder:
+        ctl, ack, data = (os.path.join(folder, name) for name in ("ctl", "ack", "perf.data"))
+        os.mkfifo(ctl)
+        os.mkfifo(ack)
+        done = subprocess.run(["perf", "record", "-q", "-F", "1999", "-D", "-1", "--control", f"fifo:{ctl},{ack}",
+                               "-o", data, "--", *command], cwd=tempfile.gettempdir(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, timeout=600,
+                              env={**os.environ, "GREENIFY_BENCH_PERF_CONTROL": f"{ctl},{ack}"})
+        if done.returncode != 0:
+            raise RuntimeError(f"perf record {' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        report = subprocess.run(["perf", "report", "-i", data, "--stdio", "--sort", "dso", "-g", "none"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600, check=True)
+    shares = {group: 0.0 for group in PROFILE_GROUPS}
+    shares["other"] = 0.0
+    for line in report.stdout.splitlines():
+        fields = line.split()
+        if len(fields) != 2 or not fields[0].endswith("%"):
+            continue
+        name = os.path.basename(fields[1])
+        group = next((g for g, starts in PROFILE_GROUPS.items() if name.startswith(starts)), "other")
+        shares[group] += float(fields[0].rstrip("%"))
+    return {group: round(share, 2) for group, share in shares.items()}
+
+
+def case_profile(options) -> List[dict]:
+    """Where the client's CPU goes in the 1,000-row throughput workload (perf, the
+    timed part only): what any wait path can save there is bounded by the share
+    of the machinery it replaces."""
+    import shutil
+    if shutil.which("perf") is None:
+        raise RuntimeError("the profile case needs perf (apt-get install linux-perf)")
+    greenlets, queries = 10, (50 if options.quick else 300)
+    variants = ["greenified"] + (["peer"] if options.peer_python else [])
+    shares = {}
+    with mariadb_server() as db:
+        for variant in variants:
+            python, name = variant_python(variant, options)
+            progress(f"profile: perf of {VARIANTS[variant]}, {greenlets} greenlets x {queries} queries x 1,000 rows")
+            shares[variant] = perf_shares([python, str(DB_WORKER), "throughput", db.host, str(db.port), name,
+                                           str(greenlets), str(queries)])
+    RESULTS_EXTRA["profile"] = {"labels": {v: VARIANTS[v] for v in variants}, "percent": shares}
+    machinery = "wait machinery (greenify, greenlet, gevent)"
+    rows_out = [row("profile", f"client CPU in the {machinery}, 1,000-row throughput", "", None,
+                    shares["greenified"][machinery], "%",
+                    note=f"Python interpreter {shares['greenified']['Python interpreter']}%, "
+                         f"MySQLdb and libmariadb {shares['greenified']['MySQLdb and libmariadb']}%")]
+    if options.peer_python:
+        theirs = shares["peer"][machinery]
+        rows_out[0].update(alternative=PEER_LABEL, alt=theirs,
+                           ratio=round(shares["greenified"][machinery] / theirs, 3) if theirs else None)
+        # with a wait path that cost nothing at all, the seed's client would need (100 - theirs)% of its time
+        rows_out.append(row("profile", "most a wait path can gain on the seed in the 1,000-row case "
+                            "(its machinery's share at zero cost)", "", None, round(100 / (100 - theirs), 3), "x"))
+    return rows_out
 
 
 def strace_counts(command: List[str]) -> Dict[str, List[int]]:
@@ -490,61 +574,69 @@ def strace_counts(command: List[str]) -> Dict[str, List[int]]:
 
 
 def case_syscalls(options) -> List[dict]:
-    """System calls per wait of the throughput workload, counted by strace:
-    a run with the queries less a run without them (same imports, same
-    connections), per query and per wait (the recv calls that failed with EAGAIN)."""
+    """System calls per wait of the throughput workloads (1,000-row and 10-row
+    results), counted by strace: a run with the queries less a run without them
+    (same imports, same connections), per query and per wait (the recv calls
+    that failed with EAGAIN)."""
     import shutil
     if shutil.which("strace") is None:
         raise RuntimeError("the syscalls case needs strace (apt-get install strace)")
-    greenlets, queries = 10, (20 if options.quick else 100)
+    greenlets = 10
     variants = ["greenified"] + (["peer"] if options.peer_python else [])
-    per_query: Dict[str, Dict[str, List[float]]] = {}
+    per_query: Dict[int, Dict[str, Dict[str, List[float]]]] = {rows: {} for rows in THROUGHPUT_SHAPES}
     with mariadb_server() as db:
+        for rows, (full, quick, _) in THROUGHPUT_SHAPES.items():
+            queries = quick if options.quick else full
+            for variant in variants:
+                python, name = variant_python(variant, options)
+                base = [python, str(DB_WORKER)]
+                args = [db.host, str(db.port), name, str(greenlets)]
+                progress(f"syscalls: strace of {VARIANTS[variant]}, {greenlets} greenlets x {queries} queries "
+                         f"x {rows:,} rows")
+                idle = strace_counts(base + ["idle", *args])
+                busy = strace_counts(base + ["throughput", *args, str(queries), "work", str(rows)])
+                total = greenlets * queries
+                per_query[rows][variant] = {call: [(busy.get(call, [0, 0])[i] - idle.get(call, [0, 0])[i]) / total
+                                                   for i in (0, 1)] for call in set(busy) | set(idle)}
+    RESULTS_EXTRA["syscalls"] = {"labels": {v: VARIANTS[v] for v in variants}, "shapes": {}}
+    rows_out = []
+    for rows in THROUGHPUT_SHAPES:
+        shape = RESULTS_EXTRA["syscalls"]["shapes"].setdefault(str(rows), {
+            "per_query": {v: {c: [round(x, 2) for x in pair] for c, pair in sorted(calls.items())
+                              if abs(pair[0]) >= 0.05} for v, calls in per_query[rows].items()},
+            "waits_per_query": {}, "per_wait": {}})
+        totals, per_wait = {}, {}
         for variant in variants:
-            python, name = variant_python(variant, options)
-            base = [python, str(DB_WORKER)]
-            args = [db.host, str(db.port), name, str(greenlets)]
-            progress(f"syscalls: strace of {VARIANTS[variant]}, {greenlets} greenlets x {queries} queries")
-            idle = strace_counts(base + ["idle", *args])
-            busy = strace_counts(base + ["throughput", *args, str(queries)])
-            total = greenlets * queries
-            per_query[variant] = {call: [(busy.get(call, [0, 0])[i] - idle.get(call, [0, 0])[i]) / total
-                                         for i in (0, 1)] for call in set(busy) | set(idle)}
-    RESULTS_EXTRA["syscalls"] = {"queries": greenlets * queries, "labels": {v: VARIANTS[v] for v in variants},
-                                 "per_query": {v: {c: [round(x, 2) for x in pair] for c, pair in sorted(calls.items())
-                                                   if abs(pair[0]) >= 0.05}
-                                               for v, calls in per_query.items()}}
-    rows = []
-    totals, per_wait = {}, {}
-    for variant in variants:
-        calls = per_query[variant]
-        totals[variant] = sum(pair[0] for pair in calls.values())
-        # Each wait of libmariadb's follows a non-blocking recv that failed with EAGAIN: for every
-        # variant alike, those failures count the waits.  A wait's cost is what a query makes
-        # beyond its own I/O (the query's send and the receives that brought data).
-        waits_per_query = calls.get("recvfrom", [0, 0])[1]
-        own_io = calls.get("sendto", [0, 0])[0] + calls.get("recvfrom", [0, 0])[0] - waits_per_query
-        per_wait[variant] = (totals[variant] - own_io) / waits_per_query if waits_per_query else float("nan")
-        RESULTS_EXTRA["syscalls"].setdefault("waits_per_query", {})[variant] = round(waits_per_query, 2)
-        failing_ctl = calls.get("epoll_ctl", [0, 0])[1] / waits_per_query if waits_per_query else 0.0
-        rows.append(row("syscalls", f"system calls per query ({VARIANTS[variant]})", "", None,
-                        round(totals[variant], 2), "calls",
-                        note=f"{waits_per_query:.2f} waits per query, each {per_wait[variant]:.2f} system calls "
-                             f"beyond the query's own I/O ({failing_ctl:.2f} failing epoll_ctl)"))
-    RESULTS_EXTRA["syscalls"]["per_wait"] = {v: round(x, 2) for v, x in per_wait.items()}
-    if options.peer_python:
-        for what, figures in (("system calls per query", totals),
-                              ("system calls per wait, beyond the query's own I/O", per_wait)):
-            ratio = figures["greenified"] / figures["peer"]
-            rows.append(row("syscalls", what, PEER_LABEL, round(figures["peer"], 2), round(figures["greenified"], 2),
-                            "calls", "< 1.0", ratio < 1.0, ratio))
-    return rows
+            calls = per_query[rows][variant]
+            totals[variant] = sum(pair[0] for pair in calls.values())
+            # Each wait of libmariadb's follows a non-blocking recv that failed with EAGAIN: for every
+            # variant alike, those failures count the waits.  A wait's cost is what a query makes
+            # beyond its own I/O (the query's send and the receives that brought data).
+            waits_per_query = calls.get("recvfrom", [0, 0])[1]
+            own_io = calls.get("sendto", [0, 0])[0] + calls.get("recvfrom", [0, 0])[0] - waits_per_query
+            per_wait[variant] = (totals[variant] - own_io) / waits_per_query if waits_per_query else float("nan")
+            shape["waits_per_query"][variant] = round(waits_per_query, 2)
+            shape["per_wait"][variant] = round(per_wait[variant], 2)
+            failing_ctl = calls.get("epoll_ctl", [0, 0])[1] / waits_per_query if waits_per_query else 0.0
+            rows_out.append(row("syscalls", f"system calls per query, {rows:,}-row results ({VARIANTS[variant]})",
+                                "", None, round(totals[variant], 2), "calls",
+                                note=f"{waits_per_query:.2f} waits per query, each {per_wait[variant]:.2f} system "
+                                     f"calls beyond the query's own I/O ({failing_ctl:.2f} failing epoll_ctl)"))
+        if options.peer_python:
+            for what, figures in (("system calls per query", totals),
+                                  ("system calls per wait, beyond the query's own I/O", per_wait)):
+                ratio = figures["greenified"] / figures["peer"]
+                rows_out.append(row("syscalls", f"{what}, {rows:,}-row results", PEER_LABEL,
+                                    round(figures["peer"], 2), round(figures["greenified"], 2), "calls", "< 1.0",
+                                    ratio < 1.0, ratio))
+    return rows_out
 
 
 RESULTS_EXTRA: Dict[str, dict] = {}
 README_SECTION = "bench"  # the README's generated tables (tests/readme_sections.py)
 CASES = {"fastpath": case_fastpath, "switch": case_switch, "patch": case_patch, "memory": case_memory,
-         "concurrency": case_concurrency, "throughput": case_throughput, "syscalls": case_syscalls}
+         "concurrency": case_concurrency, "throughput": case_throughput, "syscalls": case_syscalls,
+         "profile": case_profile}
 PEER_CASES = ("fastpath", "switch")  # run in the peer interpreter itself; 3 and 4 run it per variant
 
 
@@ -574,8 +666,8 @@ def run_peer_cases(options, rows: List[dict]) -> None:
 def figure(value, unit: str) -> str:
     if value is None:
         return ""
-    if unit == "rows/s":
-        return f"{value:,.0f} rows/s"
+    if unit in ("rows/s", "queries/s"):
+        return f"{value:,.0f} {unit}"
     if unit == "ns":
         return f"{value:.1f} ns" if value < 10000 else f"{value:,.0f} ns"
     return f"{value:g} {unit}"

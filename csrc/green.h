@@ -14,6 +14,7 @@
 #ifndef GREENIFY_GREEN_H
 #define GREENIFY_GREEN_H
 
+#include <errno.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
@@ -121,7 +122,9 @@ int green_wait(struct green_call *call, const struct green_watch *watches, int n
    general bridge must do it. */
 int green_fast_wait(const struct green_watch *watch);
 void green_fast_closing(int fd);
-uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, void *io_stop, void *feed_event);
+void green_fast_refresh(void);
+uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, void *io_stop, void *feed_event,
+                            void *iteration);
 void green_fast_hub_gone(uintptr_t handle);
 int green_fast_waiting_fds(int *fds, int max);
 unsigned long long green_fast_waits(void);
@@ -142,6 +145,22 @@ int green_must_fail_fast(void);
 static inline int green_interrupted_here(void)
 {
     return unlikely(green_state.interrupts_pending) && green_must_fail_fast();
+}
+
+/* The receive this thread last saw the kernel refuse with EAGAIN: a poll
+   that asks for just that descriptor's input right after need not ask the
+   kernel first (csrc/green_poll.c).  Only a hint: poll's answer still comes
+   from the kernel. */
+struct green_refusal {
+    int fd;
+};
+extern __thread struct green_refusal green_last_refusal;
+
+static inline ssize_t green_noting_refusal(ssize_t result, int fd)
+{
+    if (unlikely(result < 0) && errno == EAGAIN)
+        green_last_refusal.fd = fd;
+    return result;
 }
 
 /* One blocking data call's wait on one fd, with what it learns on the way:

@@ -138,10 +138,9 @@ int green_must_fail_fast(void)
 
 void green_wake_waiters_on(int fd)
 {
-    if (green_state.active && !green_state.finalizing && __atomic_load_n(&green_state.waiting, __ATOMIC_RELAXED)) {
-        green_fast_closing(fd);
+    green_fast_closing(fd); /* always: it also notes that the number will name another file */
+    if (green_state.active && !green_state.finalizing && __atomic_load_n(&green_state.waiting, __ATOMIC_RELAXED))
         green_python_closing(fd);
-    }
 }
 
 /* SO_RCVTIMEO/SO_SNDTIMEO of a socket, as a deadline from now; none for

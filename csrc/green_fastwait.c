@@ -46,13 +46,30 @@ struct libev_io {
 
 typedef void (*libev_io_start_stop)(void *loop, struct libev_io *watcher);
 typedef void (*libev_feed_event)(void *loop, void *watcher, int revents);
+typedef unsigned int (*libev_iteration)(void *loop);
 
 /* One descriptor's watcher, and the greenlet waiting on it. */
 struct fast_watch {
     struct libev_io io;       /* first: libev's callback gets this address */
     struct fast_hub *hub;
     PyObject *waiter;         /* borrowed: the greenlet is inside green_fast_wait */
+    int registered;           /* libev was told the fd anew at least once */
+    unsigned generation;      /* the number's close generation when it was */
+    const void *last_waiter;  /* who waited when it last stopped (compared, never used) */
+    unsigned stopped_in;      /* the loop iteration in which it last stopped */
 };
+
+/* How often each descriptor number was closed through the close twin (any
+   thread), hashed: a number whose generation moved since its watcher last
+   told libev the fd anew may name another file now.  A collision only
+   costs one needless re-registration. */
+#define CLOSE_GENERATIONS 4096
+static unsigned close_generations[CLOSE_GENERATIONS];
+
+static unsigned close_generation(int fd)
+{
+    return __atomic_load_n(&close_generations[(unsigned)fd % CLOSE_GENERATIONS], __ATOMIC_ACQUIRE);
+}
 
 /* One thread's hub, as the fast wait uses it. */
 struct fast_hub {
@@ -62,6 +79,7 @@ struct fast_hub {
     void *loop;               /* the hub's struct ev_loop */
     libev_io_start_stop io_start, io_stop;
     libev_feed_event feed_event;
+    libev_iteration iteration;
     struct fast_watch **by_fd;
     int capacity;
 };
@@ -72,12 +90,21 @@ static unsigned long long fast_waits; /* waits this path carried out, all thread
 
 unsigned long long green_fast_waits(void) { return __atomic_load_n(&fast_waits, __ATOMIC_RELAXED); }
 
+/* Stops the watcher, noting when and whose wait it ended. */
+static void watch_stop(struct fast_watch *watch)
+{
+    struct fast_hub *fast = watch->hub;
+    fast->io_stop(fast->loop, &watch->io);
+    watch->last_waiter = watch->waiter;
+    watch->stopped_in = fast->iteration(fast->loop);
+}
+
 static void fast_io_ready(void *loop, struct libev_io *io, int revents)
 {
     struct fast_watch *watch = (struct fast_watch *)io;
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *waiter = watch->waiter;
-    watch->hub->io_stop(loop, io);
+    watch_stop(watch);
     if (waiter != NULL) {
         /* Back here when the waiter (or anyone) switches to the hub again. */
         PyObject *result = PyGreenlet_Switch((PyGreenlet *)waiter, NULL, NULL);
@@ -114,7 +141,8 @@ static void fast_hub_free(struct fast_hub *fast)
 
 /* Attaches the calling thread's hub; returns a handle for
    green_fast_hub_gone(), or 0 when the fast wait cannot be used. */
-uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, void *io_stop, void *feed_event)
+uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, void *io_stop, void *feed_event,
+                            void *iteration)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
     struct fast_hub *fast = NULL;
@@ -141,6 +169,7 @@ uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, vo
     fast->io_start = (libev_io_start_stop)io_start;
     fast->io_stop = (libev_io_start_stop)io_stop;
     fast->feed_event = (libev_feed_event)feed_event;
+    fast->iteration = (libev_iteration)iteration;
     if (this_thread != NULL && this_thread->gone)
         fast_hub_free(this_thread);
     else if (this_thread != NULL)
@@ -252,21 +281,34 @@ int green_fast_wait(const struct green_watch *watch_asked)
     watch = watch_for(fast, watch_asked->fd);
     if (watch == NULL || watch->io.active || watch->waiter != NULL)
         goto done; /* another greenlet waits on this descriptor: the bridge handles sharing */
-    /* Set the fd anew each time: the number may name another file than
-       libev registered (closed and reused behind greenify's back, with no
-       loop iteration in between), and libev registers it again only when
-       told so.  That costs an epoll_ctl per wait (ADD, failing with EEXIST
-       while the registration is still there), as gevent's own sockets pay;
-       test_fast_wait's reused-number test hangs without it. */
+    /* libev registers the fd with the kernel again only when told the fd
+       was set anew, and that costs an epoll_ctl (an ADD failing with
+       EEXIST while the registration stands).  A watcher stopped and
+       started again within one loop iteration, by the same greenlet, as a
+       client waiting on its socket again does, costs none (as gevent's own
+       sockets); libev itself registers anew a watcher started after an
+       iteration.  It is told the fd anew when the number may name another
+       file: the first time, after the close twin closed the number (any
+       thread), and when another greenlet's wait ended on it in this
+       iteration.  A number its own greenlet closed and reused behind
+       greenify's back is registered anew by the hub's once-a-second sweep
+       (green_fast_refresh). */
+    unsigned generation = close_generation(watch_asked->fd);
     watch->io.fd = watch_asked->fd;
-    watch->io.events = watch_asked->events | LIBEV_IOFDSET;
+    watch->io.events = watch_asked->events;
+    if (!watch->registered || watch->generation != generation ||
+        (watch->last_waiter != current && watch->stopped_in == fast->iteration(fast->loop))) {
+        watch->io.events |= LIBEV_IOFDSET;
+        watch->registered = 1;
+        watch->generation = generation;
+    }
     watch->waiter = current;
     fast->io_start(fast->loop, &watch->io);
     __atomic_add_fetch(&fast_waits, 1, __ATOMIC_RELAXED);
     result = PyGreenlet_Switch((PyGreenlet *)fast->hub, NULL, NULL);
-    watch->waiter = NULL;
     if (watch->io.active)
-        fast->io_stop(fast->loop, &watch->io); /* woken by someone else: a spurious switch or a throw */
+        watch_stop(watch); /* woken by someone else: a spurious switch or a throw */
+    watch->waiter = NULL;
     if (result != NULL) {
         Py_DECREF(result);
         status = GREEN_WOKEN; /* ready, or a spurious switch: the caller probes again */
@@ -280,11 +322,16 @@ done:
     return status;
 }
 
-/* Before fd is closed by the close twin: its waiter in this thread wakes,
-   probes again and finds it gone. */
+/* Before fd is closed by the close twin: its number's next watcher
+   registers it anew, and its waiter in this thread wakes, probes again and
+   finds it gone. */
 void green_fast_closing(int fd)
 {
     struct fast_hub *fast = this_thread;
+    if (fd >= 0)
+        __atomic_add_fetch(&close_generations[(unsigned)fd % CLOSE_GENERATIONS], 1, __ATOMIC_RELEASE);
+    if (!green_state.active || green_state.finalizing)
+        return;
     if (fast != NULL && fd >= 0 && fd < fast->capacity && fast->by_fd[fd] != NULL &&
         fast->by_fd[fd]->waiter != NULL && fast->by_fd[fd]->io.active)
         fast->feed_event(fast->loop, &fast->by_fd[fd]->io, fast->by_fd[fd]->io.events & (GREEN_READ | GREEN_WRITE));
@@ -300,4 +347,22 @@ int green_fast_waiting_fds(int *fds, int max)
         if (fast->by_fd[fd] != NULL && fast->by_fd[fd]->waiter != NULL)
             fds[count++] = fd;
     return count;
+}
+
+/* The sweep's part (greenify/_fastwait.py, once a second on the hub): every
+   watcher a greenlet waits on is told its fd anew, so a number closed and
+   reused behind greenify's back since it was registered is registered
+   again (an epoll_ctl per waiting descriptor per sweep).  A watcher with
+   an event already pending is left alone: that waiter is about to wake. */
+void green_fast_refresh(void)
+{
+    struct fast_hub *fast = this_thread;
+    for (int fd = 0; fast != NULL && fd < fast->capacity; fd++) {
+        struct fast_watch *watch = fast->by_fd[fd];
+        if (watch == NULL || watch->waiter == NULL || !watch->io.active || watch->io.pending)
+            continue;
+        fast->io_stop(fast->loop, &watch->io);
+        watch->io.events |= LIBEV_IOFDSET;
+        fast->io_start(fast->loop, &watch->io);
+    }
 }

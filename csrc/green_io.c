@@ -21,6 +21,8 @@
 #include "green.h"
 #include "green_tls.h"
 
+__thread struct green_refusal green_last_refusal = {-1};
+
 
 /* The green road is taken only when activated and the caller did not ask
    for a non-blocking call itself. */
@@ -61,9 +63,10 @@ static ssize_t attempt_recvmsg(const struct socket_call *c, int flags)
     return recvmsg(c->fd, c->msg, flags);
 }
 
-/* After a receive failed with EAGAIN: true when the blocking call would not
-   wait, because the socket's receive side is shut down (a datagram socket
-   then reads 0 at once, where MSG_DONTWAIT keeps saying EAGAIN). */
+/* After a receive woken as readable still failed with EAGAIN: true when
+   the blocking call would not wait, because the socket's receive side is
+   shut down (a datagram socket then reads 0 at once, where MSG_DONTWAIT
+   keeps saying EAGAIN, and epoll calls it readable). */
 static int receive_side_shut(int fd)
 {
     struct pollfd probe = {fd, POLLRDHUP, 0};
@@ -103,16 +106,13 @@ static ssize_t wait_and_retry(const struct socket_call *call, int flags, int sav
     struct green_io_wait io_wait = {{call->function, 0}, 0, GREEN_NO_DEADLINE};
     for (;;) {
         ssize_t n;
-        int status = GREEN_CANNOT_WAIT; /* the blocking call returns at once: make it */
-        if (call->events != GREEN_READ || !receive_side_shut(call->fd))
-            status = green_wait_io(call->fd, call->events, &io_wait);
-        switch (status) {
+        switch (green_wait_io(call->fd, call->events, &io_wait)) {
         case GREEN_WOKEN:
             break;
         case GREEN_NONBLOCKING:
         case GREEN_TIMED_OUT:
             errno = EAGAIN;
-            return -1;
+            return call->events == GREEN_READ ? green_noting_refusal(-1, call->fd) : -1;
         case GREEN_CANNOT_WAIT:
             n = call->attempt(call, flags);
             if (n >= 0)
@@ -129,6 +129,15 @@ static ssize_t wait_and_retry(const struct socket_call *call, int flags, int sav
         }
         if (errno != EAGAIN)
             return -1;
+        /* Readable, yet still EAGAIN: looked at only now, which spares the
+           common wait a system call (such a socket is readable, so its wait
+           ends at once). */
+        if (call->events == GREEN_READ && receive_side_shut(call->fd)) {
+            n = call->attempt(call, flags);
+            if (n >= 0)
+                errno = saved_errno;
+            return n;
+        }
     }
 }
 
@@ -456,7 +465,7 @@ static inline __attribute__((always_inline)) ssize_t recvfrom_as(int function, i
     ssize_t n;
     int saved_errno;
     if (GOES_NATIVE(flags))
-        return recvfrom(fd, buf, len, flags, addr, addrlen);
+        return green_noting_refusal(recvfrom(fd, buf, len, flags, addr, addrlen), fd);
     FAIL_IF_INTERRUPTED();
     saved_errno = errno;
     struct socket_call call = {function, fd, GREEN_READ, attempt_recvfrom, buf, len, addr, addrlen, NULL, 0};
@@ -486,7 +495,7 @@ ssize_t green_recvmsg(int fd, struct msghdr *msg, int flags)
     ssize_t n;
     int saved_errno;
     if (GOES_NATIVE(flags))
-        return recvmsg(fd, msg, flags);
+        return green_noting_refusal(recvmsg(fd, msg, flags), fd);
     FAIL_IF_INTERRUPTED();
     saved_errno = errno;
     struct socket_call call = {GREEN_FN_recvmsg, fd, GREEN_READ, attempt_recvmsg, NULL, 0, NULL, NULL, msg, 0};

@@ -8,6 +8,7 @@
  * spurious wake-ups never end the call early.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -149,6 +150,48 @@ static int poll_until(int function, struct pollfd *fds, nfds_t nfds, int64_t dea
     }
 }
 
+/* Whether [p, p + size) lies between the caller's frames and the top of
+   this thread's stack: memory that is certainly mapped, readable and
+   writable, so it can be read before the kernel has judged the pointer. */
+static int on_live_stack(const void *p, size_t size)
+{
+    static __thread const char *stack_low, *stack_high;
+    const char *here = __builtin_frame_address(0);
+    if (stack_high == NULL) {
+        pthread_attr_t attributes;
+        void *low;
+        size_t length;
+        stack_low = stack_high = "";  /* unknown: never on it */
+        if (pthread_getattr_np(pthread_self(), &attributes) == 0) {
+            if (pthread_attr_getstack(&attributes, &low, &length) == 0) {
+                stack_low = low;
+                stack_high = (const char *)low + length;
+            }
+            pthread_attr_destroy(&attributes);
+        }
+    }
+    return here >= stack_low && here < stack_high && (const char *)p >= here &&
+           (const char *)p + size <= stack_high;
+}
+
+/* A poll for input on just the descriptor whose receive the kernel refused
+   last in this thread (libmariadb's recv, then poll): asking the kernel
+   again first would most likely be refused again, so the wait starts at
+   once; the answer still comes from the kernel after it.  The poll's
+   pointer is read only where that cannot fault (where libc's poll would
+   give EFAULT, this one must too). */
+static int refused_just_now(struct pollfd *fds, nfds_t nfds)
+{
+    int refused = green_last_refusal.fd;
+    green_last_refusal.fd = -1;
+    if (refused < 0 || nfds != 1 || !on_live_stack(fds, sizeof *fds))
+        return 0;
+    if (fds->fd != refused || (fds->events & ~ALWAYS_REPORTED) != POLLIN)
+        return 0;
+    fds->revents = 0;
+    return 1;
+}
+
 static int poll_fail_fast(struct pollfd *fds, nfds_t nfds)
 {
     for (nfds_t i = 0; i < nfds; i++)
@@ -164,9 +207,11 @@ int green_poll(struct pollfd *fds, nfds_t nfds, int timeout)
     if (green_interrupted_here())
         return poll_fail_fast(fds, nfds);
     saved_errno = errno;
-    ready = first_probe_poll(fds, nfds, NULL);
-    if (ready != 0 || timeout == 0)
-        return ready;
+    if (timeout == 0 || !refused_just_now(fds, nfds)) {
+        ready = first_probe_poll(fds, nfds, NULL);
+        if (ready != 0 || timeout == 0)
+            return ready;
+    }
     return poll_until(GREEN_FN_poll, fds, nfds, green_deadline_after_ms(timeout), NULL, saved_errno);
 }
 

@@ -1,8 +1,9 @@
 """Attaching a thread's gevent hub to the common wait below Python
 (csrc/green_fastwait.c).
 
-The C side needs the hub's libev loop and libev's io start/stop functions,
-which gevent's default loop (``gevent.libev.corecext``) exports, and the
+The C side needs the hub's libev loop and libev's io start/stop, event
+feeding and iteration count, which gevent's default loop
+(``gevent.libev.corecext``) exports, and the
 layout of libev's ``struct ev_io``, which is known for the libev 4 that
 gevent embeds (built with an empty ``EV_COMMON``).  Any other loop (libuv,
 the cffi backend, a system libev) is left to the general bridge.  The
@@ -22,7 +23,7 @@ from greenify._green import ffi, lib
 log = logging.getLogger("greenify")
 
 # What C needs from the loop's extension module, by symbol.
-_LIBEV_FUNCTIONS = ("ev_io_start", "ev_io_stop", "ev_feed_event")
+_LIBEV_FUNCTIONS = ("ev_io_start", "ev_io_stop", "ev_feed_event", "ev_iteration")
 _FAST_LOOP_MODULES = ("gevent.libev.corecext",)
 
 # hub weakref -> handle; the weakrefs' callbacks tell C the hub is gone.
@@ -72,3 +73,10 @@ def waiting_fds() -> list:
 def wake(fd: int) -> None:
     """Wake this thread's fast waiter on ``fd``: it probes again."""
     lib.green_fast_closing(fd)
+
+
+def refresh() -> None:
+    """Register this thread's fast waiters' descriptors with the kernel
+    anew: one of them may have been closed and its number reused behind
+    greenify's back since it was registered."""
+    lib.green_fast_refresh()

@@ -8,12 +8,14 @@ import gc
 import socket
 import struct
 import threading
+import time
 
 import gevent
 import pytest
 from gevent.hub import get_hub
 
 from green_support import buffer, call_green, socketpair
+from greenify._bridge import SWEEP_INTERVAL_S
 from greenify._green import lib
 
 pytestmark = pytest.mark.usefixtures("greenified", "no_interruption_left_behind")
@@ -129,26 +131,76 @@ def test_threads_with_hubs_of_their_own_each_wait_in_c():
     assert lib.green_fast_waits() - before >= 4 * 29
 
 
-def test_a_number_closed_and_reused_behind_greenifys_back_is_registered_anew():
-    """Woken, then the socket is closed by Python (not the close twin) and
-    its number reused by a new socket before the loop runs again: the next
-    wait on that number must be registered with the kernel anew, or it
-    would never wake."""
+def reuse_numbers(close, rounds: int = 3) -> "tuple[set, list]":
+    """Wait on a socket, then close it with `close` and wait on a new one
+    that gets its number, with no loop iteration in between: (the numbers,
+    the seconds each wait after the first took)."""
+    numbers, seconds = set(), []
+    for round_number in range(rounds):
+        a, b = socketpair()
+        numbers.add(a.fileno())
+        gevent.spawn_later(0.01, b.send, b"x")
+        start = time.perf_counter()
+        assert call_green("recv", a.fileno(), buffer(1), 1, 0) == (1, 0)
+        if round_number:
+            seconds.append(time.perf_counter() - start)
+        close(a)
+        b.close()
+    return numbers, seconds
+
+
+def test_a_number_closed_through_the_close_twin_and_reused_is_registered_at_once():
+    """The close twin moves the number's generation: the next wait on it
+    tells libev the fd anew and is woken by the new file's data at once."""
     ping_pong(1)
 
-    def reuse_numbers():
-        numbers = set()
-        for _ in range(5):
-            a, b = socketpair()
-            numbers.add(a.fileno())
+    def close_twin(sock):
+        assert call_green("close", sock.detach()) == (0, 0)
+
+    numbers, seconds = gevent.spawn(reuse_numbers, close_twin).get(timeout=10)
+    assert len(numbers) == 1  # the number really was reused each time
+    assert max(seconds) < SWEEP_INTERVAL_S / 2, seconds  # woken by the data (10 ms), not by a sweep
+
+
+def test_numbers_other_greenlets_waited_on_closed_and_reused_are_registered_at_once():
+    """Twenty readers woken together, their sockets closed by Python (not
+    the close twin), and a new reader waiting on a reused number before the
+    loop runs again: its watcher was last stopped in this iteration by
+    another greenlet's wait, so libev is told the fd anew and the data
+    wakes it, not a sweep."""
+    ping_pong(1)
+    for _ in range(3):
+        pairs = [socketpair() for _ in range(20)]
+        numbers = {a.fileno() for a, _ in pairs}
+        for _, b in pairs:
             gevent.spawn_later(0.01, b.send, b"x")
-            assert call_green("recv", a.fileno(), buffer(1), 1, 0) == (1, 0)
+        readers = [gevent.spawn(call_green, "recv", a.fileno(), buffer(1), 1, 0) for a, _ in pairs]
+        gevent.joinall(readers, raise_error=True)
+        for a, b in pairs:
             a.close()
             b.close()
-        return numbers
+        a, b = socketpair()
+        assert a.fileno() in numbers  # a number one of the readers waited on
+        gevent.spawn_later(0.01, b.send, b"x")
+        start = time.perf_counter()
+        assert gevent.spawn(call_green, "recv", a.fileno(), buffer(1), 1, 0).get(timeout=10) == (1, 0)
+        took = time.perf_counter() - start
+        a.close()
+        b.close()
+        assert took < SWEEP_INTERVAL_S / 2, f"woken after {took:.2f} s: by the sweep, not the data"
 
-    numbers = gevent.spawn(reuse_numbers).get(timeout=10)
-    assert len(numbers) == 1  # the number really was reused each time
+
+def test_a_number_closed_and_reused_behind_greenifys_back_is_registered_by_the_sweep():
+    """Closed by Python (not the close twin) and reused by a new socket
+    by the greenlet that waited on it, before the loop runs again: libev
+    still counts the old registration, which the kernel dropped with the
+    old file.  The hub's sweep registers
+    each waiting descriptor anew, so the wait ends within about a sweep
+    interval instead of never."""
+    ping_pong(1)
+    numbers, seconds = gevent.spawn(reuse_numbers, lambda sock: sock.close()).get(timeout=10)
+    assert len(numbers) == 1
+    assert max(seconds) < 3 * SWEEP_INTERVAL_S, seconds
 
 
 def test_a_hub_replaced_while_still_referenced_is_let_go_safely():
