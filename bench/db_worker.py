@@ -100,7 +100,7 @@ def profiled():
         def tell(command: str) -> None:
             ctl.write(command + "\n")
             ctl.flush()
-            if ack.readline().strip() != "ack":
+            if ack.readline().strip("\0 \n") != "ack":  # perf writes "ack\n" and its NUL
                 raise RuntimeError(f"perf did not acknowledge {command!r}")
         tell("enable")
         try:

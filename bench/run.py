@@ -505,7 +505,7 @@ def perf_shares(command: List[str]) -> Dict[str, float]:
         ctl, ack, data = (os.path.join(folder, name) for name in ("ctl", "ack", "perf.data"))
         os.mkfifo(ctl)
         os.mkfifo(ack)
-        done = subprocess.run(["perf", "record", "-q", "-F", "1999", "-D", "-1", "--control", f"fifo:{ctl},{ack}",
+        done = subprocess.run(["perf", "record", "-q", "-F", "4999", "-D", "-1", "--control", f"fifo:{ctl},{ack}",
                                "-o", data, "--", *command], cwd=tempfile.gettempdir(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, timeout=600,
                               env={**os.environ, "GREENIFY_BENCH_PERF_CONTROL": f"{ctl},{ack}"})
