@@ -18,6 +18,7 @@ the twins of ``tls_twins()``, and the PatchReport says why.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -41,6 +42,25 @@ def tls_twins() -> Dict[str, int]:
     return _functions.tls_twins()
 
 
+# TLS libraries, by file-name stem (the part before ".so"): OpenSSL (libssl
+# drives the protocol, libcrypto's socket BIO reads and writes), GnuTLS, NSS
+# (libssl3, over NSPR's libnspr4), wolfSSL, mbed TLS.
+TLS_LIBRARY_STEMS: FrozenSet[str] = frozenset({"libssl", "libcrypto", "libgnutls", "libnss3", "libssl3", "libnspr4",
+                                               "libwolfssl", "libmbedtls"})
+# the hash auditwheel adds to the libraries it bundles: libssl-3a5f0b4e.so.3
+_BUNDLED_HASH = re.compile(r"-[0-9a-f]{6,}$")
+
+
+def library_stem(path_or_name: str) -> str:
+    """``libcrypto`` for ``/usr/lib/x86_64-linux-gnu/libcrypto.so.3`` and for
+    a bundled ``libcrypto-3a5f0b4e.so.3``."""
+    return _BUNDLED_HASH.sub("", os.path.basename(path_or_name).split(".so")[0])
+
+
+def is_tls_library(path_or_name: str) -> bool:
+    return library_stem(path_or_name) in TLS_LIBRARY_STEMS
+
+
 @dataclass(frozen=True)
 class TLSStack:
     """One TLS implementation: the library whose code calls the socket
@@ -48,25 +68,25 @@ class TLSStack:
     the imports by which a client keeps the socket I/O to itself."""
 
     name: str
-    io_library: "re.Pattern[str]"   # matches the file name (auditwheel copies too)
+    io_library: str   # its file-name stem (library_stem)
     hands_over: FrozenSet[str]
     keeps_io: FrozenSet[str]
 
-
-def _library(stem: str) -> "re.Pattern[str]":
-    return re.compile(re.escape(stem) + r"(-[0-9a-f]{6,})?\.so(\.|$)")
+    def does_io_in(self, path_or_name: str) -> bool:
+        """Whether that file is this stack's I/O library (a bundled copy too)."""
+        return library_stem(path_or_name) == self.io_library
 
 
 TLS_STACKS = (
     # OpenSSL: the socket BIO (BIO_s_socket, in libcrypto) reads and writes.
     # A client with a BIO of its own (BIO_meth_new) and no SSL_set_fd does
     # its own I/O (libpq, libcurl).
-    TLSStack("OpenSSL", _library("libcrypto"),
+    TLSStack("OpenSSL", "libcrypto",
              frozenset({"SSL_set_fd", "SSL_set_rfd", "SSL_set_wfd", "BIO_new_socket", "BIO_new_fd"}),
              frozenset()),
     # GnuTLS: its default transport calls recv/sendmsg on the int it is given,
     # unless the client installs its own push/pull functions.
-    TLSStack("GnuTLS", _library("libgnutls"),
+    TLSStack("GnuTLS", "libgnutls",
              frozenset({"gnutls_transport_set_int", "gnutls_transport_set_int2",
                         "gnutls_transport_set_ptr", "gnutls_transport_set_ptr2"}),
              frozenset({"gnutls_transport_set_push_function", "gnutls_transport_set_vec_push_function",
@@ -134,7 +154,7 @@ def tls_companions(client: LoadedObject, objects: Optional[Sequence[LoadedObject
         if not handed or stack.keeps_io & imported:
             continue
         for obj in below:
-            if stack.io_library.match(obj.name) and loaded.protected_reason(obj) is None:
+            if stack.does_io_in(obj.name) and loaded.protected_reason(obj) is None:
                 companions.append(Companion(obj, client, stack.name, ", ".join(handed)))
     return companions
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, NoReturn, Optional, Sequence, TextIO, Tuple
 
 from greenify import elf, loaded
+from greenify.companions import is_tls_library
 from greenify.errors import GreenifyError
 from greenify.loaded import LoadedObject
 from greenify.inventory import LibraryReport, ProcessReport, inspect_file, inspect_objects, objects_from_maps
@@ -188,11 +189,6 @@ def _read_until_eof(pipe: Any, child: "subprocess.Popen[bytes]") -> bytes:
 
 # ------------------------------------------------------------ TLS below
 
-# TLS libraries, by file-name stem (the part before ".so"): OpenSSL (libssl
-# drives the protocol, libcrypto's socket BIO reads and writes), GnuTLS, NSS
-# (libssl3, over NSPR's libnspr4), wolfSSL, mbed TLS.
-TLS_LIBRARY_STEMS: FrozenSet[str] = frozenset({"libssl", "libcrypto", "libgnutls", "libnss3", "libssl3", "libnspr4",
-                                               "libwolfssl", "libmbedtls"})
 # What a TLS library calls to move a connection's bytes or wait for them:
 # OpenSSL's socket BIO uses read/write on the socket, GnuTLS recv/sendmsg.
 TLS_IO_SYMBOLS: FrozenSet[str] = elf.with_fortified_forms({
@@ -211,15 +207,6 @@ class TlsIo:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "path": self.path, "io_calls": list(self.io_calls)}
-
-
-# the hash auditwheel adds to the libraries it bundles: libssl-3a5f0b4e.so.3
-_BUNDLED_HASH = re.compile(r"-[0-9a-f]{6,}$")
-
-
-def is_tls_library(path_or_name: str) -> bool:
-    stem = os.path.basename(path_or_name).split(".so")[0]
-    return _BUNDLED_HASH.sub("", stem) in TLS_LIBRARY_STEMS
 
 
 def tls_io_libraries(needed: Sequence[str], locate: Callable[[str], Optional[str]]) -> List[TlsIo]:
