@@ -96,7 +96,8 @@ clean:
 CACHE ?= .cache
 # the green functions, interruption, patching and faults
 VERSION_TESTS ?= tests/test_green_io.py tests/test_green_poll.py tests/test_green_epoll.py \
-	tests/test_green_sleep.py tests/test_green_where.py tests/test_interrupt.py \
+	tests/test_green_sleep.py tests/test_green_where.py tests/test_fast_wait.py tests/test_refused_poll.py \
+	tests/test_interrupt.py \
 	tests/test_patch.py tests/test_patch_errors.py tests/test_patch_on_load.py \
 	tests/test_patch_targets.py tests/test_faults.py tests/test_fork.py
 # ... and on aarch64 also the ELF reader, the inspector and MySQLdb
