@@ -700,6 +700,15 @@ def verdict(each: dict) -> str:
     return f"{target}: MISSED ({each['ratio']:.2f}, {abs(each['ratio'] / wanted - 1) * 100:.0f}% off)"
 
 
+def run_line(results: dict) -> str:
+    """What the run was: machine, time, and the load it ran beside."""
+    load = results.get("load_average")
+    noted = f"; 1-minute load average {load['before']:.2f} before, {load['after']:.2f} after" if load else ""
+    return (f"Run: {results['cpus']} cores, {results['machine']}, Python {results['python']}"
+            + (", with douban greenify 0.5.0 as a column" if results.get("peer") else "")
+            + (", QUICK" if results["quick"] else "") + f"; {results['seconds']:.0f} s{noted}.")
+
+
 def table_lines(results: dict, markdown: bool) -> List[str]:
     rows = results["results"]
     peer = any("peer" in each for each in rows)
@@ -722,11 +731,12 @@ def table_lines(results: dict, markdown: bool) -> List[str]:
         line.append(verdict(each))
         body.append(line)
     if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out = [run_line(results), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(line) + " |" for line in body]
     else:
         widths = [max(len(str(x)) for x in column) for column in zip(header, *body)]
-        out = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header] + body]
+        out = [run_line(results), ""]
+        out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header] + body]
     concurrency = results.get("concurrency")
     if concurrency:
         out += ["", concurrency_lines(concurrency, markdown)]
@@ -869,6 +879,7 @@ def main(argv=None) -> int:
         return 0
     options.selected = options.cases or list(CASES)
     started = time.monotonic()
+    load_before = os.getloadavg()[0]  # the machine's other work, noted beside the figures
     rows: List[dict] = []
     for name in options.selected:
         rows.extend(CASES[name](options))
@@ -876,7 +887,9 @@ def main(argv=None) -> int:
         run_peer_cases(options, rows)
     results = {"machine": os.uname().machine, "cpus": os.cpu_count(), "python": sys.version.split()[0],
                "quick": options.quick, "peer": PEER_LABEL if options.peer_python else None,
-               "seconds": round(time.monotonic() - started, 1), "results": rows, **RESULTS_EXTRA}
+               "seconds": round(time.monotonic() - started, 1),
+               "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+               "results": rows, **RESULTS_EXTRA}
     Path(options.output).write_text(json.dumps(results, indent=2) + "\n")
     if options.as_peer:
         return 0

@@ -117,14 +117,16 @@ int green_ms_left(int64_t deadline_ns);
    deadline passes (csrc/green_core.c); errno is left as found. */
 int green_wait(struct green_call *call, const struct green_watch *watches, int nwatches, int64_t deadline_ns);
 
-/* The common wait (one fd, no deadline) below Python (csrc/green_fastwait.c):
-   GREEN_WOKEN, GREEN_INTERRUPTED, or GREEN_FAST_UNAVAILABLE where the
-   general bridge must do it. */
-int green_fast_wait(const struct green_watch *watch);
+/* The common wait (one fd) below Python (csrc/green_fastwait.c):
+   GREEN_WOKEN, GREEN_TIMED_OUT, GREEN_INTERRUPTED, or GREEN_FAST_UNAVAILABLE
+   where the general bridge must do it. */
+int green_fast_wait(const struct green_watch *watch, int64_t deadline_ns);
+/* Whether this thread's waits would go there (an attached hub, nothing for
+   the bridge to decide), as far as that is known before the wait. */
+int green_fast_wait_available(void);
 void green_fast_closing(int fd);
-void green_fast_refresh(void);
 uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, void *io_stop, void *feed_event,
-                            void *iteration);
+                            void *iteration, void *timer_start, void *timer_stop, void *now_update);
 void green_fast_hub_gone(uintptr_t handle);
 int green_fast_waiting_fds(int *fds, int max);
 unsigned long long green_fast_waits(void);
@@ -164,18 +166,22 @@ static inline ssize_t green_noting_refusal(ssize_t result, int fd)
 }
 
 /* One blocking data call's wait on one fd, with what it learns on the way:
-   whether the fd is O_NONBLOCK and the socket's SO_RCVTIMEO/SO_SNDTIMEO. */
+   whether the fd is O_NONBLOCK and the socket's SO_RCVTIMEO/SO_SNDTIMEO
+   (read only once the wait lasts a few milliseconds: csrc/green_core.c). */
+enum { GREEN_IO_UNKNOWN, GREEN_IO_KNOWN, GREEN_IO_TIMEOUT_UNREAD };
 struct green_io_wait {
     struct green_call call;
-    int looked_up;
-    int64_t deadline_ns;
+    int looked_up;       /* GREEN_IO_* */
+    int64_t deadline_ns; /* once GREEN_IO_KNOWN */
+    int64_t started_ns;  /* while GREEN_IO_TIMEOUT_UNREAD: when the timeout counts from */
 };
-#define GREEN_IO_WAIT_INIT(name) {GREEN_CALL(name), 0, GREEN_NO_DEADLINE}
+#define GREEN_IO_WAIT_INIT(name) {GREEN_CALL(name), GREEN_IO_UNKNOWN, GREEN_NO_DEADLINE, 0}
 int green_wait_io(int fd, int events, struct green_io_wait *io_wait);
 
 /* SO_RCVTIMEO (GREEN_READ) or SO_SNDTIMEO (GREEN_WRITE) of a socket as a
-   deadline from now; GREEN_NO_DEADLINE for none or for other files. */
-int64_t green_socket_timeout_deadline(int fd, int events);
+   deadline counted from from_ns; GREEN_NO_DEADLINE for none or for other
+   files. */
+int64_t green_socket_timeout_deadline(int fd, int events, int64_t from_ns);
 
 /* Python-side control, called through cffi. */
 void green_set_active(int active);

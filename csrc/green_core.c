@@ -112,10 +112,10 @@ int green_wait(struct green_call *call, const struct green_watch *watches, int n
         timeout_s = (double)left / 1e9;
     }
     __atomic_add_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
-    /* The common wait (one descriptor, no deadline) below Python first
+    /* The common wait (one descriptor) below Python first
        (csrc/green_fastwait.c); everything else, and whatever it declines,
        through the bridge. */
-    result = nwatches == 1 && deadline_ns == GREEN_NO_DEADLINE ? green_fast_wait(watches) : GREEN_FAST_UNAVAILABLE;
+    result = nwatches == 1 ? green_fast_wait(watches, deadline_ns) : GREEN_FAST_UNAVAILABLE;
     if (result == GREEN_FAST_UNAVAILABLE)
         result = green_python_wait(watches, nwatches, timeout_s);
     __atomic_sub_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
@@ -143,9 +143,9 @@ void green_wake_waiters_on(int fd)
         green_python_closing(fd);
 }
 
-/* SO_RCVTIMEO/SO_SNDTIMEO of a socket, as a deadline from now; none for
-   other files or a zero timeout. */
-int64_t green_socket_timeout_deadline(int fd, int events)
+/* SO_RCVTIMEO/SO_SNDTIMEO of a socket, as a deadline counted from
+   from_ns; none for other files or a zero timeout. */
+int64_t green_socket_timeout_deadline(int fd, int events, int64_t from_ns)
 {
     struct timeval timeout;
     socklen_t size = sizeof timeout;
@@ -154,21 +154,46 @@ int64_t green_socket_timeout_deadline(int fd, int events)
         return GREEN_NO_DEADLINE;
     if (timeout.tv_sec == 0 && timeout.tv_usec == 0)
         return GREEN_NO_DEADLINE;
-    return green_now_ns() + (int64_t)timeout.tv_sec * NS_PER_SECOND + (int64_t)timeout.tv_usec * NS_PER_US;
+    return from_ns + (int64_t)timeout.tv_sec * NS_PER_SECOND + (int64_t)timeout.tv_usec * NS_PER_US;
 }
+
+/* A blocking call whose wait goes below Python (green_fast_wait) reads its
+   socket's SO_RCVTIMEO/SO_SNDTIMEO only once that wait has lasted this
+   long: most waits end sooner and never pay for the system call.  A
+   shorter timeout ends the call this late instead (the kernel itself keeps
+   one only to its clock tick, 1 to 10 ms).  A wait through the bridge reads
+   it at once: a waiter sees the call's real deadline, and a Python wait
+   costs more than the system call. */
+#define TIMEOUT_READ_AFTER_NS (3 * NS_PER_MS)
 
 int green_wait_io(int fd, int events, struct green_io_wait *io_wait)
 {
     struct green_watch watch = {fd, events};
     int saved_errno = errno;
-    if (!io_wait->looked_up) {
+    if (io_wait->looked_up == GREEN_IO_UNKNOWN) {
         int flags = fcntl(fd, F_GETFL);
         errno = saved_errno;
         if (flags >= 0 && (flags & O_NONBLOCK))
             return GREEN_NONBLOCKING;
-        io_wait->looked_up = 1;
-        io_wait->deadline_ns = green_socket_timeout_deadline(fd, events);
+        io_wait->looked_up = green_fast_wait_available() ? GREEN_IO_TIMEOUT_UNREAD : GREEN_IO_KNOWN;
+        io_wait->started_ns = green_now_ns();
+        if (io_wait->looked_up == GREEN_IO_KNOWN) {
+            io_wait->deadline_ns = green_socket_timeout_deadline(fd, events, io_wait->started_ns);
+            errno = saved_errno;
+        }
+    }
+    if (io_wait->looked_up == GREEN_IO_TIMEOUT_UNREAD) {
+        int64_t read_at = io_wait->started_ns + TIMEOUT_READ_AFTER_NS;
+        if (green_now_ns() < read_at) {
+            int status = green_wait(&io_wait->call, &watch, 1, read_at);
+            if (status != GREEN_TIMED_OUT)
+                return status;
+        }
+        io_wait->looked_up = GREEN_IO_KNOWN;
+        io_wait->deadline_ns = green_socket_timeout_deadline(fd, events, io_wait->started_ns);
         errno = saved_errno;
+        if (io_wait->deadline_ns != GREEN_NO_DEADLINE && green_now_ns() >= io_wait->deadline_ns)
+            return GREEN_TIMED_OUT;
     }
     return green_wait(&io_wait->call, &watch, 1, io_wait->deadline_ns);
 }

@@ -1,14 +1,15 @@
 /*
- * The common wait, below Python: one descriptor, no deadline, on a gevent
- * hub whose loop is libev's.
+ * The common wait, below Python: one descriptor, with or without a
+ * deadline, on a gevent hub whose loop is libev's.
  *
  * The general bridge (greenify/_bridge.py) costs a cffi callback, a Python
  * frame and gevent's watcher objects on every wait.  For the wait a database
  * client makes all day (its socket, until the answer comes) this file does
  * the same with libev's and greenlet's C APIs: it starts a libev io watcher
  * it owns, one per descriptor, switches to the hub greenlet, and the
- * watcher's C callback switches back.  Everything else (deadlines, several
- * descriptors, an interrupted greenlet, a busy descriptor, another loop
+ * watcher's C callback switches back; a deadline is a libev timer beside
+ * it.  Everything else (several descriptors, an interrupted greenlet, a busy
+ * descriptor, another loop
  * implementation, a thread not attached yet) answers GREEN_FAST_UNAVAILABLE
  * and takes the general bridge, whose rules this path follows exactly.
  *
@@ -20,6 +21,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -44,15 +46,32 @@ struct libev_io {
 };
 #define LIBEV_IOFDSET 0x80 /* EV__IOFDSET: the fd was set anew, libev registers it again */
 
+/* libev's struct ev_timer, built the same way. */
+struct libev_timer;
+typedef void (*libev_timer_callback)(void *loop, struct libev_timer *watcher, int revents);
+struct libev_timer {
+    int active;
+    int pending;
+    int priority;
+    libev_timer_callback cb;
+    double at;     /* seconds from now until ev_timer_start, the loop's time after */
+    double repeat;
+};
+
 typedef void (*libev_io_start_stop)(void *loop, struct libev_io *watcher);
 typedef void (*libev_feed_event)(void *loop, void *watcher, int revents);
 typedef unsigned int (*libev_iteration)(void *loop);
+typedef void (*libev_timer_start_stop)(void *loop, struct libev_timer *watcher);
+typedef void (*libev_now_update)(void *loop);
 
 /* One descriptor's watcher, and the greenlet waiting on it. */
 struct fast_watch {
     struct libev_io io;       /* first: libev's callback gets this address */
+    struct libev_timer timer; /* the wait's deadline, or when to verify its registration */
     struct fast_hub *hub;
     PyObject *waiter;         /* borrowed: the greenlet is inside green_fast_wait */
+    int64_t deadline_ns;      /* the wait's, or GREEN_NO_DEADLINE */
+    int timed_out;            /* the timer ended the wait */
     int registered;           /* libev was told the fd anew at least once */
     unsigned generation;      /* the number's close generation when it was */
     const void *last_waiter;  /* who waited when it last stopped (compared, never used) */
@@ -71,6 +90,10 @@ static unsigned close_generation(int fd)
     return __atomic_load_n(&close_generations[(unsigned)fd % CLOSE_GENERATIONS], __ATOMIC_ACQUIRE);
 }
 
+/* How long a wait trusts that libev's registration of its descriptor is
+   the kernel's (see green_fast_wait). */
+#define REGISTRATION_TRUSTED_NS (2 * 1000 * 1000)
+
 /* One thread's hub, as the fast wait uses it. */
 struct fast_hub {
     PyObject *hub;            /* borrowed: when it dies, greenify/_fastwait.py sets `gone` first */
@@ -80,6 +103,8 @@ struct fast_hub {
     libev_io_start_stop io_start, io_stop;
     libev_feed_event feed_event;
     libev_iteration iteration;
+    libev_timer_start_stop timer_start, timer_stop;
+    libev_now_update now_update;
     struct fast_watch **by_fd;
     int capacity;
 };
@@ -90,18 +115,21 @@ static unsigned long long fast_waits; /* waits this path carried out, all thread
 
 unsigned long long green_fast_waits(void) { return __atomic_load_n(&fast_waits, __ATOMIC_RELAXED); }
 
-/* Stops the watcher, noting when and whose wait it ended. */
+/* Stops the watcher and its timer, noting when and whose wait it ended. */
 static void watch_stop(struct fast_watch *watch)
 {
     struct fast_hub *fast = watch->hub;
-    fast->io_stop(fast->loop, &watch->io);
+    if (watch->io.active)
+        fast->io_stop(fast->loop, &watch->io);
+    if (watch->timer.active)
+        fast->timer_stop(fast->loop, &watch->timer);
     watch->last_waiter = watch->waiter;
     watch->stopped_in = fast->iteration(fast->loop);
 }
 
-static void fast_io_ready(void *loop, struct libev_io *io, int revents)
+/* The wait is over (ready, or its deadline passed): back to the waiter. */
+static void wait_over(struct fast_watch *watch)
 {
-    struct fast_watch *watch = (struct fast_watch *)io;
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *waiter = watch->waiter;
     watch_stop(watch);
@@ -113,6 +141,33 @@ static void fast_io_ready(void *loop, struct libev_io *io, int revents)
         Py_XDECREF(result);
     }
     PyGILState_Release(gil);
+}
+
+static void fast_io_ready(void *loop, struct libev_io *io, int revents)
+{
+    wait_over((struct fast_watch *)io);
+}
+
+/* The timer of a wait that outlasted REGISTRATION_TRUSTED_NS (the fd is
+   registered anew, and the wait goes on until its deadline, if any) or
+   reached its deadline. */
+static void fast_timer(void *loop, struct libev_timer *timer, int revents)
+{
+    struct fast_watch *watch = (struct fast_watch *)((char *)timer - offsetof(struct fast_watch, timer));
+    struct fast_hub *fast = watch->hub;
+    int64_t left_ns = watch->deadline_ns == GREEN_NO_DEADLINE ? 1 : watch->deadline_ns - green_now_ns();
+    if (left_ns > 0 && watch->waiter != NULL && watch->io.active) {
+        fast->io_stop(loop, &watch->io);
+        watch->io.events |= LIBEV_IOFDSET;
+        fast->io_start(loop, &watch->io);
+        if (watch->deadline_ns != GREEN_NO_DEADLINE) {
+            watch->timer.at = (double)left_ns / 1e9;
+            fast->timer_start(loop, &watch->timer);
+        }
+        return;
+    }
+    watch->timed_out = 1;
+    wait_over(watch);
 }
 
 /* What a fast_hub holds, released (GIL held): called when its hub is
@@ -142,7 +197,7 @@ static void fast_hub_free(struct fast_hub *fast)
 /* Attaches the calling thread's hub; returns a handle for
    green_fast_hub_gone(), or 0 when the fast wait cannot be used. */
 uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, void *io_stop, void *feed_event,
-                            void *iteration)
+                            void *iteration, void *timer_start, void *timer_stop, void *now_update)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
     struct fast_hub *fast = NULL;
@@ -170,6 +225,9 @@ uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, vo
     fast->io_stop = (libev_io_start_stop)io_stop;
     fast->feed_event = (libev_feed_event)feed_event;
     fast->iteration = (libev_iteration)iteration;
+    fast->timer_start = (libev_timer_start_stop)timer_start;
+    fast->timer_stop = (libev_timer_start_stop)timer_stop;
+    fast->now_update = (libev_now_update)now_update;
     if (this_thread != NULL && this_thread->gone)
         fast_hub_free(this_thread);
     else if (this_thread != NULL)
@@ -212,6 +270,7 @@ static struct fast_watch *watch_for(struct fast_hub *fast, int fd)
         if (watch == NULL)
             return NULL;
         watch->io.cb = fast_io_ready;
+        watch->timer.cb = fast_timer;
         watch->hub = fast;
         fast->by_fd[fd] = watch;
     }
@@ -263,14 +322,19 @@ static struct fast_hub *usable_hub(PyObject *current)
     return fast;
 }
 
-int green_fast_wait(const struct green_watch *watch_asked)
+int green_fast_wait_available(void)
+{
+    return this_thread != NULL && !green_state.interrupts_pending && !green_state.waiters_registered;
+}
+
+int green_fast_wait(const struct green_watch *watch_asked, int64_t deadline_ns)
 {
     struct fast_hub *fast;
     struct fast_watch *watch;
     PyObject *current, *result;
     int status = GREEN_FAST_UNAVAILABLE;
 
-    if (this_thread == NULL || green_state.interrupts_pending || green_state.waiters_registered)
+    if (!green_fast_wait_available())
         return GREEN_FAST_UNAVAILABLE; /* not attached, interruptions to honour, waiters to choose: the bridge's rules */
     struct green_python_entry entry;
     green_python_enter(&entry);
@@ -285,33 +349,50 @@ int green_fast_wait(const struct green_watch *watch_asked)
        was set anew, and that costs an epoll_ctl (an ADD failing with
        EEXIST while the registration stands).  A watcher stopped and
        started again within one loop iteration, by the same greenlet, as a
-       client waiting on its socket again does, costs none (as gevent's own
-       sockets); libev itself registers anew a watcher started after an
-       iteration.  It is told the fd anew when the number may name another
-       file: the first time, after the close twin closed the number (any
-       thread), and when another greenlet's wait ended on it in this
-       iteration.  A number its own greenlet closed and reused behind
-       greenify's back is registered anew by the hub's once-a-second sweep
-       (green_fast_refresh). */
+       client waiting on its socket again does, is trusted to be
+       registered still and costs no system call (as a gevent socket's);
+       libev itself registers anew a watcher started after an iteration.
+       It is told the fd anew when the number may name another file: the
+       first time, after the close twin closed the number (any thread), and
+       when another greenlet's wait ended on it in this iteration.  The one
+       case left, a number its own greenlet closed and reused behind
+       greenify's back, is caught by a timer: a trusted wait that lasts
+       REGISTRATION_TRUSTED_NS is registered anew (fast_timer), and one
+       whose deadline comes sooner is not trusted. */
     unsigned generation = close_generation(watch_asked->fd);
+    int64_t now_ns = green_now_ns();
+    int trusted = watch->registered && watch->generation == generation &&
+                  (watch->last_waiter == current || watch->stopped_in != fast->iteration(fast->loop)) &&
+                  (deadline_ns == GREEN_NO_DEADLINE || deadline_ns - now_ns > REGISTRATION_TRUSTED_NS);
     watch->io.fd = watch_asked->fd;
-    watch->io.events = watch_asked->events;
-    if (!watch->registered || watch->generation != generation ||
-        (watch->last_waiter != current && watch->stopped_in == fast->iteration(fast->loop))) {
-        watch->io.events |= LIBEV_IOFDSET;
-        watch->registered = 1;
-        watch->generation = generation;
-    }
+    watch->io.events = watch_asked->events | (trusted ? 0 : LIBEV_IOFDSET);
+    watch->registered = 1;
+    watch->generation = generation;
+    watch->deadline_ns = deadline_ns;
     watch->waiter = current;
+    watch->timed_out = 0;
     fast->io_start(fast->loop, &watch->io);
+    if (trusted || deadline_ns != GREEN_NO_DEADLINE) {
+        /* The loop's clock is the time its iteration began: for a deadline
+           it is brought up to now, as gevent's own timers do, so the timer
+           ends on time (green_wait waits the rest of one that ends early);
+           a registration verified a little early costs one epoll_ctl. */
+        int64_t after_ns = trusted ? REGISTRATION_TRUSTED_NS : deadline_ns - now_ns;
+        if (!trusted)
+            fast->now_update(fast->loop);
+        watch->timer.at = after_ns > 0 ? (double)after_ns / 1e9 : 0.0;
+        watch->timer.repeat = 0.0;
+        fast->timer_start(fast->loop, &watch->timer);
+    }
     __atomic_add_fetch(&fast_waits, 1, __ATOMIC_RELAXED);
     result = PyGreenlet_Switch((PyGreenlet *)fast->hub, NULL, NULL);
-    if (watch->io.active)
+    if (watch->io.active || watch->timer.active)
         watch_stop(watch); /* woken by someone else: a spurious switch or a throw */
     watch->waiter = NULL;
     if (result != NULL) {
         Py_DECREF(result);
-        status = GREEN_WOKEN; /* ready, or a spurious switch: the caller probes again */
+        /* ready, or a spurious switch: the caller probes again */
+        status = watch->timed_out ? GREEN_TIMED_OUT : GREEN_WOKEN;
     }
     else {
         status = record_interruption(current); /* an exception was thrown into the waiting greenlet */
@@ -347,22 +428,4 @@ int green_fast_waiting_fds(int *fds, int max)
         if (fast->by_fd[fd] != NULL && fast->by_fd[fd]->waiter != NULL)
             fds[count++] = fd;
     return count;
-}
-
-/* The sweep's part (greenify/_fastwait.py, once a second on the hub): every
-   watcher a greenlet waits on is told its fd anew, so a number closed and
-   reused behind greenify's back since it was registered is registered
-   again (an epoll_ctl per waiting descriptor per sweep).  A watcher with
-   an event already pending is left alone: that waiter is about to wake. */
-void green_fast_refresh(void)
-{
-    struct fast_hub *fast = this_thread;
-    for (int fd = 0; fast != NULL && fd < fast->capacity; fd++) {
-        struct fast_watch *watch = fast->by_fd[fd];
-        if (watch == NULL || watch->waiter == NULL || !watch->io.active || watch->io.pending)
-            continue;
-        fast->io_stop(fast->loop, &watch->io);
-        watch->io.events |= LIBEV_IOFDSET;
-        fast->io_start(fast->loop, &watch->io);
-    }
 }

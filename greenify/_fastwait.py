@@ -1,11 +1,11 @@
 """Attaching a thread's gevent hub to the common wait below Python
 (csrc/green_fastwait.c).
 
-The C side needs the hub's libev loop and libev's io start/stop, event
-feeding and iteration count, which gevent's default loop
-(``gevent.libev.corecext``) exports, and the
-layout of libev's ``struct ev_io``, which is known for the libev 4 that
-gevent embeds (built with an empty ``EV_COMMON``).  Any other loop (libuv,
+The C side needs the hub's libev loop and libev's io and timer start/stop,
+event feeding, iteration count and clock update, which gevent's default
+loop (``gevent.libev.corecext``) exports, and the layout of libev's
+``struct ev_io`` and ``struct ev_timer``, which is known for the libev 4
+that gevent embeds (built with an empty ``EV_COMMON``).  Any other loop (libuv,
 the cffi backend, a system libev) is left to the general bridge.  The
 hub is referenced weakly: when it is deallocated the C side is told first,
 so a new hub at the same address is never mistaken for it.
@@ -23,7 +23,8 @@ from greenify._green import ffi, lib
 log = logging.getLogger("greenify")
 
 # What C needs from the loop's extension module, by symbol.
-_LIBEV_FUNCTIONS = ("ev_io_start", "ev_io_stop", "ev_feed_event", "ev_iteration")
+_LIBEV_FUNCTIONS = ("ev_io_start", "ev_io_stop", "ev_feed_event", "ev_iteration", "ev_timer_start", "ev_timer_stop",
+                    "ev_now_update")
 _FAST_LOOP_MODULES = ("gevent.libev.corecext",)
 
 # hub weakref -> handle; the weakrefs' callbacks tell C the hub is gone.
@@ -74,9 +75,3 @@ def wake(fd: int) -> None:
     """Wake this thread's fast waiter on ``fd``: it probes again."""
     lib.green_fast_closing(fd)
 
-
-def refresh() -> None:
-    """Register this thread's fast waiters' descriptors with the kernel
-    anew: one of them may have been closed and its number reused behind
-    greenify's back since it was registered."""
-    lib.green_fast_refresh()
