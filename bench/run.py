@@ -18,7 +18,7 @@ Cases:
                PyMySQL under monkey patching
   throughput   10 greenlets fetching results: rows per second for 1,000-row results,
                queries per second for 10-row ones
-  syscalls     system calls per query and per wait of the 1,000-row workload (strace)
+  syscalls     system calls per query and per wait of both throughput workloads (perf stat)
   profile      where the client's CPU goes in the 1,000-row workload (perf)
 
 The MariaDB cases start a server as the tests do (tests/servers.py) and run
@@ -498,19 +498,26 @@ PROFILE_GROUPS = {
 }
 
 
+def perf_timed(perf_args: List[str], command: List[str], folder: str) -> None:
+    """Run `perf <perf_args> -- command` with perf's window open during the
+    command's timed part only (db_worker.py opens and closes it through two
+    FIFOs in `folder`)."""
+    ctl, ack = os.path.join(folder, "ctl"), os.path.join(folder, "ack")
+    os.mkfifo(ctl)
+    os.mkfifo(ack)
+    done = subprocess.run(["perf", *perf_args, "-D", "-1", "--control", f"fifo:{ctl},{ack}", "--", *command],
+                          cwd=tempfile.gettempdir(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=600, env={**os.environ, "GREENIFY_BENCH_PERF_CONTROL": f"{ctl},{ack}"})
+    if done.returncode != 0:
+        raise RuntimeError(f"perf {perf_args[0]} {' '.join(command)} failed:\n{done.stderr[-3000:]}")
+
+
 def perf_shares(command: List[str]) -> Dict[str, float]:
-    """Percent of the CPU samples perf took of `command`'s timed part (db_worker.py opens
-    and closes perf's window around it) per PROFILE_GROUPS group, and `other`."""
+    """Percent of the CPU samples perf took of `command`'s timed part per
+    PROFILE_GROUPS group, and `other`."""
     with tempfile.TemporaryDirectory() as folder:
-        ctl, ack, data = (os.path.join(folder, name) for name in ("ctl", "ack", "perf.data"))
-        os.mkfifo(ctl)
-        os.mkfifo(ack)
-        done = subprocess.run(["perf", "record", "-q", "-F", "4999", "-D", "-1", "--control", f"fifo:{ctl},{ack}",
-                               "-o", data, "--", *command], cwd=tempfile.gettempdir(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, timeout=600,
-                              env={**os.environ, "GREENIFY_BENCH_PERF_CONTROL": f"{ctl},{ack}"})
-        if done.returncode != 0:
-            raise RuntimeError(f"perf record {' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        data = os.path.join(folder, "perf.data")
+        perf_timed(["record", "-q", "-F", "4999", "-o", data], command, folder)
         report = subprocess.run(["perf", "report", "-i", data, "--stdio", "--sort", "dso", "-g", "none"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600, check=True)
     shares = {group: 0.0 for group in PROFILE_GROUPS}
@@ -557,30 +564,44 @@ def case_profile(options) -> List[dict]:
     return rows_out
 
 
-def strace_counts(command: List[str]) -> Dict[str, List[int]]:
-    """syscall -> [calls, errors] for one run of `command` and its threads, by strace -c."""
-    with tempfile.NamedTemporaryFile(suffix=".strace") as out:
-        done = subprocess.run(["strace", "-f", "-c", "-o", out.name, *command], cwd=tempfile.gettempdir(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
-        if done.returncode != 0:
-            raise RuntimeError(f"strace {' '.join(command)} failed:\n{done.stderr[-3000:]}")
-        counts = {}
-        for line in Path(out.name).read_text().splitlines():
-            fields = line.split()
-            # % time, seconds, usecs/call, calls, [errors], syscall
-            if len(fields) in (5, 6) and fields[0][0].isdigit() and fields[-1] != "total":
-                counts[fields[-1]] = [int(fields[3]), int(fields[4]) if len(fields) == 6 else 0]
-        return counts
+# The system calls counted one by one (the rest are in `other`), and the
+# failures counted: a recv refused with EAGAIN (a wait follows), an epoll_ctl.
+COUNTED_SYSCALLS = ("recvfrom", "sendto", "poll", "ppoll", "epoll_wait", "epoll_ctl", "fcntl", "getsockopt", "getpid")
+COUNTED_FAILURES = {"recvfrom": "ret == -11", "epoll_ctl": "ret < 0"}
+
+
+def syscall_counts(command: List[str]) -> Dict[str, List[int]]:
+    """syscall -> [calls, failures] in `command`'s timed part, counted by the kernel's
+    tracepoints (perf stat: unlike strace, it does not slow the calls down and so
+    does not change how often a client finds its answer already there); `all` is
+    every system call."""
+    events = ["-e", "raw_syscalls:sys_enter"]
+    for name in COUNTED_SYSCALLS:
+        events += ["-e", f"syscalls:sys_enter_{name}"]
+        if name in COUNTED_FAILURES:
+            events += ["-e", f"syscalls:sys_exit_{name}", "--filter", COUNTED_FAILURES[name]]
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "stat.csv")
+        perf_timed(["stat", "-x", ",", "-o", out, *events], command, folder)
+        counts: Dict[str, List[int]] = {}
+        for line in Path(out).read_text().splitlines():
+            fields = line.split(",")
+            if len(fields) < 3 or not fields[0].isdigit():
+                continue
+            kind, _, name = fields[2].partition(":sys_")
+            call = "all" if kind == "raw_syscalls" else name.split("_", 1)[1]
+            counts.setdefault(call, [0, 0])[0 if name.startswith("enter") else 1] = int(fields[0])
+    counts["other"] = [counts["all"][0] - sum(pair[0] for call, pair in counts.items() if call != "all"), 0]
+    return counts
 
 
 def case_syscalls(options) -> List[dict]:
     """System calls per wait of the throughput workloads (1,000-row and 10-row
-    results), counted by strace: a run with the queries less a run without them
-    (same imports, same connections), per query and per wait (the recv calls
-    that failed with EAGAIN)."""
+    results), counted by the kernel (perf stat) in the timed part only, per
+    query and per wait (the recv calls that failed with EAGAIN)."""
     import shutil
-    if shutil.which("strace") is None:
-        raise RuntimeError("the syscalls case needs strace (apt-get install strace)")
+    if shutil.which("perf") is None:
+        raise RuntimeError("the syscalls case needs perf (apt-get install linux-perf)")
     greenlets = 10
     variants = ["greenified"] + (["peer"] if options.peer_python else [])
     per_query: Dict[int, Dict[str, Dict[str, List[float]]]] = {rows: {} for rows in THROUGHPUT_SHAPES}
@@ -589,35 +610,32 @@ def case_syscalls(options) -> List[dict]:
             queries = quick if options.quick else full
             for variant in variants:
                 python, name = variant_python(variant, options)
-                base = [python, str(DB_WORKER)]
-                args = [db.host, str(db.port), name, str(greenlets)]
-                progress(f"syscalls: strace of {VARIANTS[variant]}, {greenlets} greenlets x {queries} queries "
+                progress(f"syscalls: perf stat of {VARIANTS[variant]}, {greenlets} greenlets x {queries} queries "
                          f"x {rows:,} rows")
-                idle = strace_counts(base + ["idle", *args])
-                busy = strace_counts(base + ["throughput", *args, str(queries), "work", str(rows)])
+                counts = syscall_counts([python, str(DB_WORKER), "throughput", db.host, str(db.port), name,
+                                         str(greenlets), str(queries), "work", str(rows)])
                 total = greenlets * queries
-                per_query[rows][variant] = {call: [(busy.get(call, [0, 0])[i] - idle.get(call, [0, 0])[i]) / total
-                                                   for i in (0, 1)] for call in set(busy) | set(idle)}
+                per_query[rows][variant] = {call: [x / total for x in pair] for call, pair in counts.items()}
     RESULTS_EXTRA["syscalls"] = {"labels": {v: VARIANTS[v] for v in variants}, "shapes": {}}
     rows_out = []
     for rows in THROUGHPUT_SHAPES:
         shape = RESULTS_EXTRA["syscalls"]["shapes"].setdefault(str(rows), {
             "per_query": {v: {c: [round(x, 2) for x in pair] for c, pair in sorted(calls.items())
-                              if abs(pair[0]) >= 0.05} for v, calls in per_query[rows].items()},
+                              if abs(pair[0]) >= 0.005} for v, calls in per_query[rows].items()},
             "waits_per_query": {}, "per_wait": {}})
         totals, per_wait = {}, {}
         for variant in variants:
             calls = per_query[rows][variant]
-            totals[variant] = sum(pair[0] for pair in calls.values())
+            totals[variant] = calls["all"][0]
             # Each wait of libmariadb's follows a non-blocking recv that failed with EAGAIN: for every
             # variant alike, those failures count the waits.  A wait's cost is what a query makes
             # beyond its own I/O (the query's send and the receives that brought data).
-            waits_per_query = calls.get("recvfrom", [0, 0])[1]
-            own_io = calls.get("sendto", [0, 0])[0] + calls.get("recvfrom", [0, 0])[0] - waits_per_query
+            waits_per_query = calls["recvfrom"][1]
+            own_io = calls["sendto"][0] + calls["recvfrom"][0] - waits_per_query
             per_wait[variant] = (totals[variant] - own_io) / waits_per_query if waits_per_query else float("nan")
             shape["waits_per_query"][variant] = round(waits_per_query, 2)
             shape["per_wait"][variant] = round(per_wait[variant], 2)
-            failing_ctl = calls.get("epoll_ctl", [0, 0])[1] / waits_per_query if waits_per_query else 0.0
+            failing_ctl = calls["epoll_ctl"][1] / waits_per_query if waits_per_query else 0.0
             rows_out.append(row("syscalls", f"system calls per query, {rows:,}-row results ({VARIANTS[variant]})",
                                 "", None, round(totals[variant], 2), "calls",
                                 note=f"{waits_per_query:.2f} waits per query, each {per_wait[variant]:.2f} system "

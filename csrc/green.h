@@ -119,14 +119,17 @@ int green_wait(struct green_call *call, const struct green_watch *watches, int n
 
 /* The common wait (one fd) below Python (csrc/green_fastwait.c):
    GREEN_WOKEN, GREEN_TIMED_OUT, GREEN_INTERRUPTED, or GREEN_FAST_UNAVAILABLE
-   where the general bridge must do it. */
-int green_fast_wait(const struct green_watch *watch, int64_t deadline_ns);
+   where the general bridge must do it.  deadline_ends_call: whether the
+   caller gives up at the deadline (or only learns something then). */
+int green_fast_wait(const struct green_watch *watch, int64_t deadline_ns, int deadline_ends_call);
 /* Whether this thread's waits would go there (an attached hub, nothing for
    the bridge to decide), as far as that is known before the wait. */
 int green_fast_wait_available(void);
 void green_fast_closing(int fd);
+void green_fast_refresh(void);
 uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, void *io_stop, void *feed_event,
-                            void *iteration, void *timer_start, void *timer_stop, void *now_update);
+                            void *iteration, void *timer_start, void *timer_stop, void *now_update,
+                            int64_t sweep_interval_ns);
 void green_fast_hub_gone(uintptr_t handle);
 int green_fast_waiting_fds(int *fds, int max);
 unsigned long long green_fast_waits(void);

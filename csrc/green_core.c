@@ -95,7 +95,10 @@ static void shut_interrupted_connections(const struct green_watch *watches, int 
     }
 }
 
-int green_wait(struct green_call *call, const struct green_watch *watches, int nwatches, int64_t deadline_ns)
+/* green_wait, and green_wait_io's first wait, whose deadline is only when
+   it reads the socket's timeout (deadline_ends_call 0). */
+static int wait_until(struct green_call *call, const struct green_watch *watches, int nwatches, int64_t deadline_ns,
+                      int deadline_ends_call)
 {
     double timeout_s = -1.0;
     int saved_errno = errno;
@@ -115,7 +118,7 @@ int green_wait(struct green_call *call, const struct green_watch *watches, int n
     /* The common wait (one descriptor) below Python first
        (csrc/green_fastwait.c); everything else, and whatever it declines,
        through the bridge. */
-    result = nwatches == 1 ? green_fast_wait(watches, deadline_ns) : GREEN_FAST_UNAVAILABLE;
+    result = nwatches == 1 ? green_fast_wait(watches, deadline_ns, deadline_ends_call) : GREEN_FAST_UNAVAILABLE;
     if (result == GREEN_FAST_UNAVAILABLE)
         result = green_python_wait(watches, nwatches, timeout_s);
     __atomic_sub_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
@@ -129,6 +132,11 @@ int green_wait(struct green_call *call, const struct green_watch *watches, int n
         result = GREEN_WOKEN; /* the loop's clock ran ahead of ours: probe and wait the rest */
     errno = saved_errno;
     return result;
+}
+
+int green_wait(struct green_call *call, const struct green_watch *watches, int nwatches, int64_t deadline_ns)
+{
+    return wait_until(call, watches, nwatches, deadline_ns, 1);
 }
 
 int green_must_fail_fast(void)
@@ -159,7 +167,8 @@ int64_t green_socket_timeout_deadline(int fd, int events, int64_t from_ns)
 
 /* A blocking call whose wait goes below Python (green_fast_wait) reads its
    socket's SO_RCVTIMEO/SO_SNDTIMEO only once that wait has lasted this
-   long: most waits end sooner and never pay for the system call.  A
+   long: most waits end sooner and never pay for the system call (a libev
+   timer costs none).  A
    shorter timeout ends the call this late instead (the kernel itself keeps
    one only to its clock tick, 1 to 10 ms).  A wait through the bridge reads
    it at once: a waiter sees the call's real deadline, and a Python wait
@@ -185,7 +194,7 @@ int green_wait_io(int fd, int events, struct green_io_wait *io_wait)
     if (io_wait->looked_up == GREEN_IO_TIMEOUT_UNREAD) {
         int64_t read_at = io_wait->started_ns + TIMEOUT_READ_AFTER_NS;
         if (green_now_ns() < read_at) {
-            int status = green_wait(&io_wait->call, &watch, 1, read_at);
+            int status = wait_until(&io_wait->call, &watch, 1, read_at, 0);
             if (status != GREEN_TIMED_OUT)
                 return status;
         }

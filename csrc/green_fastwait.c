@@ -67,10 +67,9 @@ typedef void (*libev_now_update)(void *loop);
 /* One descriptor's watcher, and the greenlet waiting on it. */
 struct fast_watch {
     struct libev_io io;       /* first: libev's callback gets this address */
-    struct libev_timer timer; /* the wait's deadline, or when to verify its registration */
+    struct libev_timer timer; /* the wait's deadline, when it has one */
     struct fast_hub *hub;
     PyObject *waiter;         /* borrowed: the greenlet is inside green_fast_wait */
-    int64_t deadline_ns;      /* the wait's, or GREEN_NO_DEADLINE */
     int timed_out;            /* the timer ended the wait */
     int registered;           /* libev was told the fd anew at least once */
     unsigned generation;      /* the number's close generation when it was */
@@ -90,10 +89,6 @@ static unsigned close_generation(int fd)
     return __atomic_load_n(&close_generations[(unsigned)fd % CLOSE_GENERATIONS], __ATOMIC_ACQUIRE);
 }
 
-/* How long a wait trusts that libev's registration of its descriptor is
-   the kernel's (see green_fast_wait). */
-#define REGISTRATION_TRUSTED_NS (2 * 1000 * 1000)
-
 /* One thread's hub, as the fast wait uses it. */
 struct fast_hub {
     PyObject *hub;            /* borrowed: when it dies, greenify/_fastwait.py sets `gone` first */
@@ -105,6 +100,7 @@ struct fast_hub {
     libev_iteration iteration;
     libev_timer_start_stop timer_start, timer_stop;
     libev_now_update now_update;
+    int64_t sweep_interval_ns; /* the hub's sweep, which registers waiting descriptors anew */
     struct fast_watch **by_fd;
     int capacity;
 };
@@ -148,24 +144,10 @@ static void fast_io_ready(void *loop, struct libev_io *io, int revents)
     wait_over((struct fast_watch *)io);
 }
 
-/* The timer of a wait that outlasted REGISTRATION_TRUSTED_NS (the fd is
-   registered anew, and the wait goes on until its deadline, if any) or
-   reached its deadline. */
+/* The wait's deadline passed. */
 static void fast_timer(void *loop, struct libev_timer *timer, int revents)
 {
     struct fast_watch *watch = (struct fast_watch *)((char *)timer - offsetof(struct fast_watch, timer));
-    struct fast_hub *fast = watch->hub;
-    int64_t left_ns = watch->deadline_ns == GREEN_NO_DEADLINE ? 1 : watch->deadline_ns - green_now_ns();
-    if (left_ns > 0 && watch->waiter != NULL && watch->io.active) {
-        fast->io_stop(loop, &watch->io);
-        watch->io.events |= LIBEV_IOFDSET;
-        fast->io_start(loop, &watch->io);
-        if (watch->deadline_ns != GREEN_NO_DEADLINE) {
-            watch->timer.at = (double)left_ns / 1e9;
-            fast->timer_start(loop, &watch->timer);
-        }
-        return;
-    }
     watch->timed_out = 1;
     wait_over(watch);
 }
@@ -197,7 +179,8 @@ static void fast_hub_free(struct fast_hub *fast)
 /* Attaches the calling thread's hub; returns a handle for
    green_fast_hub_gone(), or 0 when the fast wait cannot be used. */
 uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, void *io_stop, void *feed_event,
-                            void *iteration, void *timer_start, void *timer_stop, void *now_update)
+                            void *iteration, void *timer_start, void *timer_stop, void *now_update,
+                            int64_t sweep_interval_ns)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
     struct fast_hub *fast = NULL;
@@ -228,6 +211,7 @@ uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, vo
     fast->timer_start = (libev_timer_start_stop)timer_start;
     fast->timer_stop = (libev_timer_start_stop)timer_stop;
     fast->now_update = (libev_now_update)now_update;
+    fast->sweep_interval_ns = sweep_interval_ns;
     if (this_thread != NULL && this_thread->gone)
         fast_hub_free(this_thread);
     else if (this_thread != NULL)
@@ -327,7 +311,7 @@ int green_fast_wait_available(void)
     return this_thread != NULL && !green_state.interrupts_pending && !green_state.waiters_registered;
 }
 
-int green_fast_wait(const struct green_watch *watch_asked, int64_t deadline_ns)
+int green_fast_wait(const struct green_watch *watch_asked, int64_t deadline_ns, int deadline_ends_call)
 {
     struct fast_hub *fast;
     struct fast_watch *watch;
@@ -356,31 +340,31 @@ int green_fast_wait(const struct green_watch *watch_asked, int64_t deadline_ns)
        first time, after the close twin closed the number (any thread), and
        when another greenlet's wait ended on it in this iteration.  The one
        case left, a number its own greenlet closed and reused behind
-       greenify's back, is caught by a timer: a trusted wait that lasts
-       REGISTRATION_TRUSTED_NS is registered anew (fast_timer), and one
-       whose deadline comes sooner is not trusted. */
+       greenify's back, is registered anew by the hub's sweep
+       (green_fast_refresh), so a wait whose deadline ends the call before
+       the sweep could come is not trusted: it would time out with data
+       there. */
     unsigned generation = close_generation(watch_asked->fd);
-    int64_t now_ns = green_now_ns();
+    int64_t now_ns = deadline_ns == GREEN_NO_DEADLINE ? 0 : green_now_ns();
     int trusted = watch->registered && watch->generation == generation &&
                   (watch->last_waiter == current || watch->stopped_in != fast->iteration(fast->loop)) &&
-                  (deadline_ns == GREEN_NO_DEADLINE || deadline_ns - now_ns > REGISTRATION_TRUSTED_NS);
+                  (!deadline_ends_call || deadline_ns == GREEN_NO_DEADLINE ||
+                   deadline_ns - now_ns > fast->sweep_interval_ns);
     watch->io.fd = watch_asked->fd;
     watch->io.events = watch_asked->events | (trusted ? 0 : LIBEV_IOFDSET);
     watch->registered = 1;
     watch->generation = generation;
-    watch->deadline_ns = deadline_ns;
     watch->waiter = current;
     watch->timed_out = 0;
     fast->io_start(fast->loop, &watch->io);
-    if (trusted || deadline_ns != GREEN_NO_DEADLINE) {
-        /* The loop's clock is the time its iteration began: for a deadline
-           it is brought up to now, as gevent's own timers do, so the timer
-           ends on time (green_wait waits the rest of one that ends early);
-           a registration verified a little early costs one epoll_ctl. */
-        int64_t after_ns = trusted ? REGISTRATION_TRUSTED_NS : deadline_ns - now_ns;
-        if (!trusted)
+    if (deadline_ns != GREEN_NO_DEADLINE) {
+        /* The loop's clock is the time its iteration began: brought up to
+           now for a deadline that ends the call, as gevent's own timers do,
+           so the timer ends on time (green_wait waits the rest of one that
+           ends early). */
+        if (deadline_ends_call)
             fast->now_update(fast->loop);
-        watch->timer.at = after_ns > 0 ? (double)after_ns / 1e9 : 0.0;
+        watch->timer.at = deadline_ns > now_ns ? (double)(deadline_ns - now_ns) / 1e9 : 0.0;
         watch->timer.repeat = 0.0;
         fast->timer_start(fast->loop, &watch->timer);
     }
@@ -428,4 +412,22 @@ int green_fast_waiting_fds(int *fds, int max)
         if (fast->by_fd[fd] != NULL && fast->by_fd[fd]->waiter != NULL)
             fds[count++] = fd;
     return count;
+}
+
+/* The sweep's part (greenify/_gevent_waiter.py, once a second on the hub):
+   every watcher a greenlet waits on is told its fd anew, so a number closed
+   and reused behind greenify's back since it was registered is registered
+   again (an epoll_ctl per waiting descriptor per sweep).  A watcher with an
+   event already pending is left alone: that waiter is about to wake. */
+void green_fast_refresh(void)
+{
+    struct fast_hub *fast = this_thread;
+    for (int fd = 0; fast != NULL && fd < fast->capacity; fd++) {
+        struct fast_watch *watch = fast->by_fd[fd];
+        if (watch == NULL || watch->waiter == NULL || !watch->io.active || watch->io.pending)
+            continue;
+        fast->io_stop(fast->loop, &watch->io);
+        watch->io.events |= LIBEV_IOFDSET;
+        fast->io_start(fast->loop, &watch->io);
+    }
 }

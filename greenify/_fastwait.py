@@ -18,6 +18,7 @@ import sys
 import weakref
 from typing import Dict
 
+from greenify._bridge import SWEEP_INTERVAL_S
 from greenify._green import ffi, lib
 
 log = logging.getLogger("greenify")
@@ -50,7 +51,8 @@ def attach(hub) -> bool:
         addresses = _libev_addresses(hub.loop)
         if addresses is None:
             return False
-        handle = lib.green_fast_attach(id(hub), hub.loop.ptr, *(ffi.cast("void *", a) for a in addresses))
+        handle = lib.green_fast_attach(id(hub), hub.loop.ptr, *(ffi.cast("void *", a) for a in addresses),
+                                       int(SWEEP_INTERVAL_S * 1e9))
     except Exception:  # noqa: BLE001 - the general bridge still works: say why and go on
         log.debug("greenify: the fast wait is not available for this hub", exc_info=True)
         return False
@@ -75,3 +77,9 @@ def wake(fd: int) -> None:
     """Wake this thread's fast waiter on ``fd``: it probes again."""
     lib.green_fast_closing(fd)
 
+
+def refresh() -> None:
+    """Register this thread's fast waiters' descriptors with the kernel
+    anew: one of them may have been closed and its number reused behind
+    greenify's back since it was registered."""
+    lib.green_fast_refresh()

@@ -124,11 +124,13 @@ class HubWaiter:
         """A descriptor closed without greenify's close twin (Python's
         os.close, an unpatched library) silently leaves epoll: its waiter
         would wait for ever.  Once a second, wake the waiters whose
-        descriptor is gone."""
+        descriptor is gone, and register the C waiters' descriptors anew
+        (their number may name a new file by now)."""
         self._wake([watcher for watcher in self.waiting_watchers() if descriptor_closed(watcher.fd)])
         for fd in _fastwait.waiting_fds():  # the waits below Python (csrc/green_fastwait.c)
             if descriptor_closed(fd):
                 _fastwait.wake(fd)
+        _fastwait.refresh()
 
     def offload(self, job_runner: Callable[[], None]) -> bool:
         """Run job_runner on the hub's thread pool; the caller meanwhile

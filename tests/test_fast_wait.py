@@ -236,17 +236,16 @@ def test_numbers_other_greenlets_waited_on_closed_and_reused_are_registered_at_o
         assert took < SWEEP_INTERVAL_S / 2, f"woken after {took:.2f} s: by the sweep, not the data"
 
 
-def test_a_number_closed_and_reused_behind_greenifys_back_is_registered_anew_soon():
+def test_a_number_closed_and_reused_behind_greenifys_back_is_registered_by_the_sweep():
     """Closed by Python (not the close twin) and reused by a new socket
     by the greenlet that waited on it, before the loop runs again: libev
     still counts the old registration, which the kernel dropped with the
-    old file.  A wait that trusted it is registered anew after 2 ms
-    (csrc/green_fastwait.c, REGISTRATION_TRUSTED_NS), so the data still
-    wakes it, long before any sweep."""
+    old file.  The hub's sweep registers each waiting descriptor anew, so
+    the wait ends within about a sweep interval instead of never."""
     ping_pong(1)
     numbers, seconds = gevent.spawn(reuse_numbers, lambda sock: sock.close()).get(timeout=10)
     assert len(numbers) == 1
-    assert max(seconds) < SWEEP_INTERVAL_S / 2, seconds
+    assert max(seconds) < 3 * SWEEP_INTERVAL_S, seconds
 
 
 def test_a_hub_replaced_while_still_referenced_is_let_go_safely():
