@@ -22,7 +22,8 @@ Variants: greenified (MySQLdb, libmariadb patched), stock (MySQLdb as is),
 threadpool (stock MySQLdb through gevent.get_hub().threadpool, one thread per
 greenlet), pymysql (PyMySQL after gevent.monkey.patch_all()).
 
-Prints one line of JSON: {"seconds": ..., "rows": ..., "greenify": ...}.
+Prints one line of JSON: {"seconds": ..., "rows": ..., "greenify": ...}; throughput
+adds the client's CPU seconds over the timing (`cpu_seconds`) and `queries`.
 """
 from __future__ import annotations
 
@@ -111,8 +112,9 @@ def profiled():
 
 def run_greenlets(variant: str, connect, host: str, port: int, count: int, work, timed: str):
     """Run work(conn) for `count` connections, each in a greenlet of its own;
-    returns (seconds until all finished, the connections).  With timed ==
-    "connect", each greenlet opens its connection inside the timing."""
+    returns (seconds until all finished, the process's CPU seconds (user and
+    system) meanwhile, the connections).  With timed == "connect", each
+    greenlet opens its connection inside the timing."""
     import gevent
     if timed == "connect":
         def each(_):
@@ -130,11 +132,11 @@ def run_greenlets(variant: str, connect, host: str, port: int, count: int, work,
     else:
         call = each
     with profiled():
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         greenlets = [gevent.spawn(call, item) for item in items]
         gevent.joinall(greenlets, raise_error=True)
-        seconds = time.perf_counter() - start
-    return seconds, [g.value for g in greenlets] if timed == "connect" else list(items)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return seconds, cpu_seconds, [g.value for g in greenlets] if timed == "connect" else list(items)
 
 
 def concurrency(host: str, port: int, variant: str, count: int, timed: str = "work") -> dict:
@@ -147,7 +149,7 @@ def concurrency(host: str, port: int, variant: str, count: int, timed: str = "wo
         if cursor.fetchall()[0][0] != 0:
             raise RuntimeError("SELECT SLEEP was interrupted")
 
-    seconds, connections = run_greenlets(variant, connect, host, port, count, sleep_query, timed)
+    seconds, _, connections = run_greenlets(variant, connect, host, port, count, sleep_query, timed)
     for conn in connections:
         conn.close()
     return {"seconds": seconds, "greenify": flavour}
@@ -175,12 +177,13 @@ def throughput(host: str, port: int, variant: str, count: int, queries: int, tim
             cursor.execute(query)
             fetched.append(len(cursor.fetchall()))
 
-    seconds, connections = run_greenlets(variant, connect, host, port, count, fetch_all, timed)
+    seconds, cpu_seconds, connections = run_greenlets(variant, connect, host, port, count, fetch_all, timed)
     for conn in connections:
         conn.close()
     if fetched != [rows] * (count * queries):
         raise RuntimeError(f"expected {count * queries} results of {rows} rows")
-    return {"seconds": seconds, "rows": sum(fetched), "greenify": flavour}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "rows": sum(fetched), "queries": len(fetched),
+            "greenify": flavour}
 
 
 def setup(host: str, port: int) -> dict:

@@ -446,6 +446,7 @@ def case_throughput(options) -> List[dict]:
     variants = ["greenified", "stock", "pymysql"] + (["peer"] if options.peer_python else [])
     runs = [(rows, timed) for rows, (_, _, timings) in THROUGHPUT_SHAPES.items() for timed in timings]
     seen: Dict[tuple, Dict[str, List[float]]] = {run: {v: [] for v in variants} for run in runs}
+    cpu: Dict[tuple, Dict[str, List[float]]] = {run: {v: [] for v in variants} for run in runs}  # µs per query
     with mariadb_server() as db:
         for round_number in range(1, rounds + 1):
             for rows, timed in runs:
@@ -457,6 +458,7 @@ def case_throughput(options) -> List[dict]:
                     python, name = variant_python(variant, options)
                     result = db_worker(python, "throughput", db, name, greenlets, queries, timed, rows)
                     seen[rows, timed][variant].append(result["rows"] / result["seconds"])
+                    cpu[rows, timed][variant].append(result["cpu_seconds"] / result["queries"] * 1e6)
     RESULTS_EXTRA["throughput"] = {
         "greenlets": greenlets, "queries": THROUGHPUT_SHAPES[1000][1 if options.quick else 0], "rounds": rounds,
         "labels": {v: VARIANTS[v] for v in variants},
@@ -485,6 +487,12 @@ def case_throughput(options) -> List[dict]:
             if options.peer_python and variant != "peer":
                 rows_out[-1]["peer"] = round(median["peer"])
                 rows_out[-1]["peer_ratio"] = round(median["peer"] / median[variant], 3)
+        if options.peer_python and timed == "work":
+            # The client's own cost, apart from how the 2 cores were shared with the server
+            used = {v: Spread(cpu[rows, timed][v]) for v in ("greenified", "peer")}
+            rows_out.append(row("throughput", f"client CPU µs per query, {greenlets} greenlets fetching {rows:,}-row "
+                                f"results", PEER_LABEL, round(used["peer"].median), round(used["greenified"].median),
+                                "µs", spread={"alt": used["peer"].summary(0), "green": used["greenified"].summary(0)}))
     return rows_out
 
 
