@@ -9,7 +9,6 @@ greenify 0.5.0, which is used through its documented API.
     db_worker.py setup       HOST PORT                     create the 1,000-row table
     db_worker.py concurrency HOST PORT VARIANT N [TIMED]   N greenlets, SELECT SLEEP(0.5) each
     db_worker.py throughput  HOST PORT VARIANT GREENLETS QUERIES [TIMED [ROWS]]
-    db_worker.py idle        HOST PORT VARIANT GREENLETS   what the others do before their work (strace's baseline)
 
 TIMED is `work` (the default: connections are opened before the clock
 starts) or `connect` (each greenlet opens its connection inside the timing).
@@ -155,14 +154,6 @@ def concurrency(host: str, port: int, variant: str, count: int, timed: str = "wo
     return {"seconds": seconds, "greenify": flavour}
 
 
-def idle(host: str, port: int, variant: str, count: int) -> dict:
-    """Everything the throughput worker does but its queries: strace's baseline."""
-    connect, flavour = prepare(variant)
-    for conn in open_connections(variant, connect, host, port, count):
-        conn.close()
-    return {"seconds": 0.0, "greenify": flavour}
-
-
 def throughput(host: str, port: int, variant: str, count: int, queries: int, timed: str = "work",
                rows: int = TABLE_ROWS) -> dict:
     connect, flavour = prepare(variant)
@@ -209,8 +200,6 @@ def main(argv) -> int:
         result = concurrency(host, port, rest[0], int(rest[1]), *rest[2:])
     elif what == "throughput":
         result = throughput(host, port, rest[0], int(rest[1]), int(rest[2]), *rest[3:4], *map(int, rest[4:5]))
-    elif what == "idle":
-        result = idle(host, port, rest[0], int(rest[1]))
     else:
         raise SystemExit(f"unknown command {what!r}")
     print(json.dumps(result), flush=True)

@@ -36,6 +36,7 @@ import ctypes
 import json
 import os
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -464,9 +465,7 @@ def case_throughput(options) -> List[dict]:
         "labels": {v: VARIANTS[v] for v in variants},
         "rows_per_s": {v: round(Spread(rates).median) for v, rates in seen[1000, "work"].items()},
         "spread": {t: {v: Spread(rates).summary(0) for v, rates in seen[1000, t].items()}
-                   for t in THROUGHPUT_SHAPES[1000][2]},
-        "small": {"rows": 10, "queries_per_s": {v: Spread(rates).summary(0) for v, rates in
-                                                ((v, [r / 10 for r in rates]) for v, rates in seen[10, "work"].items())}}}
+                   for t in THROUGHPUT_SHAPES[1000][2]}}
     rows_out = []
     for rows, timed in runs:
         per_query = rows < 1000  # small results: queries per second say more than rows
@@ -510,6 +509,8 @@ def perf_timed(perf_args: List[str], command: List[str], folder: str) -> None:
     """Run `perf <perf_args> -- command` with perf's window open during the
     command's timed part only (db_worker.py opens and closes it through two
     FIFOs in `folder`)."""
+    if shutil.which("perf") is None:
+        raise RuntimeError("the syscalls and profile cases need perf (apt-get install linux-perf)")
     ctl, ack = os.path.join(folder, "ctl"), os.path.join(folder, "ack")
     os.mkfifo(ctl)
     os.mkfifo(ack)
@@ -544,9 +545,6 @@ def case_profile(options) -> List[dict]:
     """Where the client's CPU goes in the 1,000-row throughput workload (perf, the
     timed part only): what any wait path can save there is bounded by the share
     of the machinery it replaces."""
-    import shutil
-    if shutil.which("perf") is None:
-        raise RuntimeError("the profile case needs perf (apt-get install linux-perf)")
     greenlets, queries = 10, (50 if options.quick else 300)
     variants = ["greenified"] + (["peer"] if options.peer_python else [])
     shares = {}
@@ -607,9 +605,6 @@ def case_syscalls(options) -> List[dict]:
     """System calls per wait of the throughput workloads (1,000-row and 10-row
     results), counted by the kernel (perf stat) in the timed part only, per
     query and per wait (the recv calls that failed with EAGAIN)."""
-    import shutil
-    if shutil.which("perf") is None:
-        raise RuntimeError("the syscalls case needs perf (apt-get install linux-perf)")
     greenlets = 10
     variants = ["greenified"] + (["peer"] if options.peer_python else [])
     per_query: Dict[int, Dict[str, Dict[str, List[float]]]] = {rows: {} for rows in THROUGHPUT_SHAPES}

@@ -156,15 +156,12 @@ static inline int green_interrupted_here(void)
    that asks for just that descriptor's input right after need not ask the
    kernel first (csrc/green_poll.c).  Only a hint: poll's answer still comes
    from the kernel. */
-struct green_refusal {
-    int fd;
-};
-extern __thread struct green_refusal green_last_refusal;
+extern __thread int green_last_refused_fd;
 
 static inline ssize_t green_noting_refusal(ssize_t result, int fd)
 {
     if (unlikely(result < 0) && errno == EAGAIN)
-        green_last_refusal.fd = fd;
+        green_last_refused_fd = fd;
     return result;
 }
 
@@ -178,13 +175,16 @@ struct green_io_wait {
     int64_t deadline_ns; /* once GREEN_IO_KNOWN */
     int64_t started_ns;  /* while GREEN_IO_TIMEOUT_UNREAD: when the timeout counts from */
 };
-#define GREEN_IO_WAIT_INIT(name) {GREEN_CALL(name), GREEN_IO_UNKNOWN, GREEN_NO_DEADLINE, 0}
+#define GREEN_IO_WAIT_FOR(function) {{(function), 0}, GREEN_IO_UNKNOWN, GREEN_NO_DEADLINE, 0}
+#define GREEN_IO_WAIT_INIT(name) GREEN_IO_WAIT_FOR(GREEN_FN_##name)
 int green_wait_io(int fd, int events, struct green_io_wait *io_wait);
-
-/* SO_RCVTIMEO (GREEN_READ) or SO_SNDTIMEO (GREEN_WRITE) of a socket as a
-   deadline counted from from_ns; GREEN_NO_DEADLINE for none or for other
-   files. */
-int64_t green_socket_timeout_deadline(int fd, int events, int64_t from_ns);
+/* Its steps, for a call that waits otherwise too (csrc/green_io.c's
+   recv_whole, connect): the look at O_NONBLOCK before the first wait
+   (GREEN_NONBLOCKING: the kernel would not wait; 0: the call's start is
+   noted), and the read of SO_RCVTIMEO (GREEN_READ) or SO_SNDTIMEO
+   (GREEN_WRITE) as the call's deadline, counted from its start. */
+int green_io_wait_begin(int fd, struct green_io_wait *io_wait);
+void green_io_wait_read_timeout(int fd, int events, struct green_io_wait *io_wait);
 
 /* Python-side control, called through cffi. */
 void green_set_active(int active);

@@ -153,7 +153,7 @@ void green_wake_waiters_on(int fd)
 
 /* SO_RCVTIMEO/SO_SNDTIMEO of a socket, as a deadline counted from
    from_ns; none for other files or a zero timeout. */
-int64_t green_socket_timeout_deadline(int fd, int events, int64_t from_ns)
+static int64_t socket_timeout_deadline(int fd, int events, int64_t from_ns)
 {
     struct timeval timeout;
     socklen_t size = sizeof timeout;
@@ -168,39 +168,45 @@ int64_t green_socket_timeout_deadline(int fd, int events, int64_t from_ns)
 /* A blocking call whose wait goes below Python (green_fast_wait) reads its
    socket's SO_RCVTIMEO/SO_SNDTIMEO only once that wait has lasted this
    long: most waits end sooner and never pay for the system call (a libev
-   timer costs none).  A
-   shorter timeout ends the call this late instead (the kernel itself keeps
+   timer costs none).  A shorter timeout ends the call this late instead (the kernel itself keeps
    one only to its clock tick, 1 to 10 ms).  A wait through the bridge reads
    it at once: a waiter sees the call's real deadline, and a Python wait
    costs more than the system call. */
 #define TIMEOUT_READ_AFTER_NS (3 * NS_PER_MS)
 
+int green_io_wait_begin(int fd, struct green_io_wait *io_wait)
+{
+    int saved_errno = errno;
+    int flags = fcntl(fd, F_GETFL);
+    errno = saved_errno;
+    if (flags >= 0 && (flags & O_NONBLOCK))
+        return GREEN_NONBLOCKING;
+    io_wait->looked_up = GREEN_IO_TIMEOUT_UNREAD;
+    io_wait->started_ns = green_now_ns();
+    return 0;
+}
+
+void green_io_wait_read_timeout(int fd, int events, struct green_io_wait *io_wait)
+{
+    int saved_errno = errno;
+    io_wait->deadline_ns = socket_timeout_deadline(fd, events, io_wait->started_ns);
+    io_wait->looked_up = GREEN_IO_KNOWN;
+    errno = saved_errno;
+}
+
 int green_wait_io(int fd, int events, struct green_io_wait *io_wait)
 {
     struct green_watch watch = {fd, events};
-    int saved_errno = errno;
-    if (io_wait->looked_up == GREEN_IO_UNKNOWN) {
-        int flags = fcntl(fd, F_GETFL);
-        errno = saved_errno;
-        if (flags >= 0 && (flags & O_NONBLOCK))
-            return GREEN_NONBLOCKING;
-        io_wait->looked_up = green_fast_wait_available() ? GREEN_IO_TIMEOUT_UNREAD : GREEN_IO_KNOWN;
-        io_wait->started_ns = green_now_ns();
-        if (io_wait->looked_up == GREEN_IO_KNOWN) {
-            io_wait->deadline_ns = green_socket_timeout_deadline(fd, events, io_wait->started_ns);
-            errno = saved_errno;
-        }
-    }
+    if (io_wait->looked_up == GREEN_IO_UNKNOWN && green_io_wait_begin(fd, io_wait) == GREEN_NONBLOCKING)
+        return GREEN_NONBLOCKING;
     if (io_wait->looked_up == GREEN_IO_TIMEOUT_UNREAD) {
         int64_t read_at = io_wait->started_ns + TIMEOUT_READ_AFTER_NS;
-        if (green_now_ns() < read_at) {
+        if (green_fast_wait_available() && green_now_ns() < read_at) {
             int status = wait_until(&io_wait->call, &watch, 1, read_at, 0);
             if (status != GREEN_TIMED_OUT)
                 return status;
         }
-        io_wait->looked_up = GREEN_IO_KNOWN;
-        io_wait->deadline_ns = green_socket_timeout_deadline(fd, events, io_wait->started_ns);
-        errno = saved_errno;
+        green_io_wait_read_timeout(fd, events, io_wait);
         if (io_wait->deadline_ns != GREEN_NO_DEADLINE && green_now_ns() >= io_wait->deadline_ns)
             return GREEN_TIMED_OUT;
     }

@@ -21,7 +21,7 @@
 #include "green.h"
 #include "green_tls.h"
 
-__thread struct green_refusal green_last_refusal = {-1};
+__thread int green_last_refused_fd = -1;
 
 
 /* The green road is taken only when activated and the caller did not ask
@@ -103,7 +103,7 @@ static int receive_never_waits(int fd, int flags)
    SO_RCVTIMEO/SO_SNDTIMEO as the kernel would. */
 static ssize_t wait_and_retry(const struct socket_call *call, int flags, int saved_errno)
 {
-    struct green_io_wait io_wait = {{call->function, 0}, GREEN_IO_UNKNOWN, GREEN_NO_DEADLINE, 0};
+    struct green_io_wait io_wait = GREEN_IO_WAIT_FOR(call->function);
     for (;;) {
         ssize_t n;
         switch (green_wait_io(call->fd, call->events, &io_wait)) {
@@ -244,7 +244,7 @@ static ssize_t send_all(int function, int fd, const struct msghdr *msg, int flag
                         int saved_errno)
 {
     struct iov_cursor cursor;
-    struct green_io_wait io_wait = {{function, 0}, GREEN_IO_UNKNOWN, GREEN_NO_DEADLINE, 0};
+    struct green_io_wait io_wait = GREEN_IO_WAIT_FOR(function);
     struct msghdr rest = *msg;
     size_t total = iov_total(msg->msg_iov, (int)msg->msg_iovlen);
     ssize_t result;
@@ -381,12 +381,11 @@ static void arrivals_drain(int epoll_fd)
    SIZE_MAX when it is to be read from peek's iovec once the kernel accepted it. */
 static ssize_t recv_whole(const struct socket_call *call, struct msghdr *peek, size_t len, int flags, int saved_errno)
 {
-    struct green_io_wait io_wait = {{call->function, 0}, GREEN_IO_UNKNOWN, GREEN_NO_DEADLINE, 0};
+    struct green_io_wait io_wait = GREEN_IO_WAIT_FOR(call->function);
     struct green_watch arrivals = {-1, GREEN_READ};
     int status = GREEN_WOKEN, real_flags = flags | MSG_DONTWAIT;
     ssize_t n;
     for (;;) {
-        int file_flags;
         arrivals_drain(arrivals.fd);
         n = recvmsg(call->fd, peek, flags | MSG_PEEK | MSG_DONTWAIT);
         if (n < 0 && errno != EAGAIN)
@@ -398,16 +397,10 @@ static ssize_t recv_whole(const struct socket_call *call, struct msghdr *peek, s
         }
         if (n == 0 || (n > 0 && ((size_t)n >= len || whole_receive_stops_here(call->fd))))
             break; /* the blocking call returns at once */
-        if (io_wait.looked_up != GREEN_IO_KNOWN) { /* this loop's arrivals wait needs the deadline now */
-            if (io_wait.looked_up == GREEN_IO_UNKNOWN) {
-                file_flags = fcntl(call->fd, F_GETFL);
-                if (file_flags >= 0 && (file_flags & O_NONBLOCK))
-                    break; /* the kernel does not wait on a non-blocking socket */
-                io_wait.started_ns = green_now_ns();
-            }
-            io_wait.looked_up = GREEN_IO_KNOWN;
-            io_wait.deadline_ns = green_socket_timeout_deadline(call->fd, GREEN_READ, io_wait.started_ns);
-        }
+        if (io_wait.looked_up == GREEN_IO_UNKNOWN && green_io_wait_begin(call->fd, &io_wait) == GREEN_NONBLOCKING)
+            break; /* the kernel does not wait on a non-blocking socket */
+        if (io_wait.looked_up != GREEN_IO_KNOWN) /* this loop's arrivals wait needs the deadline now */
+            green_io_wait_read_timeout(call->fd, GREEN_READ, &io_wait);
         if (n > 0 && arrivals.fd < 0) {
             arrivals.fd = arrivals_open(call->fd);
             if (arrivals.fd < 0) {
@@ -601,7 +594,7 @@ static ssize_t file_nowait(const struct file_call *c)
 static ssize_t file_io(const struct file_call *call, int saved_errno)
 {
     struct pollfd probe = {call->fd, (short)(call->events == GREEN_READ ? POLLIN : POLLOUT), 0};
-    struct green_io_wait io_wait = {{call->function, 0}, GREEN_IO_UNKNOWN, GREEN_NO_DEADLINE, 0};
+    struct green_io_wait io_wait = GREEN_IO_WAIT_FOR(call->function);
     for (;;) {
         ssize_t n;
         errno = saved_errno;
@@ -751,8 +744,8 @@ int green_connect(int fd, const struct sockaddr *addr, socklen_t addrlen)
         errno = saved_errno;
         return connect(fd, addr, addrlen); /* bad fd, or the caller's own non-blocking connect */
     }
-    io_wait.looked_up = GREEN_IO_KNOWN; /* blocking, as just read; the timeout is SO_SNDTIMEO's */
-    io_wait.deadline_ns = green_socket_timeout_deadline(fd, GREEN_WRITE, green_now_ns());
+    io_wait.started_ns = green_now_ns(); /* blocking, as just read; the timeout is SO_SNDTIMEO's */
+    green_io_wait_read_timeout(fd, GREEN_WRITE, &io_wait);
     /* A Unix socket whose listener's backlog is full refuses a non-blocking
        connect with EAGAIN where a blocking one waits for room: retry after
        cooperative pauses (1 ms, doubling to 64 ms) until SO_SNDTIMEO. */

@@ -182,8 +182,8 @@ static int on_live_stack(const void *p, size_t size)
    give EFAULT, this one must too). */
 static int refused_just_now(struct pollfd *fds, nfds_t nfds)
 {
-    int refused = green_last_refusal.fd;
-    green_last_refusal.fd = -1;
+    int refused = green_last_refused_fd;
+    green_last_refused_fd = -1;
     if (refused < 0 || nfds != 1 || !on_live_stack(fds, sizeof *fds))
         return 0;
     if (fds->fd != refused || (fds->events & ~ALWAYS_REPORTED) != POLLIN)
