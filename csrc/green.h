@@ -128,8 +128,7 @@ int green_fast_wait_available(void);
 void green_fast_closing(int fd);
 void green_fast_refresh(void);
 uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, void *io_stop, void *feed_event,
-                            void *iteration, void *timer_start, void *timer_stop, void *now_update,
-                            int64_t sweep_interval_ns);
+                            void *timer_start, void *timer_stop, void *now_update);
 void green_fast_hub_gone(uintptr_t handle);
 int green_fast_waiting_fds(int *fds, int max);
 unsigned long long green_fast_waits(void);

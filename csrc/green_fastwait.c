@@ -24,6 +24,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <greenlet.h>
 
@@ -60,7 +61,6 @@ struct libev_timer {
 
 typedef void (*libev_io_start_stop)(void *loop, struct libev_io *watcher);
 typedef void (*libev_feed_event)(void *loop, void *watcher, int revents);
-typedef unsigned int (*libev_iteration)(void *loop);
 typedef void (*libev_timer_start_stop)(void *loop, struct libev_timer *watcher);
 typedef void (*libev_now_update)(void *loop);
 
@@ -72,21 +72,27 @@ struct fast_watch {
     PyObject *waiter;         /* borrowed: the greenlet is inside green_fast_wait */
     int timed_out;            /* the timer ended the wait */
     int registered;           /* libev was told the fd anew at least once */
-    unsigned generation;      /* the number's close generation when it was */
-    const void *last_waiter;  /* who waited when it last stopped (compared, never used) */
-    unsigned stopped_in;      /* the loop iteration in which it last stopped */
+    dev_t registered_dev;     /* the socket the number named when it was: */
+    ino_t registered_ino;     /* st_ino identifies one socket (see same_socket) */
 };
 
-/* How often each descriptor number was closed through the close twin (any
-   thread), hashed: a number whose generation moved since its watcher last
-   told libev the fd anew may name another file now.  A collision only
-   costs one needless re-registration. */
-#define CLOSE_GENERATIONS 4096
-static unsigned close_generations[CLOSE_GENERATIONS];
-
-static unsigned close_generation(int fd)
+/* Whether fd still names the socket whose registration the watcher made.
+   A socket's inode belongs to that socket alone from its creation to its
+   last close (sockfs numbers each new one; no path opens one twice), and
+   the kernel drops an epoll registration only when that last close comes.
+   So the same socket inode under the same number means the registration
+   stands, however the number was closed and reused in between (Python's
+   close, os.close, dup2/dup3, an unpatched library, another thread).  Any
+   other file (a pipe, an eventfd: anonymous inodes are shared; a FIFO
+   opened twice) is never trusted. */
+static int same_socket(int fd, const struct fast_watch *watch, struct stat *now)
 {
-    return __atomic_load_n(&close_generations[(unsigned)fd % CLOSE_GENERATIONS], __ATOMIC_ACQUIRE);
+    if (fstat(fd, now) != 0) {
+        memset(now, 0, sizeof *now);
+        return 0;
+    }
+    return watch->registered && S_ISSOCK(now->st_mode) && now->st_ino == watch->registered_ino &&
+           now->st_dev == watch->registered_dev;
 }
 
 /* One thread's hub, as the fast wait uses it. */
@@ -97,10 +103,8 @@ struct fast_hub {
     void *loop;               /* the hub's struct ev_loop */
     libev_io_start_stop io_start, io_stop;
     libev_feed_event feed_event;
-    libev_iteration iteration;
     libev_timer_start_stop timer_start, timer_stop;
     libev_now_update now_update;
-    int64_t sweep_interval_ns; /* the hub's sweep, which registers waiting descriptors anew */
     struct fast_watch **by_fd;
     int capacity;
 };
@@ -111,7 +115,7 @@ static unsigned long long fast_waits; /* waits this path carried out, all thread
 
 unsigned long long green_fast_waits(void) { return __atomic_load_n(&fast_waits, __ATOMIC_RELAXED); }
 
-/* Stops the watcher and its timer, noting when and whose wait it ended. */
+/* Stops the watcher and its timer. */
 static void watch_stop(struct fast_watch *watch)
 {
     struct fast_hub *fast = watch->hub;
@@ -119,8 +123,6 @@ static void watch_stop(struct fast_watch *watch)
         fast->io_stop(fast->loop, &watch->io);
     if (watch->timer.active)
         fast->timer_stop(fast->loop, &watch->timer);
-    watch->last_waiter = watch->waiter;
-    watch->stopped_in = fast->iteration(fast->loop);
 }
 
 /* The wait is over (ready, or its deadline passed): back to the waiter. */
@@ -179,8 +181,7 @@ static void fast_hub_free(struct fast_hub *fast)
 /* Attaches the calling thread's hub; returns a handle for
    green_fast_hub_gone(), or 0 when the fast wait cannot be used. */
 uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, void *io_stop, void *feed_event,
-                            void *iteration, void *timer_start, void *timer_stop, void *now_update,
-                            int64_t sweep_interval_ns)
+                            void *timer_start, void *timer_stop, void *now_update)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
     struct fast_hub *fast = NULL;
@@ -207,11 +208,9 @@ uintptr_t green_fast_attach(uintptr_t hub_id, uintptr_t loop, void *io_start, vo
     fast->io_start = (libev_io_start_stop)io_start;
     fast->io_stop = (libev_io_start_stop)io_stop;
     fast->feed_event = (libev_feed_event)feed_event;
-    fast->iteration = (libev_iteration)iteration;
     fast->timer_start = (libev_timer_start_stop)timer_start;
     fast->timer_stop = (libev_timer_start_stop)timer_stop;
     fast->now_update = (libev_now_update)now_update;
-    fast->sweep_interval_ns = sweep_interval_ns;
     if (this_thread != NULL && this_thread->gone)
         fast_hub_free(this_thread);
     else if (this_thread != NULL)
@@ -330,30 +329,19 @@ int green_fast_wait(const struct green_watch *watch_asked, int64_t deadline_ns, 
     if (watch == NULL || watch->io.active || watch->waiter != NULL)
         goto done; /* another greenlet waits on this descriptor: the bridge handles sharing */
     /* libev registers the fd with the kernel again only when told the fd
-       was set anew, and that costs an epoll_ctl (an ADD failing with
-       EEXIST while the registration stands).  A watcher stopped and
-       started again within one loop iteration, by the same greenlet, as a
-       client waiting on its socket again does, is trusted to be
-       registered still and costs no system call (as a gevent socket's);
-       libev itself registers anew a watcher started after an iteration.
-       It is told the fd anew when the number may name another file: the
-       first time, after the close twin closed the number (any thread), and
-       when another greenlet's wait ended on it in this iteration.  The one
-       case left, a number its own greenlet closed and reused behind
-       greenify's back, is registered anew by the hub's sweep
-       (green_fast_refresh), so a wait whose deadline ends the call before
-       the sweep could come is not trusted: it would time out with data
-       there. */
-    unsigned generation = close_generation(watch_asked->fd);
+       was set anew (an epoll_ctl) or when the events asked of the fd change
+       between two iterations.  A watcher stopped and started again within
+       one iteration, as a client waiting on its socket again does, is
+       registered still if and only if the number still names the socket
+       it was registered for: checked on every wait (one fstat, no trust). */
+    struct stat now;
+    int registered = same_socket(watch_asked->fd, watch, &now);
     int64_t now_ns = deadline_ns == GREEN_NO_DEADLINE ? 0 : green_now_ns();
-    int trusted = watch->registered && watch->generation == generation &&
-                  (watch->last_waiter == current || watch->stopped_in != fast->iteration(fast->loop)) &&
-                  (!deadline_ends_call || deadline_ns == GREEN_NO_DEADLINE ||
-                   deadline_ns - now_ns > fast->sweep_interval_ns);
     watch->io.fd = watch_asked->fd;
-    watch->io.events = watch_asked->events | (trusted ? 0 : LIBEV_IOFDSET);
+    watch->io.events = watch_asked->events | (registered ? 0 : LIBEV_IOFDSET);
     watch->registered = 1;
-    watch->generation = generation;
+    watch->registered_dev = now.st_dev;
+    watch->registered_ino = now.st_ino;
     watch->waiter = current;
     watch->timed_out = 0;
     fast->io_start(fast->loop, &watch->io);
@@ -387,14 +375,11 @@ done:
     return status;
 }
 
-/* Before fd is closed by the close twin: its number's next watcher
-   registers it anew, and its waiter in this thread wakes, probes again and
-   finds it gone. */
+/* Before fd is closed by the close twin: its waiter in this thread wakes,
+   probes again and finds it gone. */
 void green_fast_closing(int fd)
 {
     struct fast_hub *fast = this_thread;
-    if (fd >= 0)
-        __atomic_add_fetch(&close_generations[(unsigned)fd % CLOSE_GENERATIONS], 1, __ATOMIC_RELEASE);
     if (!green_state.active || green_state.finalizing)
         return;
     if (fast != NULL && fd >= 0 && fd < fast->capacity && fast->by_fd[fd] != NULL &&
@@ -414,20 +399,25 @@ int green_fast_waiting_fds(int *fds, int max)
     return count;
 }
 
-/* The sweep's part (greenify/_gevent_waiter.py, once a second on the hub):
-   every watcher a greenlet waits on is told its fd anew, so a number closed
-   and reused behind greenify's back since it was registered is registered
-   again (an epoll_ctl per waiting descriptor per sweep).  A watcher with an
-   event already pending is left alone: that waiter is about to wake. */
+/* The sweep's part (greenify/_gevent_waiter.py, once a second on the hub),
+   for the one case a wait cannot see when it starts: its number closed and
+   reused (by another thread, or a library's dup2) while it waits.  Such a
+   watcher is registered anew for the file the number names now.  A watcher
+   with an event already pending is left alone: that waiter is about to
+   wake. */
 void green_fast_refresh(void)
 {
     struct fast_hub *fast = this_thread;
     for (int fd = 0; fast != NULL && fd < fast->capacity; fd++) {
         struct fast_watch *watch = fast->by_fd[fd];
-        if (watch == NULL || watch->waiter == NULL || !watch->io.active || watch->io.pending)
+        struct stat now;
+        if (watch == NULL || watch->waiter == NULL || !watch->io.active || watch->io.pending ||
+            same_socket(fd, watch, &now))
             continue;
         fast->io_stop(fast->loop, &watch->io);
         watch->io.events |= LIBEV_IOFDSET;
+        watch->registered_dev = now.st_dev;
+        watch->registered_ino = now.st_ino;
         fast->io_start(fast->loop, &watch->io);
     }
 }

@@ -634,8 +634,10 @@ static ssize_t write_all(const struct file_call *call, int saved_errno)
 {
     int iovcnt = call->iovcnt == 0 ? 1 : call->iovcnt;
     ssize_t n = file_nowait(call);
-    if (n >= 0 && (size_t)n == iov_total(call->iov, iovcnt))
+    if (n >= 0 && (size_t)n == iov_total(call->iov, iovcnt)) {
+        errno = saved_errno; /* a caller's failed attempt (send on a pipe: ENOTSOCK) leaves no trace */
         return n;
+    }
     if (n < 0 && errno == EINVAL) { /* a file written without waiting anyway (a regular file), or never */
         errno = saved_errno;
         return file_native(call);

@@ -18,13 +18,12 @@ import sys
 import weakref
 from typing import Dict
 
-from greenify._bridge import SWEEP_INTERVAL_S
 from greenify._green import ffi, lib
 
 log = logging.getLogger("greenify")
 
 # What C needs from the loop's extension module, by symbol.
-_LIBEV_FUNCTIONS = ("ev_io_start", "ev_io_stop", "ev_feed_event", "ev_iteration", "ev_timer_start", "ev_timer_stop",
+_LIBEV_FUNCTIONS = ("ev_io_start", "ev_io_stop", "ev_feed_event", "ev_timer_start", "ev_timer_stop",
                     "ev_now_update")
 _FAST_LOOP_MODULES = ("gevent.libev.corecext",)
 
@@ -51,8 +50,7 @@ def attach(hub) -> bool:
         addresses = _libev_addresses(hub.loop)
         if addresses is None:
             return False
-        handle = lib.green_fast_attach(id(hub), hub.loop.ptr, *(ffi.cast("void *", a) for a in addresses),
-                                       int(SWEEP_INTERVAL_S * 1e9))
+        handle = lib.green_fast_attach(id(hub), hub.loop.ptr, *(ffi.cast("void *", a) for a in addresses))
     except Exception:  # noqa: BLE001 - the general bridge still works: say why and go on
         log.debug("greenify: the fast wait is not available for this hub", exc_info=True)
         return False
@@ -79,7 +77,7 @@ def wake(fd: int) -> None:
 
 
 def refresh() -> None:
-    """Register this thread's fast waiters' descriptors with the kernel
-    anew: one of them may have been closed and its number reused behind
-    greenify's back since it was registered."""
+    """Register anew the descriptors of this thread's fast waiters whose
+    number was closed and reused (behind greenify's back) while they
+    waited: the one case no wait can see when it starts."""
     lib.green_fast_refresh()

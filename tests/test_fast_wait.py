@@ -12,6 +12,8 @@ import time
 
 import gevent
 import pytest
+
+import greenify
 from gevent.hub import get_hub
 
 from green_support import buffer, call_green, socketpair
@@ -158,8 +160,17 @@ def test_a_new_hub_after_the_old_one_was_destroyed_waits_correctly():
     assert outcome == ["done"]
 
 
+def recv_calls_that_waited() -> int:
+    figures = greenify.stats()
+    return figures["recv"].calls if "recv" in figures else 0
+
+
 def test_threads_with_hubs_of_their_own_each_wait_in_c():
-    before = lib.green_fast_waits()
+    """Every recv that had to wait did so in C, but the first on each new
+    hub (the bridge attaches it).  How many had to wait depends on the
+    machine's pace (a reader scheduled after its byte came never waits), so
+    the count of C waits is compared with the waits that happened."""
+    before, waited_before = lib.green_fast_waits(), recv_calls_that_waited()
     errors = []
 
     def thread_body():
@@ -174,7 +185,9 @@ def test_threads_with_hubs_of_their_own_each_wait_in_c():
     for thread in threads:
         thread.join(60)
     assert errors == []
-    assert lib.green_fast_waits() - before >= 4 * 29
+    waited = recv_calls_that_waited() - waited_before
+    assert waited >= 4  # each thread's reader waited at least once
+    assert lib.green_fast_waits() - before >= waited - 4
 
 
 def reuse_numbers(close, rounds: int = 3) -> "tuple[set, list]":
@@ -236,16 +249,16 @@ def test_numbers_other_greenlets_waited_on_closed_and_reused_are_registered_at_o
         assert took < SWEEP_INTERVAL_S / 2, f"woken after {took:.2f} s: by the sweep, not the data"
 
 
-def test_a_number_closed_and_reused_behind_greenifys_back_is_registered_by_the_sweep():
+def test_a_number_closed_and_reused_behind_greenifys_back_is_registered_at_once():
     """Closed by Python (not the close twin) and reused by a new socket
-    by the greenlet that waited on it, before the loop runs again: libev
-    still counts the old registration, which the kernel dropped with the
-    old file.  The hub's sweep registers each waiting descriptor anew, so
-    the wait ends within about a sweep interval instead of never."""
+    by the greenlet that waited on it, before the loop runs again: the
+    number names another socket, so libev is told the fd anew and the data
+    wakes the wait, not the hub's sweep (tests/test_wake_after_reuse.py
+    tries every other way of closing)."""
     ping_pong(1)
     numbers, seconds = gevent.spawn(reuse_numbers, lambda sock: sock.close()).get(timeout=10)
     assert len(numbers) == 1
-    assert max(seconds) < 3 * SWEEP_INTERVAL_S, seconds
+    assert max(seconds) < SWEEP_INTERVAL_S / 2, seconds
 
 
 def test_a_hub_replaced_while_still_referenced_is_let_go_safely():
