@@ -9,6 +9,7 @@ libc's edge cases and by the differential test.
 from __future__ import annotations
 
 import platform
+import weakref
 from typing import Tuple
 
 from cffi import FFI
@@ -89,20 +90,33 @@ def call(side: str, name: str, *args) -> Tuple[int, int]:
     return result, ffi.errno
 
 
-def iovec(*buffers):
-    """An iovec array over cffi buffers (or (pointer, length) pairs)."""
+# A struct that holds a raw address does not keep what it points at alive:
+# cffi frees an owning cdata as soon as Python drops it, so in
+# `msghdr(iovec(buf(4)), 1)` the buffer and the array would be gone before the
+# call reads them.  The builders below record each struct's owners here, and
+# they live exactly as long as the struct does.
+_owners = weakref.WeakKeyDictionary()
+
+
+def iovec(*buffers, keep=()):
+    """An iovec array over cffi buffers (or (pointer, length) pairs); the
+    buffers, and whatever is in `keep` (the owner of a pointer derived from
+    it, say), live as long as the array."""
     array = ffi.new("struct iovec[]", max(len(buffers), 1))
     for slot, item in zip(array, buffers):
         pointer, length = item if isinstance(item, tuple) else (item, len(ffi.buffer(item)))
         slot.iov_base = pointer
         slot.iov_len = length
+    _owners[array] = (buffers, keep)
     return array
 
 
 def msghdr(iov=ffi.NULL, iovlen=0, name=ffi.NULL, namelen=0):
+    """A msghdr over `iov` and `name`, which live as long as it does."""
     msg = ffi.new("struct msghdr *")
     msg.msg_iov = iov
     msg.msg_iovlen = iovlen
     msg.msg_name = name
     msg.msg_namelen = namelen
+    _owners[msg] = (iov, name)
     return msg

@@ -420,7 +420,7 @@ class Differential(RuleBasedStateMachine):
         if shape == "two" and length > 1:
             pointer = ffi.cast("char *", data)
             return iovec((pointer, length // 2), (pointer + length // 2 if data != ffi.NULL else ffi.NULL,
-                                                   length - length // 2)), 2
+                                                   length - length // 2), keep=data), 2
         return iovec((data, length)), 1
 
     @rule(kind=st.sampled_from(KINDS), name=st.sampled_from(["send", "sendto", "sendmsg", "write", "writev"]),
