@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
@@ -98,6 +99,25 @@ static int receive_never_waits(int fd, int flags)
     return never;
 }
 
+static size_t iov_total(const struct iovec *iov, int iovcnt);
+
+/* A zero-length receive on a TCP socket: the kernel's blocking call waits
+   once (for data, the end, an error or SO_RCVTIMEO) and then returns 0,
+   whatever ended the wait, where a Unix or datagram socket says EAGAIN at
+   its timeout. */
+static int zero_length_tcp_receive(const struct socket_call *call)
+{
+    if (call->events != GREEN_READ)
+        return 0;
+    size_t length = call->msg != NULL ? iov_total(call->msg->msg_iov, (int)call->msg->msg_iovlen) : call->len;
+    int protocol = 0, saved_errno = errno;
+    socklen_t size = sizeof protocol;
+    int tcp = length == 0 && getsockopt(call->fd, SOL_SOCKET, SO_PROTOCOL, &protocol, &size) == 0 &&
+              (protocol == IPPROTO_TCP || protocol == 262 /* IPPROTO_MPTCP */);
+    errno = saved_errno;
+    return tcp;
+}
+
 /* After a first attempt failed with EAGAIN on a call that may block: wait on
    the hub and retry until it completes, honouring O_NONBLOCK and the socket's
    SO_RCVTIMEO/SO_SNDTIMEO as the kernel would. */
@@ -109,8 +129,13 @@ static ssize_t wait_and_retry(const struct socket_call *call, int flags, int sav
         switch (green_wait_io(call->fd, call->events, &io_wait)) {
         case GREEN_WOKEN:
             break;
-        case GREEN_NONBLOCKING:
         case GREEN_TIMED_OUT:
+            if (zero_length_tcp_receive(call)) {
+                errno = saved_errno;
+                return 0;
+            }
+            /* fall through */
+        case GREEN_NONBLOCKING:
             errno = EAGAIN;
             return call->events == GREEN_READ ? green_noting_refusal(-1, call->fd) : -1;
         case GREEN_CANNOT_WAIT:
@@ -127,8 +152,12 @@ static ssize_t wait_and_retry(const struct socket_call *call, int flags, int sav
             errno = saved_errno;
             return n;
         }
-        if (errno != EAGAIN)
-            return -1;
+        if (errno != EAGAIN) {
+            if (!zero_length_tcp_receive(call))
+                return -1;
+            errno = saved_errno; /* the error came during the wait: the kernel's loop had ended it */
+            return 0;
+        }
         /* Readable, yet still EAGAIN: looked at only now, which spares the
            common wait a system call (such a socket is readable, so its wait
            ends at once). */
@@ -426,6 +455,10 @@ static ssize_t recv_whole(const struct socket_call *call, struct msghdr *peek, s
         return -1;
     if (status == GREEN_INTERRUPTED)
         return -1;
+    if (status == GREEN_TIMED_OUT && len == 0 && zero_length_tcp_receive(call)) {
+        errno = saved_errno;
+        return 0;
+    }
     n = call->attempt(call, real_flags);
     if (n >= 0)
         errno = saved_errno;

@@ -82,10 +82,15 @@ def function(side: str, name: str):
     return getattr(_libc, name) if side == "libc" else getattr(_green, "green_" + name)
 
 
+ERRNO_BEFORE = 4242  # no errno has this value
+
+
 def call(side: str, name: str, *args) -> Tuple[int, int]:
-    """(result, errno) of libc's `name` or of its green twin."""
+    """(result, errno) of libc's `name` or of its green twin.  errno is set
+    to a value no call gives before the call, so a call that succeeds and
+    leaves errno alone (as libc's do) returns it unchanged."""
     func = function(side, name)
-    ffi.errno = 0
+    ffi.errno = ERRNO_BEFORE
     result = func(*args)
     return result, ffi.errno
 

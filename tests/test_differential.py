@@ -33,6 +33,8 @@ import tempfile
 import threading
 import time
 
+import ctypes
+
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
@@ -64,14 +66,40 @@ PIPE_ROOM = 256 << 10  # writes to the pipe stay far below its size, so none blo
 
 operations = {"count": 0}
 
-# Where the twins knowingly differ from libc, and why; the rules skip these.
-KNOWN_DIVERGENCES = {
-    "tcp-zero-length-timeout":
-        "A blocking zero-length receive on a TCP socket returns 0 when SO_RCVTIMEO expires (the kernel's "
-        "wait ends and its loop finds nothing left to read); the twin, which waited on the hub, reports "
-        "EAGAIN, as for every other timed-out receive.  The kernel's own answer cannot be had without "
-        "blocking for another SO_RCVTIMEO.",
+# A number closed and reused before a wait starts on it, every way a process
+# can: the wait must wake when the new file's data comes (WAKE_BOUND_S after
+# the write, on a busy machine), whatever the number named before.
+REUSE_WAYS = ["close-twin", "python-close", "os-close", "unpatched-library-close", "dup2", "dup3"]
+REUSE_CLOSERS = ["this-greenlet", "another-greenlet", "another-thread"]
+REUSE_KINDS = {"unix_stream": socket.socketpair, "tcp": lambda: tcp_pair()}
+WAKE_DELAY_S = 0.01
+WAKE_BOUND_S = 0.15
+REUSE_TIMEOUT = struct.pack("ll", 1, 0)  # a missed wake ends with EAGAIN after 1 s instead of hanging
+_libc_close = ctypes.CDLL(None, use_errno=True).close
+CLOSE_NUMBER = {
+    "close-twin": lambda fd: call("green", "close", fd),
+    "python-close": lambda fd: socket.socket(fileno=fd).close(),
+    "os-close": os.close,
+    "unpatched-library-close": _libc_close,
 }
+
+
+def has_hub():
+    from gevent._hub_local import get_hub_if_exists
+    return get_hub_if_exists() is not None
+
+
+def run_as(closer, action):
+    """action() in this greenlet, another greenlet (where there is a hub) or another thread."""
+    if closer == "another-greenlet" and has_hub():
+        import gevent
+        return gevent.spawn(action).get()
+    if closer == "another-thread":
+        worker = threading.Thread(target=action)
+        worker.start()
+        worker.join()
+        return None
+    return action()
 
 
 def hub_waits():
@@ -144,6 +172,34 @@ class World:
         self.add("eventfd", ev, ev)
         self.endpoints["closed"] = closed_number
         self.endpoints["minus_one"] = -1
+
+    def reuse(self, kind, way, closer):
+        """Close ``kind``'s endpoint number the ``way`` way (by ``closer``)
+        and give the same number a new connected socket of the same kind,
+        with a new peer; the old peer goes."""
+        number = self.endpoints[kind].detach()
+        fresh, peer = REUSE_KINDS[kind]()
+
+        def close_and_reuse():
+            if way in ("dup2", "dup3"):
+                os.dup2(fresh.fileno(), number, inheritable=way == "dup2")
+            else:
+                CLOSE_NUMBER[way](number)
+                os.dup2(fresh.fileno(), number)  # the freed number, as the kernel's next socket would take it
+            fresh.close()
+        run_as(closer, close_and_reuse)
+        endpoint = socket.socket(fileno=number)
+        endpoint.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, REUSE_TIMEOUT)
+        old_peer = self.peers[kind]
+        if old_peer is not None:
+            old_peer.close()
+        self.add(kind, endpoint, peer)
+        return number
+
+    def settle(self, kind):
+        """Back to the timeouts every other rule expects."""
+        self.endpoints[kind].setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, SOCKET_TIMEOUT)
+        self.endpoints[kind].setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, SOCKET_TIMEOUT)
 
     def add(self, kind, endpoint, peer):
         self.endpoints[kind] = endpoint
@@ -266,6 +322,53 @@ class Differential(RuleBasedStateMachine):
             world.peers[kind] = None
             wait_for(world.fd(kind), select.POLLIN | select.POLLHUP | select.POLLERR)
 
+    @rule(kind=st.sampled_from(list(REUSE_KINDS)), way=st.sampled_from(REUSE_WAYS),
+          closer=st.sampled_from(REUSE_CLOSERS), peer=st.sampled_from(["greenlet", "thread"]),
+          name=st.sampled_from(["recv", "read", "poll"]))
+    def reuse_number_then_wait(self, kind, way, closer, peer, name):
+        """The number is closed and reused, then a blocking call waits on it
+        and the peer writes shortly after: same results, and the twin wakes
+        within WAKE_BOUND_S of the write (libc's side always has a thread
+        peer: its call blocks the hub)."""
+        observed = {}
+        for side, world in self.worlds.items():
+            fd = world.reuse(kind, way, closer)
+            written = []
+            writer = world.peers[kind]
+
+            def write():
+                written.append(time.monotonic())
+                writer.send(b"w")
+            timer = None
+            if side == "green" and peer == "greenlet" and has_hub():
+                import gevent
+                gevent.spawn_later(WAKE_DELAY_S, write)
+            else:
+                timer = threading.Timer(WAKE_DELAY_S, write)
+                timer.start()
+            data = ffi.new("char[]", 1)
+            if name == "poll":
+                fds = ffi.new("struct pollfd[1]")
+                fds[0].fd, fds[0].events = fd, select.POLLIN
+                result, err = call(side, "poll", fds, 1, 2000)
+                outputs = fds[0].revents
+            else:
+                result, err = call(side, name, *((fd, data, 1, 0) if name == "recv" else (fd, data, 1)))
+                outputs = bytes(ffi.buffer(data, 1))
+            returned = time.monotonic()
+            if timer is not None:
+                timer.join()
+            observed[side] = (result, err, outputs)
+            if side == "green":
+                assert written, f"{name} on a reused number ({way}) returned {observed[side]} before the write"
+                assert returned - written[0] < WAKE_BOUND_S, \
+                    f"{name} on a number reused by {way} ({closer}) woke {returned - written[0]:.3f} s after the write"
+            if name == "poll":
+                call(side, "recv", fd, data, 1, 0)  # take the byte: later rules see the world as before
+            world.settle(kind)
+        operations["count"] += 1
+        assert observed["green"] == observed["libc"], f"{name} after {way}: libc {observed['libc']} green {observed['green']}"
+
     @rule(kind=st.sampled_from(["pipe_read", "pipe_write"]))
     def drain_pipe(self, kind):
         for world in self.worlds.values():
@@ -298,7 +401,8 @@ class Differential(RuleBasedStateMachine):
                 # the socket timeout (both would then say EAGAIN alike).
                 assert observed["libc"][4] >= TIMEOUT_S / 2 or took < TIMEOUT_S, \
                     f"{name}: libc answered at once ({observed['libc'][1:3]}), the twin waited {took:.3f} s"
-            observed[side] = (name, result if result < 0 or not name.startswith("accept") else "fd", err if result < 0 else 0,
+            # errno after a success too: a twin may not leave its own attempts' errors behind
+            observed[side] = (name, result if result < 0 or not name.startswith("accept") else "fd", err,
                               outputs(result), took)
             if name.startswith("accept") and result >= 0:
                 os.close(result)
@@ -363,9 +467,6 @@ class Differential(RuleBasedStateMachine):
         for world in self.worlds.values():
             if not self.will_not_block(world, kind, name, length, flags):
                 return
-        empty = length == 0 or (name in ("recvmsg", "readv") and shape == "none")
-        if kind in ("tcp", "unconnected") and empty and not flags & socket.MSG_DONTWAIT and not readable(self.worlds["libc"].fd(kind)):
-            return  # KNOWN_DIVERGENCES["tcp-zero-length-timeout"]
         self.both(lambda world: self.build_receive(world, kind, name, flags, length, pointer, address, shape))
 
     def build_receive(self, world, kind, name, flags, length, pointer, address, shape):

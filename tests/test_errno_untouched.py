@@ -273,3 +273,26 @@ def test_connect_accept_close_and_sleeps_that_succeed_leave_errno_untouched():
     assert gevent.spawn(green_errno_after, "usleep", 20000).get(timeout=10) == (0, SENTINEL)
     request = ffi.new("struct timespec *", {"tv_sec": 0, "tv_nsec": 20_000_000})
     assert gevent.spawn(green_errno_after, "nanosleep", request, ffi.NULL).get(timeout=10) == (0, SENTINEL)
+
+
+@pytest.mark.parametrize("flags", [0, socket.MSG_WAITALL], ids=["plain", "waitall"])
+@pytest.mark.parametrize("kind", ["tcp", "unix-socket"])
+def test_a_zero_length_receive_at_the_socket_timeout_answers_as_the_kernel(kind, flags):
+    """At SO_RCVTIMEO, TCP's zero-length receive returns 0 (its loop ends
+    with the wait), a Unix socket's says EAGAIN: the twin as libc."""
+    outcomes = {}
+    for side in ("libc", "green"):
+        a, b = KINDS[kind]()
+        sock = socket.socket(fileno=os.dup(a))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 50000))
+        sock.close()
+        try:
+            if side == "libc":
+                outcomes[side] = libc_errno_after("recv", ctypes.c_ssize_t, a, ctypes.create_string_buffer(1), 0,
+                                                  flags)
+            else:
+                outcomes[side] = gevent.spawn(green_errno_after, "recv", a, _buffer(1), 0, flags).get(timeout=10)
+        finally:
+            os.close(a)
+            os.close(b)
+    assert outcomes["green"] == outcomes["libc"]
