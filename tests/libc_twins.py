@@ -86,13 +86,14 @@ ERRNO_BEFORE = 4242  # no errno has this value
 
 
 def call(side: str, name: str, *args) -> Tuple[int, int]:
-    """(result, errno) of libc's `name` or of its green twin.  errno is set
-    to a value no call gives before the call, so a call that succeeds and
-    leaves errno alone (as libc's do) returns it unchanged."""
+    """(result, errno) of libc's `name` or of its green twin; errno is 0
+    when the call left it as it was.  It is set to a value no call gives
+    beforehand, so a call that succeeds but leaves an error of its own
+    behind shows it."""
     func = function(side, name)
     ffi.errno = ERRNO_BEFORE
     result = func(*args)
-    return result, ffi.errno
+    return result, 0 if ffi.errno == ERRNO_BEFORE else ffi.errno
 
 
 # A struct that holds a raw address does not keep what it points at alive:
