@@ -128,21 +128,24 @@ extern int __poll_chk(struct pollfd *fds, nfds_t nfds, int timeout, size_t fdsle
 extern int __ppoll_chk(struct pollfd *fds, nfds_t nfds, const struct timespec *timeout, const sigset_t *sigmask,
                        size_t fdslen);
 
-/* What green_<name> calls until the API is given: libc's own functions.
-   (The casts: with _GNU_SOURCE, glibc declares the sockaddr parameters as
-   transparent unions; the ABI is the struct pointer's.) */
+/* With _GNU_SOURCE, glibc declares the sockaddr parameters as transparent
+   unions, which pass as the struct pointer: cast to the member's type
+   (through void (*)(void), which -Wcast-function-type accepts). */
+#define GREENIFY_LIBC_SOCKADDR_CALL(name) ((__typeof__(((struct greenify_api *)0)->name))(void (*)(void))(name))
+
+/* What green_<name> calls until the API is given: libc's own functions. */
 static const struct greenify_api greenify_libc_api __attribute__((unused)) = {
     .version_major = GREENIFY_API_VERSION_MAJOR,
     .version_minor = GREENIFY_API_VERSION_MINOR,
     .size = sizeof(struct greenify_api),
-    .connect = (int (*)(int, const struct sockaddr *, socklen_t))connect,
-    .accept = (int (*)(int, struct sockaddr *, socklen_t *))accept,
-    .accept4 = (int (*)(int, struct sockaddr *, socklen_t *, int))accept4,
+    .connect = GREENIFY_LIBC_SOCKADDR_CALL(connect),
+    .accept = GREENIFY_LIBC_SOCKADDR_CALL(accept),
+    .accept4 = GREENIFY_LIBC_SOCKADDR_CALL(accept4),
     .recv = recv,
-    .recvfrom = (ssize_t(*)(int, void *, size_t, int, struct sockaddr *, socklen_t *))recvfrom,
+    .recvfrom = GREENIFY_LIBC_SOCKADDR_CALL(recvfrom),
     .recvmsg = recvmsg,
     .send = send,
-    .sendto = (ssize_t(*)(int, const void *, size_t, int, const struct sockaddr *, socklen_t))sendto,
+    .sendto = GREENIFY_LIBC_SOCKADDR_CALL(sendto),
     .sendmsg = sendmsg,
     .read = read,
     .write = write,
