@@ -86,12 +86,18 @@ def libc_client(tmp_path_factory):
     return import_path("capi_client_libc", path)
 
 
+def print_cflags(folder: Path) -> str:
+    """``python -m greenify --cflags``'s output, run in ``folder`` (python -m
+    puts its working folder first on the path) with this greenify importable."""
+    return subprocess.run([sys.executable, "-m", "greenify", "--cflags"], capture_output=True, text=True, check=True,
+                          cwd=folder, env={**os.environ, "PYTHONPATH": str(Path(greenify.__file__).parent.parent)}
+                          ).stdout
+
+
 def build_plain_library(folder: Path, with_greenify: bool) -> ctypes.CDLL:
     """fixtures/capi_lib.c as a shared library (no Python.h), with or without
     -DWITH_GREENIFY, compiled with ``python -m greenify --cflags``."""
-    cflags = subprocess.run([sys.executable, "-m", "greenify", "--cflags"], capture_output=True, text=True,
-                            check=True, env={**os.environ, "PYTHONPATH": str(Path(greenify.__file__).parent.parent)}
-                            ).stdout.split()
+    cflags = print_cflags(folder).split()
     output = folder / ("libcapi_green.so" if with_greenify else "libcapi_libc.so")
     switch = ["-DWITH_GREENIFY"] if with_greenify else []
     subprocess.run([compiler(), "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", *switch, *cflags,
@@ -150,10 +156,8 @@ def fake_capsule(major: int, minor: int, size: int):
 
 # -- the header, the flags, the capsule -------------------------------------------------------
 
-def test_cflags_name_the_folder_that_holds_the_header():
-    printed = subprocess.run([sys.executable, "-m", "greenify", "--cflags"], capture_output=True, text=True,
-                             check=True, env={**os.environ, "PYTHONPATH": str(Path(greenify.__file__).parent.parent)})
-    assert f"-I{greenify.get_include()}" in printed.stdout.split()
+def test_cflags_name_the_folder_that_holds_the_header(tmp_path):
+    assert f"-I{greenify.get_include()}" in print_cflags(tmp_path).split()
     assert (Path(greenify.get_include()) / "greenify.h").is_file()
 
 
@@ -344,7 +348,7 @@ def test_extension_results_and_errno_are_libcs(client, libc_client, case):
     assert green == libc
 
 
-def test_before_activation_the_extension_blocks_like_libc(client_path):
+def test_before_activation_the_extension_blocks_like_libc(client_path, tmp_path):
     # activation is for the whole process, and this one is active: ask a fresh one
     code = f"""
         import importlib.util, socket, threading, gevent, greenify
@@ -365,7 +369,7 @@ def test_before_activation_the_extension_blocks_like_libc(client_path):
         print(before[0] == after[0] == (1, {ERRNO_BEFORE}, b"x"), before[1], after[1] > 10)
     """
     ran = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(Path(greenify.__file__).parent.parent)})
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(greenify.__file__).parent.parent)})
     assert ran.stdout.split() == ["True", "0", "True"], ran.stderr
 
 
