@@ -8,6 +8,7 @@ import ctypes
 import errno
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -172,6 +173,15 @@ def test_the_header_calls_every_green_function_and_is_libc_until_given_the_api(t
                     "-o", str(program), str(FIXTURES / "capi_check.c")], check=True, capture_output=True)
     checked = subprocess.run([str(program)], capture_output=True, text=True)
     assert (checked.returncode, checked.stdout) == (0, "ok\n")
+
+
+def test_the_header_builds_in_cplusplus_and_links_libcs_fortified_forms(tmp_path):
+    cplusplus = shutil.which(os.environ.get("CXX", "c++"))
+    if cplusplus is None:
+        pytest.skip("no C++ compiler (c++): apt-get install g++")
+    subprocess.run([cplusplus, "-x", "c++", "-shared", "-fPIC", "-Wall", "-Werror", "-DWITH_GREENIFY",
+                    f"-I{greenify.get_include()}", "-Wl,--no-undefined", "-o", str(tmp_path / "libcapi_cxx.so"),
+                    str(FIXTURES / "capi_lib.c")], check=True, capture_output=True)
 
 
 def test_the_capsule_holds_the_table_at_capi_address():

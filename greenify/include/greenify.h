@@ -53,6 +53,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* A new minor version only appends functions to struct greenify_api; a new
    major version changes what is there. */
 #define GREENIFY_API_VERSION_MAJOR 1
@@ -258,5 +262,9 @@ static inline int Greenify_Import(void)
 #define green___ppoll_chk (greenify_api->__ppoll_chk)
 
 #endif /* GREENIFY_NO_CALLS */
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
