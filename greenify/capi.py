@@ -27,8 +27,10 @@ def get_include() -> str:
 
 
 def cflags() -> List[str]:
-    """The compiler flags for C code that includes ``greenify.h``."""
-    return [f"-I{get_include()}", "-D_GNU_SOURCE"]
+    """The compiler flags for C code that includes ``greenify.h`` (which
+    also needs _GNU_SOURCE: Python.h defines it, a plain library defines it
+    itself, in whatever form its own headers expect)."""
+    return [f"-I{get_include()}"]
 
 
 def capi_address() -> int:

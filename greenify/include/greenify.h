@@ -121,6 +121,8 @@ struct greenify_api {
                        size_t fdslen);
 };
 
+/* GREENIFY_NO_CALLS: the struct and the version only (greenify's own build,
+   where green_<name> are the twins themselves, defines it). */
 #ifndef GREENIFY_NO_CALLS
 
 /* glibc declares its fortified forms only under _FORTIFY_SOURCE. */
