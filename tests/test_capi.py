@@ -323,7 +323,7 @@ def case_connect_refused():
     return "connect", (s.fileno(), refused_port()), (s,)
 
 
-def case_connect_accepted(listener=None):
+def case_connect_accepted():
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
