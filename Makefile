@@ -94,12 +94,12 @@ clean:
 # Each run records its outcome in ci/results.json; `python ci/results.py
 # readme README.md` writes the README's statement from it.
 CACHE ?= .cache
-# the green functions, interruption, patching and faults
+# the green functions, interruption, patching, faults and the C API
 VERSION_TESTS ?= tests/test_green_io.py tests/test_green_poll.py tests/test_green_epoll.py \
 	tests/test_green_sleep.py tests/test_green_where.py tests/test_fast_wait.py tests/test_refused_poll.py \
 	tests/test_interrupt.py \
 	tests/test_patch.py tests/test_patch_errors.py tests/test_patch_on_load.py \
-	tests/test_patch_targets.py tests/test_faults.py tests/test_fork.py
+	tests/test_patch_targets.py tests/test_faults.py tests/test_fork.py tests/test_capi.py
 # ... and on aarch64 also the ELF reader, the inspector and MySQLdb
 AARCH64_TESTS ?= $(VERSION_TESTS) tests/test_elf.py tests/test_inspect.py \
 	tests/test_mysqldb.py tests/test_mysqldb_interrupt.py

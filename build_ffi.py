@@ -30,8 +30,9 @@ ffibuilder.set_source(
     "#define _GNU_SOURCE 1\n" + _prelude,
     # setuptools wants sources relative to setup.py's folder
     sources=[str(path.relative_to(HERE)) for path in sorted(CSRC.glob("*.c"))],
-    # greenlet.h: the fast wait switches greenlets through greenlet's C API
-    include_dirs=[str(CSRC.relative_to(HERE)), str(Path(greenlet.__file__).parent)],
+    # greenlet.h: the fast wait switches greenlets through greenlet's C API;
+    # greenify/include: the public header, whose table csrc/green_capi.c fills
+    include_dirs=[str(CSRC.relative_to(HERE)), str(Path(greenlet.__file__).parent), "greenify/include"],
     define_macros=[("_GNU_SOURCE", "1")],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter", "-fno-strict-aliasing"],
     # Not the stable ABI: green_deliver.c reads PyThreadState's trace fields

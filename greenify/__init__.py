@@ -16,11 +16,12 @@ from greenify.patcher import (ObjectReport, PatchedSlot, PatchReport, SkippedImp
 from greenify.inventory import report
 from greenify.onload import OnLoadPatch, cancel_patch_on_load, patch_on_load
 from greenify.stats import WaitStats, stats
+from greenify.capi import _C_API, capi_address, get_include  # noqa: F401 - _C_API: the C API's capsule
 
 __all__ = [
     "greenify", "is_active",
     "patch_library", "unpatch_library", "patched", "patch_lib", "report", "stats", "WaitStats",
-    "patch_on_load", "cancel_patch_on_load", "OnLoadPatch",
+    "patch_on_load", "cancel_patch_on_load", "OnLoadPatch", "get_include", "capi_address",
     "PatchReport", "ObjectReport", "PatchedSlot", "SkippedImport",
     "GreenifyError", "TargetNotFoundError", "NotLoadedError", "NotElfError", "WrongMachineError",
     "StaticExecutableError", "BuildIdMismatchError", "SlotOutsideSegmentsError", "ProtectedTargetError",
