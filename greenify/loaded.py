@@ -15,6 +15,7 @@ resolves what a user names to those objects:
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 import re
@@ -62,8 +63,9 @@ class LoadedObject:
     def name(self) -> str:
         return os.path.basename(self.path)
 
-    @property
+    @functools.cached_property
     def realpath(self) -> str:
+        # cached: patch_all() asks it of every loaded object several times
         return os.path.realpath(self.path)
 
     def holds_slot(self, address: int, size: int) -> bool:
