@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, FrozenSet, List, Optional, Sequence
 
-from greenify import elf, loaded
+from greenify import loaded
 from greenify.loaded import LoadedObject
 
 log = logging.getLogger("greenify")

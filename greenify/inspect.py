@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import select
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,58 +34,16 @@ PROGRAM = "greenify-inspect"
 EXIT_OK, EXIT_NOTHING_TO_PATCH, EXIT_BAD_INPUT = 0, 1, 2
 IMPORT_TIMEOUT = 120.0  # seconds a child may take to import the modules
 
-# ldconfig -p tags a library with its ABI, e.g. "(libc6,x86-64)": keep this machine's.
-_LDCONFIG_ABI = {"x86_64": "x86-64", "aarch64": "AArch64"}
-_LDCONFIG_ENTRY = re.compile(r"^\s*(\S+) \(([^)]*)\)(?: OS ABI: [^=]*)? => (.+)$")
-_DEFAULT_DIRS = ("/lib64", "/usr/lib64", "/lib", "/usr/lib")
-
-
 class BadInput(Exception):
     """What the user asked for cannot be inspected: one line for stderr."""
 
 
 # ---------------------------------------------------------------- targets
 
-def _library_files(folder: str) -> List[LoadedObject]:
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError:
-        return []
-    return [_candidate(os.path.join(folder, name)) for name in names if ".so" in name]
-
-
-def _candidate(path: str) -> LoadedObject:
-    # A file on the search path, shaped like a loaded object so that
-    # loaded.match_name applies the patcher's own name/soname/stem rules.
-    return LoadedObject(path, 0, (), None)
-
-
-def _ldconfig_cache() -> List[LoadedObject]:
-    ldconfig = shutil.which("ldconfig") or next(
-        (path for path in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.path.exists(path)), None)
-    if ldconfig is None:
-        return []
-    try:
-        listing = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    entries = [match.groups() for match in map(_LDCONFIG_ENTRY.match, listing.splitlines()) if match]
-    abi = _LDCONFIG_ABI.get(platform.machine())
-    if abi and any(abi in tags for _name, tags, _path in entries):
-        entries = [entry for entry in entries if abi in entry[1]]
-    return [_candidate(path) for _name, _tags, path in entries]
-
-
 def _search_path() -> List[LoadedObject]:
-    """Where the dynamic loader looks for a bare name, in its order:
-    LD_LIBRARY_PATH, the ldconfig cache, the default folders."""
-    folders = [folder for folder in os.environ.get("LD_LIBRARY_PATH", "").split(":") if folder]
-    candidates = [candidate for folder in folders for candidate in _library_files(folder)]
-    candidates += _ldconfig_cache()
-    multiarch = f"{platform.machine()}-linux-gnu"
-    for folder in (f"/lib/{multiarch}", f"/usr/lib/{multiarch}") + _DEFAULT_DIRS:
-        candidates += _library_files(folder)
-    return candidates
+    """Where the dynamic loader looks for a bare name (loaded.search_path:
+    the patcher resolves names that are not loaded the same way)."""
+    return loaded.search_path()
 
 
 def resolve_target(target: str) -> str:

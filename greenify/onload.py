@@ -30,7 +30,6 @@ import logging
 import os
 import types
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
 from greenify._native import get_original

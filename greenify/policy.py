@@ -51,7 +51,7 @@ import sysconfig
 import types
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from greenify import _functions, companions, elf, loaded, patcher
 from greenify.errors import GreenifyError
