@@ -293,8 +293,36 @@ def _symbols_line(library: LibraryReport) -> str:
     return "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class PatchAllVerdict:
+    """What greenify.patch_all() would do to one object (greenify.policy)."""
+
+    patch: bool
+    text: str   # "patches it (...)", "TLS twins, as the TLS I/O of ...", "leaves it: ..."
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"patch": self.patch, "verdict": self.text}
+
+
+def patch_all_verdicts(objects: Sequence[LoadedObject]) -> Dict[str, PatchAllVerdict]:
+    """path -> what patch_all() would do to each of ``objects`` (loaded in
+    this process or another), by greenify.policy's rule and the TLS
+    companions of the objects it would patch."""
+    from greenify import companions, policy
+
+    decisions = {obj.path: policy.decide(obj, objects=objects) for obj in objects}
+    chosen = [obj for obj in objects if decisions[obj.path].patch]
+    verdicts = {path: PatchAllVerdict(decision.patch, ("patches it (" + decision.reason + ")") if decision.patch
+                                      else "leaves it: " + decision.reason)
+                for path, decision in decisions.items()}
+    for companion in companions.tls_companions_of(chosen, objects):
+        verdicts[companion.obj.path] = PatchAllVerdict(True, "TLS twins, as the " + companion.reason)
+    return verdicts
+
+
 def render_process(process: ProcessReport, painter: Painter, verbose: bool,
-                   tls: Optional[Dict[str, List[TlsIo]]] = None) -> List[str]:
+                   tls: Optional[Dict[str, List[TlsIo]]] = None,
+                   patch_all: Optional[Dict[str, PatchAllVerdict]] = None) -> List[str]:
     lines = [painter.bold(f"{process.source}: {process.objects_inspected} objects loaded, "
                           f"{len(process.libraries)} import blocking functions")]
     if process.executable:
@@ -313,6 +341,11 @@ def render_process(process: ProcessReport, painter: Painter, verbose: bool,
                                    subsequent_indent="      ", break_on_hyphens=False)
         if library.note and not library.recommended:
             lines += textwrap.wrap(library.note, 78, initial_indent="    ", subsequent_indent="    ")
+        verdict = (patch_all or {}).get(library.path)
+        if verdict is not None:
+            paint = painter.good if verdict.patch else painter.dim
+            lines += [paint(line) for line in textwrap.wrap("patch_all: " + verdict.text, 78, initial_indent="    ",
+                                                            subsequent_indent="      ", break_on_hyphens=False)]
     lines.append("")
     if process.recommended:
         lines.append(painter.paint("recommended:", 1, 32))
@@ -394,14 +427,16 @@ def _inspect_process(args: argparse.Namespace, painter: Painter) -> int:
     status = EXIT_OK if process.recommended else EXIT_NOTHING_TO_PATCH
     locate = _locator(objects)
     tls = {library.path: _tls_of(library, locate) for library in process.libraries}
+    patch_all = patch_all_verdicts(objects)
     if args.json:
         mode = "import" if modules else "pid"
         document = process.to_dict()
         for entry in document["libraries"]:
             entry["tls"] = [item.to_dict() for item in tls[entry["path"]]]
+            entry["patch_all"] = patch_all[entry["path"]].to_dict()
         _print_json({"mode": mode, "modules": modules, **document, "exit_status": status})
     else:
-        print("\n".join(render_process(process, painter, args.verbose, tls)))
+        print("\n".join(render_process(process, painter, args.verbose, tls, patch_all)))
     return status
 
 
