@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import textwrap
 import time
 import types
 from dataclasses import dataclass, field
@@ -84,7 +85,8 @@ class PatchAllReport:
             lines.append(f"  {os.path.basename(obj.path)}  ({count} slot(s): {' '.join(symbols) or 'none'})")
             lines.append(f"      {obj.path}")
             if obj.reason:
-                lines.append(f"      why: {obj.reason}")
+                lines += textwrap.wrap(f"why: {obj.reason}", 79, initial_indent="      ",
+                                       subsequent_indent="        ", break_on_hyphens=False)
         for path, message in self.errors:
             lines.append(f"  NOT patched {os.path.basename(path)}: {message}")
         # left alone: one line per reason, naming the objects (the no-import ones only counted)
@@ -98,8 +100,10 @@ class PatchAllReport:
         if grouped or silent:
             lines.append("left alone:")
         for reason, names in grouped.items():
-            lines.append(f"  {', '.join(names)}")
-            lines.append(f"      why: {reason}")
+            lines += textwrap.wrap(", ".join(names), 79, initial_indent="  ", subsequent_indent="  ",
+                                   break_on_hyphens=False)
+            lines += textwrap.wrap(f"why: {reason}", 79, initial_indent="      ", subsequent_indent="        ",
+                                   break_on_hyphens=False)
         if silent:
             lines.append(f"  {silent} other object(s): they import no blocking call that has a green twin")
         return "\n".join(lines)
