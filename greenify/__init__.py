@@ -17,7 +17,7 @@ from greenify.patcher import (ObjectReport, PatchedSlot, PatchReport, SkippedImp
                               patched, unpatch_library)
 from greenify.inventory import report
 from greenify.onload import OnLoadPatch, cancel_patch_on_load, patch_on_load
-from greenify.patch_all import PatchAllReport, patch_all, unpatch_all
+from greenify.all_clients import PatchAllReport, patch_all, unpatch_all
 from greenify.stats import WaitStats, stats
 
 __all__ = [

@@ -412,7 +412,7 @@ def test_inspect_says_per_object_whether_patch_all_would_patch_it(MySQLdb):
 
 
 def test_launcher_runs_a_script_and_a_module_greenified(tmp_path):
-    probe = ('import json, sys, greenify\nfrom gevent import monkey\nfrom greenify.patch_all import in_effect\n'
+    probe = ('import json, sys, greenify\nfrom gevent import monkey\nfrom greenify.all_clients import in_effect\n'
              'print("PROBE " + json.dumps({"argv": sys.argv, "monkey": monkey.is_module_patched("socket"), '
              '"patch_all": in_effect() is not None, "name": __name__}))\n')
     (tmp_path / "script.py").write_text(probe)
