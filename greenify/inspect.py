@@ -53,7 +53,7 @@ def resolve_target(target: str) -> str:
         return target
     candidates = _search_path()
     names = [target] if target.startswith("lib") else [target, "lib" + target]
-    for name in names:
+    for name in names + [other for name in names for other in loaded.same_client_as(name)]:
         found = loaded.match_name(name, candidates)
         if found:
             return found[0].path

@@ -305,13 +305,18 @@ def _resolved_on_disk(target: str, objects: Sequence[LoadedObject]) -> Tuple[Lis
         if obj is not None:
             return [obj], f"{candidate.path} is {obj.path}"
     stem = target.split(".so")[0]
-    for pair in _CLIENT_PAIRS:
-        if stem in pair:
-            for other in pair:
-                found = [obj for obj in objects if other != stem and _stem_pattern(other).match(obj.name)]
-                if found:
-                    return found, f"{other} is the same client as {stem} (MySQL/MariaDB Connector/C)"
+    for other in same_client_as(target):
+        found = [obj for obj in objects if _stem_pattern(other).match(obj.name)]
+        if found:
+            return found, f"{other} is the same client as {stem} (MySQL/MariaDB Connector/C)"
     return [], ""
+
+
+def same_client_as(name: str) -> List[str]:
+    """The stems of the libraries that are the same client under another
+    name (libmysqlclient <-> libmariadb), for a name, soname or stem."""
+    stem = name.split(".so")[0]
+    return [other for pair in _CLIENT_PAIRS if stem in pair for other in pair if other != stem]
 
 
 def find_loaded(target: Target) -> List[LoadedObject]:

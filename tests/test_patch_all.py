@@ -437,3 +437,24 @@ def test_launcher_runs_a_script_and_a_module_greenified(tmp_path):
     assert "greenify.patch_all() (in effect)" in stderr and "exclude: libz" in stderr, stderr
     dashed, _ = launch("--", str(tmp_path / "script.py"), "--report")
     assert dashed["argv"][1:] == ["--report"]
+
+
+def test_inspect_finds_the_mariadb_client_for_libmysqlclient():
+    from greenify import inspect
+    if not loaded.match_name("libmariadb", loaded.search_path()):
+        servers.missing("no libmariadb on the loader's search path: apt-get install libmariadb3")
+    assert os.path.basename(inspect.resolve_target("libmysqlclient")).startswith("libmariadb.so")
+
+
+def test_patch_all_again_returns_the_report_in_effect_or_starts_over_with_other_arguments(MySQLdb):
+    result = run_child('''
+import MySQLdb, greenify
+first = greenify.patch_all()
+same = greenify.patch_all() is first
+other = greenify.patch_all(exclude="libmariadb")
+emit({"same": same, "first_active": first.active, "other": other.decision("libmariadb.so.3"),
+      "restored": greenify.unpatch_all(), "again": greenify.unpatch_all()})
+''')
+    assert result["same"] is True and result["first_active"] is False, result
+    assert result["other"].startswith("exclude= names it"), result
+    assert result["again"] == 0, result
