@@ -189,7 +189,12 @@ def patch_all(*, include: Names = None, exclude: Names = None) -> PatchAllReport
                 _look_at(state, objects)
                 return
             batch_started = time.perf_counter()
-            count, written = _look_at(state, objects)
+            try:
+                count, written = _look_at(state, objects)
+            except Exception as exc:  # noqa: BLE001 - runs inside a dlopen: the load must not fail
+                log.exception("greenify: patch_all could not look at objects loaded now")
+                state.report.errors += [(obj.path, f"{type(exc).__name__}: {exc}") for obj in objects]
+                return
             if count:
                 state.report.later_loads.append((count, written, time.perf_counter() - batch_started))
 

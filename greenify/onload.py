@@ -232,7 +232,7 @@ def watch_loads(name: str, on_new: Callable[[List[LoadedObject]], None]) -> OnLo
         try:
             _install_hooks(objects)
             _seen.update(slots.object_key(obj) for obj in objects)
-            _call_watcher(registration, objects)
+            on_new(objects)  # its errors are the caller's to see
             _catch_up()  # loaded meanwhile, through slots not hooked yet
         except BaseException:
             _cancel(registration)
