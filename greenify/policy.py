@@ -21,9 +21,9 @@ The rule, in order (the first that applies wins):
      ``_posixsubprocess``, ...): gevent's monkey patching already makes
      Python's own I/O cooperative, and without it Python's I/O must block as
      it always did;
-   * the event loop's runtime: gevent, greenlet, greenify, uvloop, cffi's
-     backend, libffi, and the loop libraries they use (libev, libuv, c-ares):
-     the hub's own waits must stay native;
+   * the event loop's runtime: gevent, greenlet, uvloop, cffi's backend,
+     libffi, and the loop libraries they use (libev, libuv, c-ares): the
+     hub's own waits must stay native;
    * TLS libraries (libssl, libcrypto, libgnutls, NSS, wolfSSL, mbed TLS)
      are never patched wholesale: Python's ``ssl`` shares them.  The one
      that does a patched client's socket I/O gets the TLS twins, as that
@@ -66,8 +66,9 @@ NETWORK_CLIENT_CALLS: FrozenSet[str] = elf.with_fortified_forms(_functions.block
 _GLIBC_PARTS = re.compile(r"^(libm|libmvec|libpthread|libdl|librt|libresolv|libanl|libutil|libnsl|libBrokenLocale|"
                           r"libthread_db|libc_malloc_debug|libmemusage|libpcprofile|libnss_[a-z0-9_]+)\.so(\.|$)")
 # The event loop's runtime (rule 2): folders (a path component) and library stems.
-_RUNTIME_FOLDERS = frozenset({"gevent", "gevent.libs", "greenlet", "greenlet.libs", "greenify", "uvloop",
-                              "uvloop.libs"})
+# (greenify's own _green is loaded.protected_reason's; the demo's blocking
+# client beside it is a client like any other.)
+_RUNTIME_FOLDERS = frozenset({"gevent", "gevent.libs", "greenlet", "greenlet.libs", "uvloop", "uvloop.libs"})
 _RUNTIME_STEMS = frozenset({"libev", "libuv", "libcares", "libffi", "_cffi_backend"})
 
 # Decision.kind values
