@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import textwrap
 import time
 import types
@@ -96,7 +97,8 @@ class PatchAllReport:
             if kind == policy.NO_BLOCKING and "include=" not in reason:
                 silent += 1
                 continue
-            grouped.setdefault(reason, []).append(os.path.basename(path))
+            # _typing.so for _typing.cpython-311-x86_64-linux-gnu.so: the lists stay readable
+            grouped.setdefault(reason, []).append(re.sub(r"\.cpython-[^.]*\.so$", ".so", os.path.basename(path)))
         if grouped or silent:
             lines.append("left alone:")
         for reason, names in grouped.items():
