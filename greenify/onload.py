@@ -302,11 +302,13 @@ def _cancel(registration: OnLoadPatch) -> None:
 
 
 def cancel_patch_on_load(registration: Optional[OnLoadPatch] = None) -> None:
-    """Stop ``registration`` (every registration when None).  Libraries it
-    patched stay patched; once none is left, every hooked dlopen slot gets
-    back its previous value."""
+    """Stop ``registration`` (every patch_on_load() registration when None;
+    patch_all()'s is unpatch_all()'s to stop).  Libraries it patched stay
+    patched; once none is left, every hooked dlopen slot gets back its
+    previous value."""
     with _working():
-        for each in [registration] if registration is not None else list(_registrations):
+        everyone = [each for each in _registrations if each.on_new is None]
+        for each in [registration] if registration is not None else everyone:
             _cancel(each)
 
 
