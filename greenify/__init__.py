@@ -1,8 +1,10 @@
 """greenify: make blocking C libraries cooperative under gevent.
 
-``greenify.greenify()`` activates the green twins of libc's blocking calls;
-``greenify.patch_library(target)`` points an already-loaded library's imports
-of those calls at the twins.
+``greenify.patch_all()`` patches every C client library in the process, now
+and as it loads (greenify.policy decides which); ``greenify.patch_library(target)``
+points one already-loaded library's imports of libc's blocking calls at their
+green twins.  Both activate the green functions; ``greenify.greenify()`` is
+the explicit, idempotent spelling kept for compatibility.
 """
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ from greenify.patcher import (ObjectReport, PatchedSlot, PatchReport, SkippedImp
                               patched, unpatch_library)
 from greenify.inventory import report
 from greenify.onload import OnLoadPatch, cancel_patch_on_load, patch_on_load
+from greenify.all_clients import PatchAllReport, patch_all, unpatch_all
 from greenify.stats import WaitStats, stats
 from greenify.capi import _C_API, capi_address, get_include  # noqa: F401 - _C_API: the C API's capsule
 
 __all__ = [
-    "greenify", "is_active",
+    "greenify", "is_active", "patch_all", "unpatch_all", "PatchAllReport",
     "patch_library", "unpatch_library", "patched", "patch_lib", "report", "stats", "WaitStats",
     "patch_on_load", "cancel_patch_on_load", "OnLoadPatch", "get_include", "capi_address",
     "PatchReport", "ObjectReport", "PatchedSlot", "SkippedImport",
@@ -32,7 +35,9 @@ __version__ = "0.1.0"
 
 def greenify() -> None:
     """Activate the green functions (idempotent).  From now on, a patched
-    library's blocking call made in a greenlet waits on the gevent hub."""
+    library's blocking call made in a greenlet waits on the gevent hub.
+    patch_all() and patch_library() call it themselves: calling it first is
+    never needed, and never wrong."""
     _bridge.activate()
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, FrozenSet, List, Optional, Sequence
 
-from greenify import elf, loaded
+from greenify import loaded
 from greenify.loaded import LoadedObject
 
 log = logging.getLogger("greenify")
@@ -92,7 +92,7 @@ TLS_STACKS = (
              frozenset({"gnutls_transport_set_push_function", "gnutls_transport_set_vec_push_function",
                         "gnutls_transport_set_pull_function"})),
 )
-_HANDOVER_SYMBOLS: FrozenSet[str] = frozenset().union(*(stack.hands_over | stack.keeps_io for stack in TLS_STACKS))
+HANDOVER_SYMBOLS: FrozenSet[str] = frozenset().union(*(stack.hands_over | stack.keeps_io for stack in TLS_STACKS))
 
 
 @dataclass(frozen=True)
@@ -111,23 +111,27 @@ class Companion:
 
 
 def _imported(obj: LoadedObject, symbols: FrozenSet[str]) -> FrozenSet[str]:
+    from greenify import patcher
+
     try:
-        imports = elf.read_blocking_imports(obj.path, symbols)
+        imports = patcher.read_object(obj, symbols)
     except Exception as exc:  # noqa: BLE001 - an unreadable file hands nothing over; the patcher reports it
         log.debug("greenify: cannot read the imports of %s: %s", obj.path, exc)
         return frozenset()
     return frozenset(imp.symbol for imp in imports.imports)
 
 
-def _needed_below(client: LoadedObject, objects: Sequence[LoadedObject]) -> List[LoadedObject]:
+def needed_below(client: LoadedObject, objects: Sequence[LoadedObject]) -> List[LoadedObject]:
     """The loaded objects ``client`` needs, directly or not (DT_NEEDED), in
     breadth-first order, without the client itself."""
+    from greenify import patcher
+
     found: Dict[str, LoadedObject] = {client.realpath: client}
     pending = [client]
     while pending:
         obj = pending.pop(0)
         try:
-            needed = elf.read_blocking_imports(obj.path, symbols=()).needed
+            needed = patcher.read_object(obj, frozenset()).needed
         except Exception:  # noqa: BLE001 - as in loaded.module_objects
             continue
         for name in needed:
@@ -143,11 +147,11 @@ def tls_companions(client: LoadedObject, objects: Optional[Sequence[LoadedObject
     socket I/O (see the module docstring); none for a client that keeps its
     I/O to itself or uses no TLS library.  Reads files only: ``objects`` may
     describe another process (greenify-inspect)."""
-    imported = _imported(client, _HANDOVER_SYMBOLS)
+    imported = _imported(client, HANDOVER_SYMBOLS)
     if not imported:
         return []
     objects = loaded.loaded_objects() if objects is None else objects
-    below = _needed_below(client, objects)
+    below = needed_below(client, objects)
     companions = []
     for stack in TLS_STACKS:
         handed = sorted(stack.hands_over & imported)

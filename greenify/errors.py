@@ -24,12 +24,18 @@ class TargetNotFoundError(GreenifyError):
 class NotLoadedError(GreenifyError):
     """No object loaded in this process matches the target."""
 
-    def __init__(self, target: str, similar: Sequence[str] = ()) -> None:
-        message = f"{target!r} is not loaded in this process; import the driver that uses it first"
+    def __init__(self, target: str, similar: Sequence[str] = (), clients: Sequence[str] = ()) -> None:
+        message = f"{target!r} is not loaded in this process"
         if similar:
-            message += " (loaded objects with similar names: " + ", ".join(similar) + ")"
+            message += "; loaded objects with similar names: " + ", ".join(similar)
+        if clients:
+            message += ("; the client libraries loaded are " + ", ".join(clients) + ": for one of them, "
+                        f'greenify.patch_library("{clients[0]}"), or greenify.patch_all() for every one')
+        message += ("; if the driver that uses it is not imported yet, import it first, or use "
+                    f'greenify.patch_on_load("{target}")')
         super().__init__(message, target)
         self.similar = tuple(similar)
+        self.clients = tuple(clients)
 
 
 class UnknownFunctionError(GreenifyError, ValueError):

@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import select
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,58 +34,16 @@ PROGRAM = "greenify-inspect"
 EXIT_OK, EXIT_NOTHING_TO_PATCH, EXIT_BAD_INPUT = 0, 1, 2
 IMPORT_TIMEOUT = 120.0  # seconds a child may take to import the modules
 
-# ldconfig -p tags a library with its ABI, e.g. "(libc6,x86-64)": keep this machine's.
-_LDCONFIG_ABI = {"x86_64": "x86-64", "aarch64": "AArch64"}
-_LDCONFIG_ENTRY = re.compile(r"^\s*(\S+) \(([^)]*)\)(?: OS ABI: [^=]*)? => (.+)$")
-_DEFAULT_DIRS = ("/lib64", "/usr/lib64", "/lib", "/usr/lib")
-
-
 class BadInput(Exception):
     """What the user asked for cannot be inspected: one line for stderr."""
 
 
 # ---------------------------------------------------------------- targets
 
-def _library_files(folder: str) -> List[LoadedObject]:
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError:
-        return []
-    return [_candidate(os.path.join(folder, name)) for name in names if ".so" in name]
-
-
-def _candidate(path: str) -> LoadedObject:
-    # A file on the search path, shaped like a loaded object so that
-    # loaded.match_name applies the patcher's own name/soname/stem rules.
-    return LoadedObject(path, 0, (), None)
-
-
-def _ldconfig_cache() -> List[LoadedObject]:
-    ldconfig = shutil.which("ldconfig") or next(
-        (path for path in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.path.exists(path)), None)
-    if ldconfig is None:
-        return []
-    try:
-        listing = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    entries = [match.groups() for match in map(_LDCONFIG_ENTRY.match, listing.splitlines()) if match]
-    abi = _LDCONFIG_ABI.get(platform.machine())
-    if abi and any(abi in tags for _name, tags, _path in entries):
-        entries = [entry for entry in entries if abi in entry[1]]
-    return [_candidate(path) for _name, _tags, path in entries]
-
-
 def _search_path() -> List[LoadedObject]:
-    """Where the dynamic loader looks for a bare name, in its order:
-    LD_LIBRARY_PATH, the ldconfig cache, the default folders."""
-    folders = [folder for folder in os.environ.get("LD_LIBRARY_PATH", "").split(":") if folder]
-    candidates = [candidate for folder in folders for candidate in _library_files(folder)]
-    candidates += _ldconfig_cache()
-    multiarch = f"{platform.machine()}-linux-gnu"
-    for folder in (f"/lib/{multiarch}", f"/usr/lib/{multiarch}") + _DEFAULT_DIRS:
-        candidates += _library_files(folder)
-    return candidates
+    """Where the dynamic loader looks for a bare name (loaded.search_path:
+    the patcher resolves names that are not loaded the same way)."""
+    return loaded.search_path()
 
 
 def resolve_target(target: str) -> str:
@@ -98,7 +53,7 @@ def resolve_target(target: str) -> str:
         return target
     candidates = _search_path()
     names = [target] if target.startswith("lib") else [target, "lib" + target]
-    for name in names:
+    for name in names + [other for name in names for other in loaded.same_client_as(name)]:
         found = loaded.match_name(name, candidates)
         if found:
             return found[0].path
@@ -338,8 +293,36 @@ def _symbols_line(library: LibraryReport) -> str:
     return "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class PatchAllVerdict:
+    """What greenify.patch_all() would do to one object (greenify.policy)."""
+
+    patch: bool
+    text: str   # "patches it (...)", "TLS twins, as the TLS I/O of ...", "leaves it: ..."
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"patch": self.patch, "verdict": self.text}
+
+
+def patch_all_verdicts(objects: Sequence[LoadedObject]) -> Dict[str, PatchAllVerdict]:
+    """path -> what patch_all() would do to each of ``objects`` (loaded in
+    this process or another), by greenify.policy's rule and the TLS
+    companions of the objects it would patch."""
+    from greenify import companions, policy
+
+    decisions = {obj.path: policy.decide(obj, objects=objects) for obj in objects}
+    chosen = [obj for obj in objects if decisions[obj.path].patch]
+    verdicts = {path: PatchAllVerdict(decision.patch, ("patches it (" + decision.reason + ")") if decision.patch
+                                      else "leaves it: " + decision.reason)
+                for path, decision in decisions.items()}
+    for companion in companions.tls_companions_of(chosen, objects):
+        verdicts[companion.obj.path] = PatchAllVerdict(True, "TLS twins, as the " + companion.reason)
+    return verdicts
+
+
 def render_process(process: ProcessReport, painter: Painter, verbose: bool,
-                   tls: Optional[Dict[str, List[TlsIo]]] = None) -> List[str]:
+                   tls: Optional[Dict[str, List[TlsIo]]] = None,
+                   patch_all: Optional[Dict[str, PatchAllVerdict]] = None) -> List[str]:
     lines = [painter.bold(f"{process.source}: {process.objects_inspected} objects loaded, "
                           f"{len(process.libraries)} import blocking functions")]
     if process.executable:
@@ -358,6 +341,11 @@ def render_process(process: ProcessReport, painter: Painter, verbose: bool,
                                    subsequent_indent="      ", break_on_hyphens=False)
         if library.note and not library.recommended:
             lines += textwrap.wrap(library.note, 78, initial_indent="    ", subsequent_indent="    ")
+        verdict = (patch_all or {}).get(library.path)
+        if verdict is not None:
+            paint = painter.good if verdict.patch else painter.dim
+            lines += [paint(line) for line in textwrap.wrap("patch_all: " + verdict.text, 78, initial_indent="    ",
+                                                            subsequent_indent="      ", break_on_hyphens=False)]
     lines.append("")
     if process.recommended:
         lines.append(painter.paint("recommended:", 1, 32))
@@ -439,14 +427,16 @@ def _inspect_process(args: argparse.Namespace, painter: Painter) -> int:
     status = EXIT_OK if process.recommended else EXIT_NOTHING_TO_PATCH
     locate = _locator(objects)
     tls = {library.path: _tls_of(library, locate) for library in process.libraries}
+    patch_all = patch_all_verdicts(objects)
     if args.json:
         mode = "import" if modules else "pid"
         document = process.to_dict()
         for entry in document["libraries"]:
             entry["tls"] = [item.to_dict() for item in tls[entry["path"]]]
+            entry["patch_all"] = patch_all[entry["path"]].to_dict()
         _print_json({"mode": mode, "modules": modules, **document, "exit_status": status})
     else:
-        print("\n".join(render_process(process, painter, args.verbose, tls)))
+        print("\n".join(render_process(process, painter, args.verbose, tls, patch_all)))
     return status
 
 

@@ -15,6 +15,7 @@ resolves what a user names to those objects:
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 import re
@@ -62,8 +63,9 @@ class LoadedObject:
     def name(self) -> str:
         return os.path.basename(self.path)
 
-    @property
+    @functools.cached_property
     def realpath(self) -> str:
+        # cached: patch_all() asks it of every loaded object several times
         return os.path.realpath(self.path)
 
     def holds_slot(self, address: int, size: int) -> bool:
@@ -238,10 +240,89 @@ def as_target(target: object, caller: str) -> Union[str, types.ModuleType]:
     return name
 
 
+# The MySQL client library and MariaDB Connector/C are one client under two
+# names: Debian and Ubuntu ship MariaDB's as "the MySQL client library"
+# (libmariadb-dev-compat links libmysqlclient.so to libmariadb.so.3).
+_CLIENT_PAIRS = (("libmysqlclient", "libmariadb"),)
+# ldconfig -p tags a library with its ABI, e.g. "(libc6,x86-64)": keep this machine's.
+_LDCONFIG_ABI = {"x86_64": "x86-64", "aarch64": "AArch64"}
+_LDCONFIG_ENTRY = re.compile(r"^\s*(\S+) \(([^)]*)\)(?: OS ABI: [^=]*)? => (.+)$")
+_DEFAULT_DIRS = ("/lib64", "/usr/lib64", "/lib", "/usr/lib")
+
+
+def _library_files(folder: str) -> List[LoadedObject]:
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [LoadedObject(os.path.join(folder, name), 0, (), None) for name in names if ".so" in name]
+
+
+def _ldconfig_cache() -> List[LoadedObject]:
+    import platform
+    import shutil
+    import subprocess
+
+    ldconfig = shutil.which("ldconfig") or next(
+        (path for path in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.path.exists(path)), None)
+    if ldconfig is None:
+        return []
+    try:
+        listing = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    entries = [match.groups() for match in map(_LDCONFIG_ENTRY.match, listing.splitlines()) if match]
+    abi = _LDCONFIG_ABI.get(platform.machine())
+    if abi and any(abi in tags for _name, tags, _path in entries):
+        entries = [entry for entry in entries if abi in entry[1]]
+    return [LoadedObject(path, 0, (), None) for _name, _tags, path in entries]
+
+
+def search_path() -> List[LoadedObject]:
+    """The files where the dynamic loader looks for a bare name, in its
+    order: LD_LIBRARY_PATH, the ldconfig cache, the default folders (as
+    LoadedObjects with base 0, so match_name's rules apply to them)."""
+    import platform
+
+    folders = [folder for folder in os.environ.get("LD_LIBRARY_PATH", "").split(":") if folder]
+    candidates = [candidate for folder in folders for candidate in _library_files(folder)]
+    candidates += _ldconfig_cache()
+    multiarch = f"{platform.machine()}-linux-gnu"
+    for folder in (f"/lib/{multiarch}", f"/usr/lib/{multiarch}") + _DEFAULT_DIRS:
+        candidates += _library_files(folder)
+    return candidates
+
+
+def _resolved_on_disk(target: str, objects: Sequence[LoadedObject]) -> Tuple[List[LoadedObject], str]:
+    """For a name that matches no loaded object by itself: the loaded
+    objects it stands for, and how.  A name that resolves on disk, along the
+    loader's search path, to the file of a loaded object (a symlink such as
+    libmysqlclient.so -> libmariadb.so.3) names that object; the MySQL and
+    MariaDB client libraries name each other."""
+    loaded_by_file = {obj.realpath: obj for obj in objects}
+    for candidate in match_name(target, search_path()):
+        obj = loaded_by_file.get(candidate.realpath)
+        if obj is not None:
+            return [obj], f"{candidate.path} is {obj.path}"
+    stem = target.split(".so")[0]
+    for other in same_client_as(target):
+        found = [obj for obj in objects if _stem_pattern(other).match(obj.name)]
+        if found:
+            return found, f"{other} is the same client as {stem} (MySQL/MariaDB Connector/C)"
+    return [], ""
+
+
+def same_client_as(name: str) -> List[str]:
+    """The stems of the libraries that are the same client under another
+    name (libmysqlclient <-> libmariadb), for a name, soname or stem."""
+    stem = name.split(".so")[0]
+    return [other for pair in _CLIENT_PAIRS if stem in pair for other in pair if other != stem]
+
+
 def find_loaded(target: Target) -> List[LoadedObject]:
     """The loaded objects ``target`` names (see the module docstring).  Raises
     TargetNotFoundError for a path that is missing or not a file, and
-    NotLoadedError, naming similar loaded objects, when nothing matches."""
+    NotLoadedError, naming what is loaded instead, when nothing matches."""
     if isinstance(target, types.ModuleType):
         return module_objects(target)[0]
     target_str = os.fspath(target)
@@ -251,9 +332,25 @@ def find_loaded(target: Target) -> List[LoadedObject]:
         found = match_path(target_str, objects)
     else:
         found = match_name(target_str, objects)
+        if not found:
+            found, how = _resolved_on_disk(target_str, objects)
+            if found:
+                log.info("greenify: %r names %s: %s", target_str, ", ".join(obj.path for obj in found), how)
     if not found:
-        raise NotLoadedError(target_str, _similar(target_str, objects))
+        raise NotLoadedError(target_str, _similar(target_str, objects), _clients(objects))
     return found
+
+
+def _clients(objects: Sequence[LoadedObject]) -> List[str]:
+    """The names of the loaded objects patch_all() would patch: what a user
+    who named something not loaded most likely meant."""
+    from greenify import policy
+
+    try:
+        return [obj.name for obj in policy.candidates(objects)]
+    except Exception as exc:  # noqa: BLE001 - a hint for an error message must not replace the error
+        log.debug("greenify: cannot list the loaded clients: %s", exc)
+        return []
 
 
 def check_path(path: str) -> None:

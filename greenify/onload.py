@@ -30,8 +30,7 @@ import logging
 import os
 import types
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
 from greenify._native import get_original
 
@@ -45,6 +44,7 @@ log = logging.getLogger("greenify")
 
 # symbol -> the hook in greenify._green.lib that replaces it
 _HOOKS = {"dlopen": "greenify_dlopen_hook", "dlmopen": "greenify_dlmopen_hook"}
+HOOKED_SYMBOLS = frozenset(_HOOKS)
 # Rounds of _catch_up: loads its own work causes (an import by pyelftools)
 # settle within one or two; every other thread's load is announced by its own hook.
 _CATCH_UP_ROUNDS = 16
@@ -62,9 +62,11 @@ class OnLoadPatch:
     reports: List[PatchReport] = field(default_factory=list)
     errors: List[Tuple[str, str]] = field(default_factory=list)
     active: bool = True
+    # watch_loads(): called with each batch of new objects instead of matching targets
+    on_new: Optional[Callable[[List[LoadedObject]], None]] = field(default=None, repr=False)
 
     def matches(self, obj: LoadedObject) -> bool:
-        return any(_target_matches(target, obj) for target in self.targets)
+        return self.on_new is None and any(_target_matches(target, obj) for target in self.targets)
 
     def cancel(self) -> None:
         """Stop patching on load for these targets (idempotent).  Slots
@@ -108,11 +110,10 @@ def _may_hook(obj: LoadedObject) -> bool:
     return reason is None or obj.is_main_program or obj.name.startswith("libpython")
 
 
-@lru_cache(maxsize=1024)
-def _dlopen_imports(path: str, build_id: Optional[bytes]) -> elf.ElfImports:
-    # Keyed by the loaded build-id too: cancelling the last registration
-    # and registering again reads no file twice.
-    return patcher.read_target_file(path, _HOOKS.keys())
+def _dlopen_imports(obj: LoadedObject) -> elf.ElfImports:
+    # patcher.read_object reads each file once for every reader (keyed by the
+    # loaded build-id too): registering again reads no file twice.
+    return patcher.read_object(obj, HOOKED_SYMBOLS)
 
 
 def _install_hooks(objects: Iterable[LoadedObject]) -> None:
@@ -123,7 +124,7 @@ def _install_hooks(objects: Iterable[LoadedObject]) -> None:
         if slots.object_key(obj) in hooked or not _may_hook(obj):
             continue
         try:
-            imports = _dlopen_imports(obj.path, obj.build_id)
+            imports = _dlopen_imports(obj)
         except GreenifyError as exc:
             log.debug("greenify: cannot read %s for its dlopen: %s", obj.path, exc)
             continue
@@ -174,6 +175,9 @@ def _catch_up() -> None:
             for registration in _registrations:
                 if registration.matches(obj):
                     _patch_new(obj, registration)
+        for registration in list(_registrations):
+            if registration.on_new is not None and new:
+                _call_watcher(registration, new)
         if lib.loaded_adds() == adds:
             return
 
@@ -203,6 +207,38 @@ def on_loaded() -> None:
             _catch_up()
 
 
+
+
+def _call_watcher(registration: OnLoadPatch, objects: List[LoadedObject]) -> None:
+    try:
+        registration.on_new(objects)
+    except Exception as exc:  # noqa: BLE001 - a load must never fail because patching did
+        registration.errors.append((", ".join(obj.path for obj in objects), f"{type(exc).__name__}: {exc}"))
+        log.exception("greenify: %s failed on newly loaded objects", registration.targets[0])
+
+
+def watch_loads(name: str, on_new: Callable[[List[LoadedObject]], None]) -> OnLoadPatch:
+    """Call ``on_new(objects)`` with every object loaded now, then with
+    every batch of objects loaded later (by an import, ctypes or a library's
+    dlopen, before the loading code's next step), under the slot lock:
+    greenify.patch_all()'s registration.  Cancel it like any other."""
+    registration = OnLoadPatch((name,), on_new=on_new)
+    with _working():
+        objects = loaded.loaded_objects()
+        first = not _registrations
+        _registrations.append(registration)
+        if first:
+            lib.onload_set_enabled(1)
+        try:
+            _install_hooks(objects)
+            _seen.update(slots.object_key(obj) for obj in objects)
+            on_new(objects)  # its errors are the caller's to see
+            _catch_up()  # loaded meanwhile, through slots not hooked yet
+        except BaseException:
+            _cancel(registration)
+            raise
+    log.info("greenify: %s: watching loads", name)
+    return registration
 
 
 def _check_target(target: object) -> str:
@@ -266,11 +302,13 @@ def _cancel(registration: OnLoadPatch) -> None:
 
 
 def cancel_patch_on_load(registration: Optional[OnLoadPatch] = None) -> None:
-    """Stop ``registration`` (every registration when None).  Libraries it
-    patched stay patched; once none is left, every hooked dlopen slot gets
-    back its previous value."""
+    """Stop ``registration`` (every patch_on_load() registration when None;
+    patch_all()'s is unpatch_all()'s to stop).  Libraries it patched stay
+    patched; once none is left, every hooked dlopen slot gets back its
+    previous value."""
     with _working():
-        for each in [registration] if registration is not None else list(_registrations):
+        everyone = [each for each in _registrations if each.on_new is None]
+        for each in [registration] if registration is not None else everyone:
             _cancel(each)
 
 
@@ -283,4 +321,4 @@ def registrations() -> Tuple[OnLoadPatch, ...]:
 # Loads during interpreter shutdown do not enter Python.
 atexit.register(lib.onload_set_enabled, 0)
 
-__all__ = ["patch_on_load", "cancel_patch_on_load", "OnLoadPatch", "registrations"]
+__all__ = ["patch_on_load", "cancel_patch_on_load", "OnLoadPatch", "registrations", "watch_loads"]

@@ -16,12 +16,13 @@ unpatching restores exactly what was there.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import types
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from greenify import companions, elf, loaded, slots
 from greenify.errors import GreenifyError, ProtectedTargetError, UnknownFunctionError, WrongMachineError
@@ -140,13 +141,65 @@ def read_target_file(path: str, symbols: Optional[Iterable[str]] = None) -> elf.
     return elf.read_blocking_imports(path, symbols)
 
 
+@lru_cache(maxsize=None)
+def planned_symbols(twins: Optional[FrozenSet[str]] = None) -> FrozenSet[str]:
+    """The symbols _plan reads: every blocking one, and every one with a twin."""
+    return elf.BLOCKING_SYMBOLS | (frozenset(green_twins()) if twins is None else twins)
+
+
+@lru_cache(maxsize=None)
+def _shared_symbols() -> FrozenSet[str]:
+    # Every symbol some reader of a loaded object asks for: the patcher's, the
+    # TLS twins', the dlopen hooks' (greenify.onload) and the TLS hand-over
+    # imports (greenify.companions).  One walk of the relocations finds them
+    # all: its cost hardly depends on how many names are wanted.
+    from greenify import onload
+
+    return (planned_symbols() | frozenset(companions.tls_twins()) | frozenset(onload.HOOKED_SYMBOLS)
+            | companions.HANDOVER_SYMBOLS)
+
+
+@lru_cache(maxsize=2048)
+def _read_object(path: str, build_id: Optional[bytes], identity: Tuple[int, int, int]) -> elf.ElfImports:
+    return read_target_file(path, _shared_symbols())
+
+
+def read_object(obj: LoadedObject, symbols: Optional[FrozenSet[str]] = None) -> elf.ElfImports:
+    """``read_target_file(obj.path, symbols)`` (default: what _plan reads),
+    the file read once for every reader: keyed by the loaded build-id and the
+    file's inode, size and mtime, so a file replaced on disk is read again
+    (and then fails check_object).  patch_all() looks at every loaded object,
+    and patch_on_load's hooks read each one too; this reads each once."""
+    symbols = planned_symbols() if symbols is None else symbols
+    try:
+        info = os.stat(obj.path)
+    except OSError:
+        return read_target_file(obj.path, symbols)  # says why, naming the file
+    if not symbols <= _shared_symbols():
+        return read_target_file(obj.path, symbols)
+    imports = _read_object(obj.path, obj.build_id, (info.st_ino, info.st_size, info.st_mtime_ns))
+    return dataclasses.replace(imports, imports=tuple(imp for imp in imports.imports if imp.symbol in symbols),
+                               self_defined=tuple(imp for imp in imports.self_defined if imp.symbol in symbols))
+
+
+def ensure_active(caller: str) -> None:
+    """Activate the green functions if nobody has: patching without them
+    would change nothing, silently (greenify.greenify() stays the explicit,
+    idempotent spelling)."""
+    from greenify import _bridge
+
+    if not _bridge.is_active():
+        _bridge.activate()
+        log.info("greenify: %s activated the green functions (greenify.greenify() was not called)", caller)
+
+
 def _plan(obj: LoadedObject, functions: Optional[FrozenSet[str]],
           twins: Optional[Dict[str, int]] = None) -> Tuple[ObjectReport, List[Tuple[elf.BlockingImport, int]]]:
     """Read, check and decide; writes nothing.  Returns the report so far
     and the (import, twin address) to write.  ``twins``: symbol -> twin
     address, green_twins() unless given."""
+    imports = read_object(obj, None if twins is None else planned_symbols(frozenset(twins)))
     twins = green_twins() if twins is None else twins
-    imports = read_target_file(obj.path, elf.BLOCKING_SYMBOLS | twins.keys())
     slots.check_object(obj, imports)
     report = ObjectReport(obj.path, obj.base, imports.build_id_hex)
     changes = []
@@ -197,6 +250,7 @@ def patch_library(target: Target, *, functions: "Optional[Iterable[str] | str]" 
     cannot patch (TypeError for a target or name of the wrong type)."""
     target = loaded.as_target(target, "patch_library")
     wanted = wanted_functions(functions)
+    ensure_active("patch_library")
     with slots.locked():
         # plan: the objects the target names, then each one read and checked before any write
         description, objects, left_out = _resolve(target)
@@ -212,6 +266,35 @@ def patch_library(target: Target, *, functions: "Optional[Iterable[str] | str]" 
             object_report.patched, object_report.already_patched = slots.write(obj, slots.TWIN, changes)
             report.objects.append(object_report)
         return report
+
+
+def patch_objects(objects: Sequence[LoadedObject], reasons: Dict[str, str],
+                  all_objects: Optional[Sequence[LoadedObject]] = None,
+                  functions: Optional[FrozenSet[str]] = None) -> Tuple[List[ObjectReport], List[Tuple[str, str]]]:
+    """Patch each of ``objects`` (already chosen: greenify.policy) and the
+    TLS libraries that do their socket I/O, each object all or nothing
+    through the one write path.  One object that cannot be patched does not
+    stop the others: it comes back in the second list with the error.
+    ``reasons``: real path -> why it is patched, put in its ObjectReport."""
+    done: List[ObjectReport] = []
+    failed: List[Tuple[str, str]] = []
+    with slots.locked():
+        found = companions.tls_companions_of(objects, all_objects)
+        plans: List[Tuple[LoadedObject, Optional[Dict[str, int]], str]] = [
+            (obj, None, reasons.get(obj.realpath, "")) for obj in objects]
+        plans += [(companion.obj, companions.tls_twins(), companion.reason) for companion in found
+                  if companion.obj.realpath not in {obj.realpath for obj in objects}]
+        for obj, twins, reason in plans:
+            try:
+                object_report, changes = _plan(obj, functions, twins)
+                object_report.reason = reason or None
+                object_report.patched, object_report.already_patched = slots.write(obj, slots.TWIN, changes)
+            except GreenifyError as exc:
+                log.warning("greenify: could not patch %s: %s", obj.path, exc)
+                failed.append((obj.path, str(exc)))
+                continue
+            done.append(object_report)
+    return done, failed
 
 
 def unpatch_library(target: Target) -> int:

@@ -90,6 +90,14 @@ def post_fork(server, worker):
 '''
 
 
+# The same with patch_all(), in one line: the app imports MySQLdb after the
+# hook (gunicorn loads it in the worker), so libmariadb is patched as it loads.
+PATCH_ALL_HOOK = '''\
+def post_fork(server, worker):
+    server.log.info("greenify: %r", __import__("greenify").patch_all())
+'''
+
+
 def answers_ping(port: int) -> bool:
     connection = http.client.HTTPConnection(servers.HOST, port, timeout=2)
     try:
@@ -115,15 +123,17 @@ def gunicorn_module():
     return servers.require_module("gunicorn", "gunicorn")
 
 
-def serve_app(mariadb, with_greenify: bool):
+def serve_app(mariadb, with_greenify: "bool | str"):
     """Run the app under gunicorn's gevent worker, configured with or
-    without the post_fork hook; yields its port and its log's path."""
+    without the post_fork hook (True: the README's recipe; a string: that
+    hook); yields its port and its log's path."""
+    hook = POST_FORK_HOOK if with_greenify is True else (with_greenify or "")
     with servers.scratch_dir("greenify-gunicorn-") as base:
         with open(os.path.join(base, "app.py"), "w") as app:
             app.write(APP)
         config_path = os.path.join(base, "gunicorn.conf.py")
         with open(config_path, "w") as config:
-            config.write(COMMON_CONFIG + ("\n" + POST_FORK_HOOK if with_greenify else ""))
+            config.write(COMMON_CONFIG + ("\n" + hook if hook else ""))
         log_path = os.path.join(base, "gunicorn.log")
         env = {**os.environ, "GREENIFY_DB_HOST": mariadb.host, "GREENIFY_DB_PORT": str(mariadb.port),
                "GREENIFY_DB_USER": mariadb.user, "GREENIFY_DB_PASSWORD": mariadb.password,
@@ -143,6 +153,11 @@ def serve_app(mariadb, with_greenify: bool):
 @pytest.fixture
 def greenified_gunicorn(gunicorn_module, MySQLdb, mariadb):
     yield from serve_app(mariadb, with_greenify=True)
+
+
+@pytest.fixture
+def patch_all_gunicorn(gunicorn_module, MySQLdb, mariadb):
+    yield from serve_app(mariadb, with_greenify=PATCH_ALL_HOOK)
 
 
 @pytest.fixture
@@ -177,6 +192,16 @@ def test_post_fork_greenified_worker_serves_50_sleeping_requests_together(greeni
         f"{CONCURRENT} requests of SELECT SLEEP({SLEEP_S}) took {elapsed:.2f} s "
         f"(serial: {CONCURRENT * SLEEP_S:.0f} s)\n--- {log_path} ---\n{servers.read_log(log_path)}")
     assert "greenify: " in servers.read_log(log_path), "the post_fork hook did not run"
+
+
+def test_post_fork_patch_all_worker_serves_50_sleeping_requests_together(patch_all_gunicorn):
+    port, log_path = patch_all_gunicorn
+    elapsed, responses = request_together(port, CONCURRENT, SLEEP_S)
+    assert len(single_worker_answers(responses, SLEEP_S)) == 1
+    assert elapsed < TOGETHER_BOUND_S, (
+        f"{CONCURRENT} requests of SELECT SLEEP({SLEEP_S}) took {elapsed:.2f} s with patch_all() "
+        f"(serial: {CONCURRENT * SLEEP_S:.0f} s)\n--- {log_path} ---\n{servers.read_log(log_path)}")
+    assert "greenify: <PatchAllReport" in servers.read_log(log_path), "the post_fork hook did not run"
 
 
 def test_worker_without_the_hook_serves_sleeping_requests_one_after_another(plain_gunicorn):

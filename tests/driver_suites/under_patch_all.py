@@ -1,0 +1,87 @@
+"""The drivers' own test suites greenified by ``greenify.patch_all()``
+instead of run.py's ``patch_library`` call, compared with the stock outcomes
+run.py recorded (tests/driver_suites/results.json: run ``make driver-suites``
+first).  Writes nothing in the repository; prints one line per suite.
+
+    python tests/driver_suites/under_patch_all.py [--only mysqlclient|psycopg2]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import run as suites  # noqa: E402 - run.py puts tests/ on the path too
+
+
+def _greenify_with_patch_all(library: str, module: str) -> None:
+    """run.py's _greenify, with patch_all() for patch_library(library)."""
+    import gevent
+
+    import greenify
+
+    importlib.import_module(module)
+    report = greenify.patch_all()
+    if not any(os.path.basename(path).startswith(library) for path in report.patched_paths):
+        raise SystemExit(f"patch_all() did not patch {library}:\n{report}")
+    print(report, flush=True)
+
+    def tick() -> None:
+        while True:
+            gevent.sleep(suites.TICK_S)
+
+    gevent.spawn(tick)
+
+
+def child(suite: str, source: str, out_path: str) -> None:
+    suites._greenify = _greenify_with_patch_all  # noqa: SLF001 - the one step that differs
+    suites.child(suite, "greenified", source, out_path)
+
+
+def run(suite: str) -> int:
+    import servers
+
+    installed, sdist, library, _module = suites.SUITES[suite]
+    source = suites.fetch_sdist(sdist, importlib.metadata.version(installed))
+    stock = suites.load_results()["suites"][suite]["outcomes"]["stock"]
+    with contextlib.ExitStack() as stack, tempfile.NamedTemporaryFile(suffix=".json") as out:
+        if suite == "psycopg2":
+            env = suites._prepare_postgres(stack.enter_context(servers.start_postgres(suites.POSTGRES_SETTINGS)))
+        else:
+            env = suites._prepare_mariadb(stack.enter_context(servers.start_mariadb()), source)
+        started = time.monotonic()
+        log_path = os.path.join(suites.CACHE, f"{suite}-patch_all.log")
+        with open(log_path, "w") as log:
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--child", suite, source, out.name],
+                           env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                           timeout=suites.SUITE_TIMEOUT_S)
+        document = json.load(open(out.name))
+    comparison = suites.compare(stock, document["outcomes"])
+    print(f"{suite} under patch_all(): {suites.count(document['outcomes'])}; stock (recorded): "
+          f"{suites.count(stock)}; {document.get('waits')} waits; {time.monotonic() - started:.0f} s; "
+          f"passed stock, not under patch_all(): {comparison['regressions'] or 'none'} (log: {log_path})")
+    return 1 if comparison["regressions"] else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=list(suites.SUITES), action="append")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.child:
+        child(*options.child)
+        return 0
+    return max(run(suite) for suite in options.only or list(suites.SUITES))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
