@@ -136,7 +136,7 @@ R_SYM_SHIFT = {64: 32, 32: 8}
 # The dynamic tags read, by number (names from pyelftools' table of the gABI's)
 _DT_READ = ("DT_NEEDED", "DT_PLTRELSZ", "DT_STRTAB", "DT_SYMTAB", "DT_RELA", "DT_RELASZ", "DT_STRSZ", "DT_SYMENT",
             "DT_SONAME", "DT_REL", "DT_RELSZ", "DT_PLTREL", "DT_JMPREL", "DT_VERSYM", "DT_VERDEF", "DT_VERDEFNUM",
-            "DT_VERNEED", "DT_VERNEEDNUM")
+            "DT_VERNEED", "DT_VERNEEDNUM", "DT_RELACOUNT", "DT_RELCOUNT")
 _DT_NAMES: Dict[int, str] = {ENUM_D_TAG[name]: name for name in _DT_READ}
 DT_NULL = ENUM_D_TAG["DT_NULL"]
 DT_RELA = ENUM_D_TAG["DT_RELA"]
@@ -423,15 +423,19 @@ def _read(image: _Image, wanted: FrozenSet[str]) -> ElfImports:
     reloc_types = RELOCATION_TYPES.get(header.e_machine, {})
     imports: List[BlockingImport] = []
     self_defined: List[BlockingImport] = []
-    if wanted and reloc_types and "DT_SYMTAB" in tags:
+    # Where a wanted name can start in DT_STRTAB: a symbol is named by its
+    # offset there, so symbols are matched by offset without decoding names,
+    # and a file whose table holds none of them has no relocation to read.
+    name_at = strings.offsets_of(wanted) if wanted and reloc_types and "DT_SYMTAB" in tags else {}
+    if name_at:
         symbols = _Symbols(image, tags, strings)
         seen: Set[int] = set()
         for r_offset, r_sym, r_type, r_addend in _relocations(image, tags):
             type_name = reloc_types.get(r_type)
             if type_name is None or r_sym == 0 or r_offset in seen:
                 continue
-            name = symbols.name(r_sym)
-            if name not in wanted:
+            name = name_at.get(symbols.name_offset(r_sym))
+            if name is None:
                 continue
             seen.add(r_offset)
             defined = symbols.is_defined(r_sym)
@@ -456,6 +460,21 @@ class _StringTable:
             if tags.get("DT_STRSZ"):
                 self.end = min(self.end, self.start + tags["DT_STRSZ"])
 
+    def offsets_of(self, names: Iterable[str]) -> Dict[int, str]:
+        """{offset in the table: name} for every place one of ``names``
+        starts as a whole NUL-terminated string (a shorter name may share
+        the tail of a longer one)."""
+        if self.start is None:
+            return {}
+        data, found = self.image.data, {}
+        for name in names:
+            pattern = name.encode() + b"\0"
+            at = data.find(pattern, self.start, self.end)
+            while at >= 0:
+                found[at - self.start] = name
+                at = data.find(pattern, at + 1, self.end)
+        return found
+
     def get(self, what: str, offset: int) -> str:
         if self.start is None:
             raise self.image.damaged(f"{what} names a string, but the dynamic segment has no DT_STRTAB")
@@ -477,6 +496,12 @@ def _relocations(image: _Image, tags: Dict[str, int]) -> Iterator[Tuple[int, int
         structure = elf.rela if is_rela else elf.rel
         size -= size % structure.size
         start = image.offset(tag, vaddr, size)
+        # The first DT_RELACOUNT (DT_RELCOUNT) entries are relative
+        # relocations, which name no symbol: the loader applies them as such
+        # without reading their type, so they import nothing here either.
+        relative = tags.get("DT_RELACOUNT" if is_rela else "DT_RELCOUNT", 0) if tag != "DT_JMPREL" else 0
+        skipped = min(relative * structure.size, size)
+        start, size = start + skipped, size - skipped
         view = memoryview(image.data)[start:start + size]
         try:
             if is_rela:
@@ -506,11 +531,19 @@ class _Symbols:
         self.st_name = sym.index["st_name"]
         self.st_shndx = sym.index["st_shndx"]
         self._names: Dict[int, str] = {}
+        self._name_offsets: Dict[int, int] = {}
         self._version_names: Optional[Dict[int, str]] = None
 
     def _entry(self, index: int) -> Tuple[int, ...]:
         at = self.image.offset(f"DT_SYMTAB entry {index}", self.symtab + index * self.sym.size, self.sym.size)
         return self.sym.struct.unpack_from(self.image.data, at)
+
+    def name_offset(self, index: int) -> int:
+        """st_name of symbol ``index``: where its name starts in DT_STRTAB."""
+        offset = self._name_offsets.get(index)
+        if offset is None:
+            offset = self._name_offsets[index] = self._entry(index)[self.st_name]
+        return offset
 
     def name(self, index: int) -> str:
         name = self._names.get(index)

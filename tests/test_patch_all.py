@@ -130,6 +130,9 @@ def memcached_while_paused(pause_s):
     gevent.sleep(0)
     pid = PARAMS["memcached_pid"]
     os.kill(pid, signal.SIGSTOP)
+    while not all(open(f"/proc/{pid}/task/{task}/stat").read().rsplit(")", 1)[1].split()[0] in "Tt"
+                  for task in os.listdir(f"/proc/{pid}/task")):
+        time.sleep(0.001)  # a thread running on another core stops at its next entry to the kernel
     subprocess.Popen(["sh", "-c", f"sleep {pause_s}; kill -CONT {pid}"])
     started = time.monotonic()
     value = client.get("paused")
