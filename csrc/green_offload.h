@@ -18,10 +18,11 @@ struct green_offload_runner *green_offload_runner_new(void);
 void green_offload_runner_run(struct green_offload_runner *runner);
 void green_offload_runner_end(struct green_offload_runner *runner);
 /* For the tests: jobs not yet freed; jobs holding a slot, and the bound on
-   them; eventfds kept for reuse. */
+   them; the bound on runners; eventfds kept for reuse. */
 int green_offload_live_jobs(void);
 int green_offload_pending(void);
 int green_offload_max_pending(void);
+int green_offload_max_runners(void);
 int green_offload_spare_fds(void);
 
 #endif

@@ -196,6 +196,8 @@ int green_offload_pending(void)
 
 int green_offload_max_pending(void) { return MAX_PENDING_LOOKUPS; }
 
+int green_offload_max_runners(void) { return MAX_RUNNERS; }
+
 int green_offload_spare_fds(void)
 {
     int count;

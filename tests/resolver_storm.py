@@ -1,0 +1,143 @@
+"""A reconnect storm against the green resolver, run as a process of its own
+(its descriptor limit lowered) by tests/test_resolver_storm.py.
+
+Many greenlets look a host up again and again, as a client does before each
+connect, each lookup under a gevent.Timeout short enough to interrupt many
+of them, then open a socket as the connect would.  Prints one JSON object:
+what the lookups gave, the most descriptors and pending lookups seen, and
+what was left once the storm was over."""
+from __future__ import annotations
+
+import argparse
+import collections
+import errno
+import json
+import os
+import random
+import resource
+import socket
+import time
+
+import gevent
+
+import greenify
+from greenify._green import ffi, lib
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def fd_kinds() -> collections.Counter:
+    """What this process's descriptors are: "anon_inode:[eventfd]", "socket", ..."""
+    kinds: collections.Counter = collections.Counter()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        kinds[target.split(":[")[0] if target.startswith("socket") else target] += 1
+    return kinds
+
+
+def resolver_count(name: str) -> int:
+    """A count the resolver keeps (-1 where this build has none)."""
+    function = getattr(lib, name, None)
+    return function() if function is not None else -1
+
+
+def lookup(host: bytes, service: bytes):
+    res = ffi.new("struct addrinfo **")
+    hints = ffi.new("struct addrinfo *")
+    hints.ai_socktype = socket.SOCK_STREAM
+    ffi.errno = 0
+    rc = lib.green_getaddrinfo(host, service, hints, res)
+    err = ffi.errno
+    if rc == 0:
+        lib.freeaddrinfo(res[0])
+    return rc, err
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", action="append", required=True, help="a host to look up (repeatable)")
+    parser.add_argument("--nofile", type=int, required=True, help="RLIMIT_NOFILE's soft limit")
+    parser.add_argument("--greenlets", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--timeouts-ms", type=float, nargs=2, default=(0.5, 5.0))
+    parser.add_argument("--unique-names", action="store_true", help="a name of its own for each lookup (slow DNS)")
+    args = parser.parse_args()
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(args.nofile, hard), hard))
+    greenify.greenify()
+    hosts = [host.encode() for host in args.host]
+    for host in hosts:
+        lookup(host, b"3306")  # the hub, its thread pool and their descriptors exist from now on
+    baseline_fds, baseline_spare = open_fds(), resolver_count("green_offload_spare_fds")
+    baseline_kinds = fd_kinds()
+
+    outcomes: collections.Counter = collections.Counter()
+    most = {"fds": baseline_fds, "pending": 0}
+    end = time.monotonic() + args.seconds
+
+    def client(number: int) -> None:
+        rnd = random.Random(number)
+        serial = 0
+        while time.monotonic() < end:
+            serial += 1
+            host = hosts[serial % len(hosts)]
+            if args.unique_names:
+                host = b"c%d-%d.%s" % (number, serial, host)
+            try:
+                with gevent.Timeout(rnd.uniform(*args.timeouts_ms) / 1000):
+                    rc, err = lookup(host, b"3306")
+                    if rc == 0:
+                        socket.socket().close()  # what the connect that follows needs first
+            except gevent.Timeout:
+                outcomes["interrupted"] += 1
+                continue
+            except OSError as exc:
+                outcomes["socket: " + errno.errorcode.get(exc.errno, str(exc.errno))] += 1
+                continue
+            if rc == 0:
+                outcomes["answered"] += 1
+            elif rc == socket.EAI_SYSTEM:
+                outcomes["EAI_SYSTEM: " + errno.errorcode.get(err, str(err))] += 1
+            else:
+                outcomes[f"EAI {rc}"] += 1
+
+    def watch() -> None:
+        while time.monotonic() < end:
+            try:
+                most["fds"] = max(most["fds"], open_fds())
+            except OSError:
+                most["fds"] = args.nofile  # could not even list them: at the limit
+            most["pending"] = max(most["pending"], resolver_count("green_offload_pending"))
+            gevent.sleep(0.005)
+
+    started = time.monotonic()
+    watcher = gevent.spawn(watch)
+    gevent.joinall([gevent.spawn(client, i) for i in range(args.greenlets)], raise_error=True)
+    watcher.join()
+    storm_s = time.monotonic() - started
+    settle_deadline = time.monotonic() + 30
+    while (resolver_count("green_offload_live_jobs") or resolver_count("green_offload_pending") > 0) \
+            and time.monotonic() < settle_deadline:
+        gevent.sleep(0.05)
+    print(json.dumps({
+        "outcomes": dict(outcomes),
+        "lookups_per_s": sum(outcomes.values()) / storm_s,
+        "baseline_fds": baseline_fds, "baseline_spare_fds": baseline_spare,
+        "most_fds": most["fds"], "most_pending": most["pending"],
+        "max_pending": resolver_count("green_offload_max_pending"),
+        "max_runners": resolver_count("green_offload_max_runners"),
+        "after_fds": open_fds(), "after_spare_fds": resolver_count("green_offload_spare_fds"),
+        "after_live_jobs": resolver_count("green_offload_live_jobs"),
+        "after_pending": resolver_count("green_offload_pending"),
+        "new_fd_kinds": dict(fd_kinds() - baseline_kinds),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""A reconnect storm's lookups under a low descriptor limit: numeric and
+/etc/hosts names, thousands of them interrupted by short gevent.Timeouts,
+in a process of its own (tests/resolver_storm.py) whose RLIMIT_NOFILE is 128.
+Before the bound, abandoned lookups kept an eventfd each until a pool thread
+got to them: ~19,000 descriptors in 3 s, and EMFILE for the connects.  The
+slow-DNS storm is in test_green_resolve.py, where a DNS server of our own
+answers."""
+from __future__ import annotations
+
+from test_green_resolve import assert_storm_left_nothing, run_storm
+
+
+def test_a_storm_of_interrupted_lookups_never_runs_out_of_descriptors():
+    report = run_storm("--host", "localhost", "--host", "127.0.0.1", "--host", "::1", "--nofile", "128",
+                       "--greenlets", "200", "--seconds", "3", "--timeouts-ms", "0.5", "5")
+    assert_storm_left_nothing(report)
+    assert report["outcomes"]["answered"] > 1000, report
