@@ -21,7 +21,7 @@
  *   - at most MAX_PENDING_LOOKUPS jobs exist at once (queued, running, or
  *     running for a caller that left); beyond that a caller waits, as
  *     cooperatively as for its answer, for a slot (slot_take): the hub keeps
- *     running, and a waiting caller holds no job and no descriptor.
+ *     running, and a waiting caller holds no slot and no descriptor.
  *   - at most MAX_RUNNERS runners are asked for at once.
  *   - an eventfd is held only by a caller that waits; a finished job's is
  *     kept for the next one (at most MAX_PENDING_LOOKUPS kept).
@@ -34,8 +34,9 @@
  *   QUEUED -> RUNNING -> ABANDONED          the caller left while libc ran:
  *             it gave its eventfd back at once; the runner frees the job,
  *             an abandoned getaddrinfo list included, when libc returns
- *   QUEUED -> DROPPED          no runner will come (a refused or lost one):
- *             the caller calls libc itself
+ *   QUEUED -> DROPPED          no runner will come (a lost one; a fork's
+ *             child): the caller queues it again and asks for a runner, or
+ *             calls libc itself
  * Nothing is written into the caller's memory after the caller returned,
  * and no descriptor is written after its owner gave it back.
  */
@@ -63,6 +64,9 @@ enum offload_outcome { OFFLOAD_DONE, OFFLOAD_NATIVE, OFFLOAD_INTERRUPTED };
 #define MAX_PENDING_LOOKUPS 64
 /* Runners asked for at once, at most: gevent's pool has 10 threads. */
 #define MAX_RUNNERS 8
+/* A dropped job is queued again this many times at most (runners lost one
+   after another): then its caller calls libc itself. */
+#define MAX_REQUEUED 3
 
 /* Copies of buffers the caller owns keep their address modulo this, so
    libc lays out (and aligns) its data in them exactly as in the caller's. */
@@ -107,6 +111,7 @@ struct green_offload_job {
    unrun (a refusal, a killed pool) is counted out exactly once. */
 struct green_offload_runner {
     int started;
+    unsigned forks; /* lookups.forks when it was made: from before a fork, it counts for nothing */
 };
 
 /* The queue and its counts; every job's state changes under its lock. */
@@ -119,7 +124,11 @@ static struct {
     int running;      /* runners calling libc right now */
     int slot_waiters; /* callers waiting for a slot */
     int slot_fd;      /* eventfd: written when a slot frees while callers wait for one */
-} lookups = {PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, 0, 0, 0, 0, -1};
+    /* the jobs runners are calling libc for (a fork's child has no runners:
+       their callers get them back) */
+    struct green_offload_job *running_jobs[MAX_RUNNERS];
+    unsigned forks; /* forks this process's lineage went through, for runner tokens */
+} lookups = {PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, 0, 0, 0, 0, -1, {NULL}, 0};
 
 /* ---- eventfds ---- */
 
@@ -366,7 +375,7 @@ static void slot_release_locked(void)
 }
 
 /* No runner is coming (the last one was lost unrun): every queued job goes
-   back to its caller, which calls libc itself. */
+   back to its caller, which asks for a runner again (or calls libc itself). */
 static void queue_hand_back_locked(void)
 {
     struct green_offload_job *job;
@@ -378,6 +387,67 @@ static void queue_hand_back_locked(void)
     }
 }
 
+/* Where `job` sits in lookups.running_jobs (NULL: a free seat; runners
+   never outnumber the seats). */
+static int running_seat_locked(const struct green_offload_job *job)
+{
+    int seat = 0;
+    while (seat < MAX_RUNNERS - 1 && lookups.running_jobs[seat] != job)
+        seat++;
+    return seat;
+}
+
+/* ---- fork: the child has the parent's memory but none of its runners ---- */
+
+static void lookups_before_fork(void)
+{
+    pthread_mutex_lock(&lookups.lock);
+    pthread_mutex_lock(&spare_done_fds_lock);
+}
+
+static void lookups_after_fork_in_parent(void)
+{
+    pthread_mutex_unlock(&spare_done_fds_lock);
+    pthread_mutex_unlock(&lookups.lock);
+}
+
+/* Every job a runner had or would have taken goes back to its caller, which
+   asks for a runner again; runner tokens made before the fork count for
+   nothing. */
+static void lookups_after_fork_in_child(void)
+{
+    struct green_offload_job *job;
+    pthread_mutex_unlock(&spare_done_fds_lock);
+    for (int seat = 0; seat < MAX_RUNNERS; seat++) {
+        job = lookups.running_jobs[seat];
+        lookups.running_jobs[seat] = NULL;
+        if (job == NULL)
+            continue;
+        if (job->state == JOB_ABANDONED) { /* nobody waits: the runner would have freed it */
+            slot_release_locked();
+            job_free(job);
+            continue;
+        }
+        job->state = JOB_DROPPED;
+        eventfd_signal(job->done_fd);
+    }
+    while ((job = queue_pop_locked()) != NULL) {
+        job->state = JOB_DROPPED;
+        eventfd_signal(job->done_fd);
+    }
+    lookups.running = 0;
+    lookups.runners = 0;
+    lookups.forks++;
+    pthread_mutex_unlock(&lookups.lock);
+}
+
+static pthread_once_t lookups_fork_handlers_once = PTHREAD_ONCE_INIT;
+
+static void lookups_fork_handlers_install(void)
+{
+    pthread_atfork(lookups_before_fork, lookups_after_fork_in_parent, lookups_after_fork_in_child);
+}
+
 /* ---- the runner's side, from the worker thread greenify/_offload.py asks for ---- */
 
 struct green_offload_runner *green_offload_runner_new(void)
@@ -387,8 +457,10 @@ struct green_offload_runner *green_offload_runner_new(void)
     /* one more unless runners that have not yet taken a job are enough for the queue */
     if (lookups.runners < MAX_RUNNERS && lookups.runners - lookups.running < lookups.queued) {
         runner = calloc(1, sizeof *runner);
-        if (runner != NULL)
+        if (runner != NULL) {
+            runner->forks = lookups.forks;
             lookups.runners++;
+        }
     }
     pthread_mutex_unlock(&lookups.lock);
     return runner;
@@ -401,18 +473,21 @@ void green_offload_runner_run(struct green_offload_runner *runner)
     struct green_offload_job *job;
     int saved_errno = errno;
     pthread_mutex_lock(&lookups.lock);
-    if (runner->started) { /* run twice by a waiter: once is all it owes */
+    if (runner->started || runner->forks != lookups.forks) { /* run twice, or counted out by a fork */
         pthread_mutex_unlock(&lookups.lock);
         return;
     }
     runner->started = 1;
     while ((job = queue_pop_locked()) != NULL) {
+        int seat = running_seat_locked(NULL);
         job->state = JOB_RUNNING;
+        lookups.running_jobs[seat] = job;
         lookups.running++;
         pthread_mutex_unlock(&lookups.lock);
         job_call(job);
         pthread_mutex_lock(&lookups.lock);
         lookups.running--;
+        lookups.running_jobs[seat] = NULL;
         if (job->state == JOB_RUNNING) {
             job->state = JOB_FINISHED;
             eventfd_signal(job->done_fd); /* under the lock: the caller cannot have given it back */
@@ -433,7 +508,7 @@ void green_offload_runner_run(struct green_offload_runner *runner)
 void green_offload_runner_end(struct green_offload_runner *runner)
 {
     pthread_mutex_lock(&lookups.lock);
-    if (!runner->started) {
+    if (!runner->started && runner->forks == lookups.forks) {
         runner->started = 1;
         lookups.runners--;
         queue_hand_back_locked();
@@ -452,8 +527,9 @@ static enum offload_outcome slot_take(struct green_call *stats)
 {
     struct green_watch watch;
     int status;
+    pthread_once(&lookups_fork_handlers_once, lookups_fork_handlers_install);
     pthread_mutex_lock(&lookups.lock);
-    if (lookups.pending < MAX_PENDING_LOOKUPS) {
+    if (lookups.pending < MAX_PENDING_LOOKUPS && lookups.slot_waiters == 0) { /* none waits its turn before us */
         lookups.pending++;
         pthread_mutex_unlock(&lookups.lock);
         return OFFLOAD_DONE;
@@ -538,7 +614,7 @@ static enum offload_outcome offload(struct green_offload_job *job)
                                            GREEN_FN_gethostbyname_r};
     struct green_call stats = {function_of_kind[job->kind], 0};
     struct green_watch watch;
-    int saved_errno = errno, can_wait;
+    int saved_errno = errno, can_wait, requeued = 0;
     enum offload_outcome outcome = slot_take(&stats);
 
     if (outcome != OFFLOAD_DONE) {
@@ -561,6 +637,15 @@ static enum offload_outcome offload(struct green_offload_job *job)
         enum job_state state = job_state(job);
         if (state == JOB_FINISHED)
             return OFFLOAD_DONE;
+        if (state == JOB_DROPPED && can_wait && requeued++ < MAX_REQUEUED) {
+            eventfd_drain(job->done_fd); /* the news of the drop, before the job can finish */
+            pthread_mutex_lock(&lookups.lock);
+            job->state = JOB_QUEUED;
+            queue_push_locked(job);
+            pthread_mutex_unlock(&lookups.lock);
+            can_wait = green_python_offload(job) == GREEN_OFFLOAD_SUBMITTED;
+            continue;
+        }
         if (state == JOB_DROPPED || (state == JOB_QUEUED && !can_wait)) {
             job_leave(job); /* taken back unrun (if a runner took it meanwhile: abandoned) */
             errno = saved_errno;

@@ -673,3 +673,30 @@ def test_a_storm_of_interrupted_slow_lookups_stays_within_the_descriptor_limit()
                            "--greenlets", "300", "--seconds", "3", "--timeouts-ms", "5", "150")
     assert_storm_left_nothing(report)
     assert report["outcomes"].get("answered", 0) > 0, report
+
+
+@in_private_resolver
+def test_a_child_forked_amid_lookups_resolves_and_its_parent_finishes_them():
+    answer_delay = 0.5
+    with slow_dns(answer_delay):
+        lookups = slow_lookups(lib.green_offload_max_runners() + 10, "forked")  # running and queued
+        gevent.sleep(0.1)
+        pid = os.fork()
+        if pid == 0:  # the child: none of the parent's runners came along, nor the DNS server's thread
+            status = 1
+            try:
+                with gevent.Timeout(20):
+                    gevent.killall(lookups)  # the copies of the parent's callers
+                    green = [green_getaddrinfo(b"localhost", b"80")[0] for _ in range(3)]
+                    numeric = green_getaddrinfo(b"127.0.0.1", None)[0]
+                    settle(10)
+                    left = lib.green_offload_live_jobs(), lib.green_offload_pending()
+                    status = 0 if (green, numeric, left) == ([0, 0, 0], 0, (0, 0)) else 2
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+        gevent.joinall(lookups, timeout=30)
+        assert [g.value[0] for g in lookups] == [0] * len(lookups)
+        settle(5)
+        assert lib.green_offload_live_jobs() == 0
