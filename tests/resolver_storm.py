@@ -3,7 +3,11 @@
 
 Many greenlets look a host up again and again, as a client does before each
 connect, each lookup under a gevent.Timeout short enough to interrupt many
-of them, then open a socket as the connect would.  Prints one JSON object:
+of them, then open a socket as the connect would; or (--mysql) many
+greenlets connect to MariaDB through a patched libmariadb, which looks up
+its numeric host without AI_NUMERICHOST, and run a query, each connect +
+query under a short gevent.Timeout that discards the connection.  Prints one
+JSON object:
 what the lookups gave, the most descriptors and pending lookups seen, and
 what was left once the storm was over."""
 from __future__ import annotations
@@ -60,7 +64,8 @@ def lookup(host: bytes, service: bytes):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--host", action="append", required=True, help="a host to look up (repeatable)")
+    parser.add_argument("--host", action="append", default=[], help="a host to look up (repeatable)")
+    parser.add_argument("--mysql", help="MySQLdb.connect's keywords, as JSON: connect and query instead")
     parser.add_argument("--nofile", type=int, required=True, help="RLIMIT_NOFILE's soft limit")
     parser.add_argument("--greenlets", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -74,6 +79,12 @@ def main() -> None:
     hosts = [host.encode() for host in args.host]
     for host in hosts:
         lookup(host, b"3306")  # the hub, its thread pool and their descriptors exist from now on
+    if args.mysql:
+        import MySQLdb
+        connect_kwargs = json.loads(args.mysql)
+        patched = greenify.patched(MySQLdb._mysql)
+        patched.__enter__()
+        MySQLdb.connect(**connect_kwargs).close()
     baseline_fds, baseline_spare = open_fds(), resolver_count("green_offload_spare_fds")
     baseline_kinds = fd_kinds()
 
@@ -86,6 +97,9 @@ def main() -> None:
         serial = 0
         while time.monotonic() < end:
             serial += 1
+            if args.mysql:
+                outcomes[mysql_round(rnd)] += 1
+                continue
             host = hosts[serial % len(hosts)]
             if args.unique_names:
                 host = b"c%d-%d.%s" % (number, serial, host)
@@ -106,6 +120,21 @@ def main() -> None:
                 outcomes["EAI_SYSTEM: " + errno.errorcode.get(err, str(err))] += 1
             else:
                 outcomes[f"EAI {rc}"] += 1
+
+    def mysql_round(rnd: random.Random) -> str:
+        import MySQLdb
+        try:
+            with gevent.Timeout(rnd.uniform(*args.timeouts_ms) / 1000):
+                connection = MySQLdb.connect(**connect_kwargs)  # an interrupted one is dropped unclosed
+                cursor = connection.cursor()
+                cursor.execute("SELECT 1")
+                cursor.fetchall()
+                connection.close()
+        except gevent.Timeout:
+            return "interrupted"
+        except MySQLdb.OperationalError as exc:
+            return f"OperationalError {exc.args[0]}: {exc.args[1] if len(exc.args) > 1 else ''}"
+        return "answered"
 
     def watch() -> None:
         while time.monotonic() < end:
@@ -132,6 +161,7 @@ def main() -> None:
         "most_fds": most["fds"], "most_pending": most["pending"],
         "max_pending": resolver_count("green_offload_max_pending"),
         "max_runners": resolver_count("green_offload_max_runners"),
+        "greenlets": args.greenlets,
         "after_fds": open_fds(), "after_spare_fds": resolver_count("green_offload_spare_fds"),
         "after_live_jobs": resolver_count("green_offload_live_jobs"),
         "after_pending": resolver_count("green_offload_pending"),

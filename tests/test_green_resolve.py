@@ -652,14 +652,18 @@ def run_storm(*args: str) -> dict:
     return json.loads(done.stdout)
 
 
-def assert_storm_left_nothing(report: dict) -> None:
+def assert_storm_left_nothing(report: dict, fds_per_greenlet: int = 0) -> None:
+    """No failure but interruptions; at most max_pending lookups pending; the
+    descriptors within the resolver's bound (plus `fds_per_greenlet` for each
+    of the storm's greenlets: their connections); all back once it is over."""
     failures = {outcome: n for outcome, n in report["outcomes"].items() if outcome not in ("answered", "interrupted")}
     assert failures == {}, report  # no EMFILE, from the lookups or the sockets after them
     assert report["outcomes"].get("interrupted", 0) > 0, report  # the storm did interrupt lookups
     assert report["most_pending"] <= report["max_pending"], report
     # each pending lookup holds one eventfd; one more for callers waiting a turn; each runner's DNS
     # socket; a few for gevent's pool
-    assert report["most_fds"] <= report["baseline_fds"] + report["max_pending"] + 1 + report["max_runners"] + 4, report
+    resolver_fds = report["max_pending"] + 1 + report["max_runners"] + 4
+    assert report["most_fds"] <= report["baseline_fds"] + resolver_fds + fds_per_greenlet * report["greenlets"], report
     assert report["after_live_jobs"] == report["after_pending"] == 0, report
     # back to the baseline, but for the eventfds kept for reuse (at most max_pending) and the turn's
     kept = report["after_spare_fds"] - report["baseline_spare_fds"]
