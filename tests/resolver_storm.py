@@ -29,13 +29,21 @@ from greenify._green import ffi, lib
 
 
 def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    """How many descriptors are open (-1: too many to even look)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
 
 
 def fd_kinds() -> collections.Counter:
     """What this process's descriptors are: "anon_inode:[eventfd]", "socket", ..."""
     kinds: collections.Counter = collections.Counter()
-    for fd in os.listdir("/proc/self/fd"):
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return kinds
+    for fd in fds:
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
@@ -138,10 +146,8 @@ def main() -> None:
 
     def watch() -> None:
         while time.monotonic() < end:
-            try:
-                most["fds"] = max(most["fds"], open_fds())
-            except OSError:
-                most["fds"] = args.nofile  # could not even list them: at the limit
+            fds = open_fds()
+            most["fds"] = max(most["fds"], fds if fds >= 0 else args.nofile)  # -1: at the limit
             most["pending"] = max(most["pending"], resolver_count("green_offload_pending"))
             gevent.sleep(0.005)
 
