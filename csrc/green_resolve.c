@@ -6,7 +6,8 @@
  * libmariadb's getaddrinfo("127.0.0.1", "3306") without AI_NUMERICHOST) is
  * answered at once by libc itself, in the calling thread: see
  * numeric_getaddrinfo.  Likewise getnameinfo with NI_NUMERICHOST (and
- * NI_NUMERICSERV when a service is asked for).
+ * NI_NUMERICSERV when a service is asked for), and gethostbyname(_r) of a
+ * dotted address (numeric_host_name).
  *
  * Other lookups read files, load NSS modules and talk to DNS servers:
  * nothing a green function can wait on through one descriptor of its own.
@@ -40,6 +41,7 @@
  * Nothing is written into the caller's memory after the caller returned,
  * and no descriptor is written after its owner gave it back.
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
@@ -859,13 +861,24 @@ static struct thread_hostent *thread_hostent(void)
     return mine;
 }
 
+/* Whether gethostbyname(_r) answers `name` without NSS: glibc's
+   digits-and-dots parse answers a name of digits and dots, without a final
+   dot, that inet_aton reads (other numeric forms, 0x7f.1 for one, go to
+   /etc/hosts and DNS). */
+static int numeric_host_name(const char *name)
+{
+    struct in_addr address;
+    size_t length = strspn(name, "0123456789.");
+    return length > 0 && name[length] == '\0' && name[length - 1] != '.' && inet_aton(name, &address);
+}
+
 struct hostent *green_gethostbyname(const char *name)
 {
     struct green_offload_job *job;
     struct thread_hostent *mine;
     int saved_errno = errno;
 
-    if (!green_state.active || name == NULL)
+    if (!green_state.active || name == NULL || numeric_host_name(name)) /* numeric: never blocks */
         return gethostbyname(name);
     if (green_interrupted_here())
         goto interrupted;
@@ -930,7 +943,7 @@ int green_gethostbyname_r(const char *name, struct hostent *ret, char *buf, size
     int saved_errno = errno, prepared;
 
     if (!green_state.active || name == NULL || ret == NULL || buf == NULL || result == NULL || h_errnop == NULL ||
-        buflen > MAX_COPIED_BUFFER)
+        buflen > MAX_COPIED_BUFFER || numeric_host_name(name))
         return gethostbyname_r(name, ret, buf, buflen, result, h_errnop);
     if (green_interrupted_here())
         goto interrupted;

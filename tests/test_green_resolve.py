@@ -224,6 +224,25 @@ def test_numeric_getaddrinfo_is_libcs_answer_and_never_waits():
     assert lib.green_offload_live_jobs() == 0
 
 
+@pytest.mark.parametrize("name", [b"127.0.0.1", b"10.1", b"4294967295", b"1.2.3.4.5", b"256.1.1.1"])
+def test_gethostbyname_of_a_dotted_address_is_libcs_answer(name):
+    # the last two are no addresses: libc says so without NSS (on a worker: they are not numeric)
+    greenify_stats = __import__("greenify").stats
+    greenify_stats(reset=True)
+    green = lib.green_gethostbyname(name)
+    green_fields, green_herrno = (hostent_fields(green) if green != ffi.NULL else None), h_errno()
+    lib.green_set_active(0)
+    try:
+        native = lib.green_gethostbyname(name)
+        native_fields, native_herrno = (hostent_fields(native) if native != ffi.NULL else None), h_errno()
+    finally:
+        lib.green_set_active(1)
+    assert (green_fields, green_herrno) == (native_fields, native_herrno)
+    assert gethostbyname_r_via(1, name) == gethostbyname_r_via(0, name)
+    if green_fields is not None:
+        assert "gethostbyname" not in greenify_stats() and "gethostbyname_r" not in greenify_stats()
+
+
 @pytest.mark.parametrize("node,service,flags,expected", [
     (b"localhost", None, socket.AI_NUMERICHOST, socket.EAI_NONAME),      # the caller's flag: no lookup
     (b"127.0.0.1", b"http", socket.AI_NUMERICSERV, socket.EAI_NONAME),
