@@ -1,6 +1,8 @@
-"""getaddrinfo, getnameinfo, gethostbyname, gethostbyname_r: libc's own call
-on gevent's thread pool, libc's own results, and nothing written after an
-interrupted caller has left.
+"""getaddrinfo, getnameinfo, gethostbyname, gethostbyname_r: numeric ones
+answered by libc in place (compared with libc over a table of inputs), the
+others libc's own call on gevent's thread pool, libc's own results, nothing
+written after an interrupted caller has left, nothing kept for it, and the
+number of pending lookups and their descriptors bounded under a storm.
 
 The slow-DNS tests point the resolver at a responder of their own on
 127.0.0.77:53 (resolv.conf has no port).  They never write the system's
