@@ -1,19 +1,22 @@
-"""The resolver's handoff: libc's getaddrinfo and friends in a worker thread.
+"""The resolver's hand-off: worker threads for libc's getaddrinfo and friends.
 
-A green resolver call (csrc/green_resolve.c) builds a job and enters here
-once (entry greenify_offload).  The job goes to the calling greenlet's
+A green resolver call (csrc/green_resolve.c) queues its job in C and enters
+here once (entry greenify_offload) to make sure a worker thread will come.
+That worker runs a *runner*: a C loop that calls libc for queued jobs until
+none is left, without the GIL.  The runner goes to the calling greenlet's
 waiter (greenify/_bridge.py's selection rule: with gevent, the hub's thread
-pool) and this returns at once; the C side then waits, through the ordinary
-wait bridge, for the eventfd the worker signals when done.  So waiting,
-gevent.Timeout and kill follow the bridge's rules, and nothing here ever
-switches greenlets or raises into C.
+pool), unless enough runners are already on their way (C decides, and
+bounds them), and this returns at once; the C side then waits, through the
+ordinary wait bridge, for the eventfd the runner signals when its job is
+done.  So waiting, gevent.Timeout and kill follow the bridge's rules, and
+nothing here ever switches greenlets or raises into C.
 
-The worker's share of the job is one reference, held by a cffi object that
-travels with the job runner: when the runner has run, or is dropped unrun (a
-killed submitter, a pool that was killed), the object goes away and C drops
-the reference; an unrun job then goes back to its caller, which calls libc
-itself.  Where no waiter serves the caller (a plain thread, a pool worker,
-the hub itself) the answer is NATIVE and libc is called directly.
+A runner travels as a cffi object: when the waiter lets go of it, run or
+not (a refusal, a killed submitter, a pool that was killed), C counts it out
+once; if no runner is left, the queued jobs go back to their callers, which
+call libc themselves.  Where no waiter serves the caller (a plain thread, a
+pool worker, the hub itself) the answer is NATIVE and libc is called
+directly.
 """
 from __future__ import annotations
 
@@ -29,10 +32,14 @@ SUBMITTED: int = lib.GREEN_OFFLOAD_SUBMITTED
 
 
 def offload(job) -> int:
-    """Hand ``job`` to a worker thread: SUBMITTED, or NATIVE."""
+    """``job`` is queued: SUBMITTED if a worker thread will run it (one was
+    asked of the caller's waiter, or enough are on their way), else NATIVE."""
     waiter = _bridge.waiter_for(getcurrent())
     if waiter is None:
         return NATIVE
-    worker_ref = ffi.gc(lib.green_offload_retain(job), lib.green_offload_drop)
-    # cffi releases the GIL around green_offload_run: the lookup runs in parallel
-    return SUBMITTED if waiter.offload(functools.partial(lib.green_offload_run, worker_ref)) else NATIVE
+    runner = lib.green_offload_runner_new()
+    if runner == ffi.NULL:
+        return SUBMITTED
+    runner = ffi.gc(runner, lib.green_offload_runner_end)
+    # cffi releases the GIL around green_offload_runner_run: lookups run in parallel
+    return SUBMITTED if waiter.offload(functools.partial(lib.green_offload_runner_run, runner)) else NATIVE

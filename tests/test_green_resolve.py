@@ -1,6 +1,8 @@
-"""getaddrinfo, getnameinfo, gethostbyname, gethostbyname_r: libc's own call
-on gevent's thread pool, libc's own results, and nothing written after an
-interrupted caller has left.
+"""getaddrinfo, getnameinfo, gethostbyname, gethostbyname_r: numeric ones
+answered by libc in place (compared with libc over a table of inputs), the
+others libc's own call on gevent's thread pool, libc's own results, nothing
+written after an interrupted caller has left, nothing kept for it, and the
+number of pending lookups and their descriptors bounded under a storm.
 
 The slow-DNS tests point the resolver at a responder of their own on
 127.0.0.77:53 (resolv.conf has no port).  They never write the system's
@@ -12,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import json
 import os
 import shutil
 import socket
@@ -175,6 +178,96 @@ def test_getaddrinfo_leaves_errno_alone_on_success():
     lib.freeaddrinfo(res[0])
 
 
+# ---- numeric lookups: libc's answer, in the caller's thread ----
+
+NUMERIC_NODES = [b"127.0.0.1", b"0.0.0.0", b"127.1", b"0x7f.0.0.1", b"017.0.0.1", b"255.255.255.255",
+                 b"::1", b"::", b"::ffff:127.0.0.1", b"fe80::1%lo", b"fe80::1%1", b"2001:db8::5", None]
+NUMERIC_SERVICES = [None, b"3306", b"0", b"65535", b"99999"]
+FAMILIES = [socket.AF_UNSPEC, socket.AF_INET, socket.AF_INET6]
+SOCKTYPES = [0, socket.SOCK_STREAM, socket.SOCK_DGRAM]
+FLAG_SETS = [0, socket.AI_NUMERICHOST, socket.AI_NUMERICSERV, socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+             socket.AI_PASSIVE, socket.AI_CANONNAME, socket.AI_V4MAPPED, socket.AI_V4MAPPED | socket.AI_ALL,
+             socket.AI_ADDRCONFIG, socket.AI_PASSIVE | socket.AI_NUMERICSERV]
+
+
+def getaddrinfo_via(active_flag, node, service, h=ffi.NULL):
+    """rc, the list, and errno when rc is EAI_SYSTEM: green (1) or libc's (0)."""
+    lib.green_set_active(active_flag)
+    try:
+        return green_getaddrinfo(node, service, h)
+    finally:
+        lib.green_set_active(1)
+
+
+def numeric_cases():
+    for node in NUMERIC_NODES:
+        for service in NUMERIC_SERVICES:
+            yield node, service, None
+            for family in FAMILIES:
+                for socktype in SOCKTYPES:
+                    for flags in FLAG_SETS:
+                        yield node, service, (family, socktype, flags)
+
+
+def test_numeric_getaddrinfo_is_libcs_answer_and_never_waits():
+    greenify_stats = __import__("greenify").stats
+    greenify_stats(reset=True)
+    differences, answered = [], 0
+    for node, service, h in numeric_cases():
+        h_struct = hints(*h) if h is not None else ffi.NULL
+        green = getaddrinfo_via(1, node, service, h_struct)
+        native = getaddrinfo_via(0, node, service, h_struct)
+        answered += green[0] == 0
+        if green != native:
+            differences.append((node, service, h, green[0], native[0]))
+    assert differences == []
+    assert answered > 1000  # the table is mostly answers, not only errors
+    assert "getaddrinfo" not in greenify_stats()  # no lookup waited for a worker thread
+    assert lib.green_offload_live_jobs() == 0
+
+
+@pytest.mark.parametrize("name", [b"127.0.0.1", b"10.1", b"4294967295", b"1.2.3.4.5", b"256.1.1.1"])
+def test_gethostbyname_of_a_dotted_address_is_libcs_answer(name):
+    # the last two are no addresses: libc says so without NSS (on a worker: they are not numeric)
+    greenify_stats = __import__("greenify").stats
+    greenify_stats(reset=True)
+    green = lib.green_gethostbyname(name)
+    green_fields, green_herrno = (hostent_fields(green) if green != ffi.NULL else None), h_errno()
+    lib.green_set_active(0)
+    try:
+        native = lib.green_gethostbyname(name)
+        native_fields, native_herrno = (hostent_fields(native) if native != ffi.NULL else None), h_errno()
+    finally:
+        lib.green_set_active(1)
+    assert (green_fields, green_herrno) == (native_fields, native_herrno)
+    assert gethostbyname_r_via(1, name) == gethostbyname_r_via(0, name)
+    if green_fields is not None:
+        assert "gethostbyname" not in greenify_stats() and "gethostbyname_r" not in greenify_stats()
+
+
+@pytest.mark.parametrize("node,service,flags,expected", [
+    (b"localhost", None, socket.AI_NUMERICHOST, socket.EAI_NONAME),      # the caller's flag: no lookup
+    (b"127.0.0.1", b"http", socket.AI_NUMERICSERV, socket.EAI_NONAME),
+    (b"127.0.0.1", b"http", 0, 0),                                        # the service from /etc/services
+    (b"localhost", b"3306", 0, 0),                                        # the host from /etc/hosts
+    (None, None, 0, socket.EAI_NONAME),
+    (None, b"http", socket.AI_PASSIVE, 0),
+])
+def test_what_is_not_numeric_is_looked_up_and_agrees_with_libc(node, service, flags, expected):
+    h = hints(socktype=socket.SOCK_STREAM, flags=flags)
+    green = getaddrinfo_via(1, node, service, h)
+    assert green == getaddrinfo_via(0, node, service, h)
+    assert green[0] == expected
+
+
+def test_a_numeric_lookup_leaves_errno_alone_on_success():
+    res = ffi.new("struct addrinfo **")
+    ffi.errno = errno.EBADF
+    assert lib.green_getaddrinfo(b"127.0.0.1", b"3306", ffi.NULL, res) == 0
+    assert ffi.errno == errno.EBADF
+    lib.freeaddrinfo(res[0])
+
+
 @pytest.mark.parametrize("host,port,hostlen,servlen,flags", [
     ("127.0.0.1", 80, 1025, 32, 0),
     ("127.0.0.1", 22, 1025, 32, socket.NI_NAMEREQD),
@@ -321,15 +414,17 @@ def namespace_command(resolv_conf_path: str) -> list:
     """The command prefix that runs what follows it in a mount namespace of its
     own with `resolv_conf_path` bind-mounted over /etc/resolv.conf.  The mount
     lives and dies with the namespace: nothing is left to restore, whatever
-    kills the child.  As root a mount namespace is enough; otherwise a user
-    namespace makes us root inside it, and a network namespace of its own (its
-    loopback brought up) lets us bind port 53."""
+    kills the child.  A network namespace of its own (its loopback brought
+    up) gives each child port 53 to itself, so that test runs side by side
+    (other checkouts on the same machine) do not collide; without root, a
+    user namespace makes us root inside it."""
     if shutil.which("unshare") is None:
         missing("the slow-DNS tests need unshare(1) for a private /etc/resolv.conf: apt-get install util-linux")
     if RUNNING_AS_ROOT:
-        unshare, setup = ["unshare", "--mount", "--propagation", "private"], ""
+        unshare = ["unshare", "--mount", "--propagation", "private", "--net"]
     else:
-        unshare, setup = ["unshare", "--user", "--map-root-user", "--mount", "--net"], "ip link set lo up && "
+        unshare = ["unshare", "--user", "--map-root-user", "--mount", "--net"]
+    setup = "ip link set lo up && "
     return unshare + ["--", "sh", "-c", setup + 'mount --bind "$0" /etc/resolv.conf && exec "$@"', resolv_conf_path]
 
 
@@ -492,3 +587,141 @@ def test_a_killed_lookup_ends_the_greenlet_at_once():
         deadline = time.monotonic() + answer_delay + 5
         while lib.green_offload_live_jobs() and time.monotonic() < deadline:
             gevent.sleep(0.05)
+
+
+# ---- bounds: pending lookups, their descriptors, a storm ----
+
+def slow_lookups(count: int, prefix: str):
+    """count greenlets, each looking up a name of its own (the slow DNS answers late)."""
+    return [gevent.spawn(green_getaddrinfo, f"{prefix}-{i}.greenify.test".encode(), None,
+                         hints(family=socket.AF_INET)) for i in range(count)]
+
+
+def settle(deadline_s: float) -> None:
+    deadline = time.monotonic() + deadline_s
+    while (lib.green_offload_live_jobs() or lib.green_offload_pending()) and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+
+
+@in_private_resolver
+def test_beyond_the_bound_lookups_wait_their_turn_and_the_hub_runs_on():
+    answer_delay, count = 0.2, 100
+    bound = lib.green_offload_max_pending()
+    with slow_dns(answer_delay):
+        ticks = []
+        ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(20)])
+        fds = open_fds()
+        lookups = slow_lookups(count, "turn")
+        most_pending = most_fds = 0
+        while not all(g.dead for g in lookups):
+            most_pending = max(most_pending, lib.green_offload_pending())
+            most_fds = max(most_fds, open_fds() - fds)
+            gevent.sleep(0.005)
+        ticker.join()
+        assert [g.value[0] for g in lookups] == [0] * count  # every one answered, none refused
+        assert most_pending == bound  # the bound was reached, and held
+        # an eventfd per pending lookup, one for those waiting a turn, each runner's DNS socket
+        assert most_fds <= bound + 1 + lib.green_offload_max_runners()
+        assert len(ticks) == 20  # the hub ran on meanwhile
+        settle(5)
+        assert lib.green_offload_pending() == 0
+
+
+@in_private_resolver
+def test_a_numeric_lookup_is_answered_at_once_while_every_slot_is_taken():
+    answer_delay = 2.0
+    with slow_dns(answer_delay):
+        lookups = slow_lookups(lib.green_offload_max_pending() + 20, "full")
+        gevent.sleep(0.2)
+        assert lib.green_offload_pending() == lib.green_offload_max_pending()
+        start = time.monotonic()
+        assert green_getaddrinfo(b"127.0.0.1", b"3306")[0] == 0
+        assert green_getaddrinfo(b"::1", None)[0] == 0
+        assert time.monotonic() - start < answer_delay / 4
+        gevent.killall(lookups)
+        settle(answer_delay + 10)
+        assert lib.green_offload_live_jobs() == 0
+
+
+@in_private_resolver
+def test_interrupted_queued_lookups_are_never_started():
+    answer_delay = 1.0
+    with slow_dns(answer_delay) as server:
+        runners = lib.green_offload_max_runners()
+        first = slow_lookups(runners, "running")  # every runner busy with these
+        deadline = time.monotonic() + 10
+        while server.queries < runners and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        queries = server.queries
+        assert queries == runners
+        for i in range(40):
+            with gevent.Timeout(0.01, False):
+                green_getaddrinfo(f"gone-{i}.greenify.test".encode(), None, hints(family=socket.AF_INET))
+        assert lib.green_offload_live_jobs() <= runners  # the 40 gone at once, not when a runner frees
+        gevent.joinall(first)
+        settle(answer_delay + 5)
+        assert lib.green_offload_live_jobs() == 0
+        assert server.queries == queries  # none of the 40 reached the DNS server
+
+
+def run_storm(*args: str) -> dict:
+    """tests/resolver_storm.py in a process of its own; its JSON report."""
+    storm = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resolver_storm.py")
+    done = subprocess.run([sys.executable, storm, *args], capture_output=True, text=True, timeout=120,
+                          preexec_fn=_die_with_parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def assert_storm_left_nothing(report: dict, fds_per_greenlet: int = 0) -> None:
+    """No failure but interruptions; at most max_pending lookups pending; the
+    descriptors within the resolver's bound (plus `fds_per_greenlet` for each
+    of the storm's greenlets: their connections); all back once it is over."""
+    failures = {outcome: n for outcome, n in report["outcomes"].items() if outcome not in ("answered", "interrupted")}
+    assert failures == {}, report  # no EMFILE, from the lookups or the sockets after them
+    assert report["outcomes"].get("interrupted", 0) > 0, report  # the storm did interrupt lookups
+    assert report["most_pending"] <= report["max_pending"], report
+    # each pending lookup holds one eventfd; one more for callers waiting a turn; each runner's DNS
+    # socket; a few for gevent's pool
+    resolver_fds = report["max_pending"] + 1 + report["max_runners"] + 4
+    assert report["most_fds"] <= report["baseline_fds"] + resolver_fds + fds_per_greenlet * report["greenlets"], report
+    assert report["after_live_jobs"] == report["after_pending"] == 0, report
+    # back to the baseline, but for the eventfds kept for reuse (at most max_pending) and the turn's
+    kept = report["after_spare_fds"] - report["baseline_spare_fds"]
+    assert report["after_fds"] - kept <= report["baseline_fds"] + 4, report
+
+
+@in_private_resolver
+def test_a_storm_of_interrupted_slow_lookups_stays_within_the_descriptor_limit():
+    with slow_dns(0.05):
+        report = run_storm("--host", "greenify.test", "--unique-names", "--nofile", "128",
+                           "--greenlets", "300", "--seconds", "3", "--timeouts-ms", "5", "150")
+    assert_storm_left_nothing(report)
+    assert report["outcomes"].get("answered", 0) > 0, report
+
+
+@in_private_resolver
+def test_a_child_forked_amid_lookups_resolves_and_its_parent_finishes_them():
+    answer_delay = 0.5
+    with slow_dns(answer_delay):
+        lookups = slow_lookups(lib.green_offload_max_runners() + 10, "forked")  # running and queued
+        gevent.sleep(0.1)
+        pid = os.fork()
+        if pid == 0:  # the child: none of the parent's runners came along, nor the DNS server's thread
+            status = 1
+            try:
+                with gevent.Timeout(20):
+                    gevent.killall(lookups)  # the copies of the parent's callers
+                    green = [green_getaddrinfo(b"localhost", b"80")[0] for _ in range(3)]
+                    numeric = green_getaddrinfo(b"127.0.0.1", None)[0]
+                    settle(10)
+                    left = lib.green_offload_live_jobs(), lib.green_offload_pending()
+                    status = 0 if (green, numeric, left) == ([0, 0, 0], 0, (0, 0)) else 2
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+        gevent.joinall(lookups, timeout=30)
+        assert [g.value[0] for g in lookups] == [0] * len(lookups)
+        settle(5)
+        assert lib.green_offload_live_jobs() == 0
