@@ -16,11 +16,13 @@ from greenify.patcher import (ObjectReport, PatchedSlot, PatchReport, SkippedImp
 from greenify.inventory import report
 from greenify.onload import OnLoadPatch, cancel_patch_on_load, patch_on_load
 from greenify.stats import WaitStats, stats
+from greenify.monitor import BlockedReport, NativeCallBlocked, unwatch, watch
 
 __all__ = [
     "greenify", "is_active",
     "patch_library", "unpatch_library", "patched", "patch_lib", "report", "stats", "WaitStats",
     "patch_on_load", "cancel_patch_on_load", "OnLoadPatch",
+    "watch", "unwatch", "BlockedReport", "NativeCallBlocked",
     "PatchReport", "ObjectReport", "PatchedSlot", "SkippedImport",
     "GreenifyError", "TargetNotFoundError", "NotLoadedError", "NotElfError", "WrongMachineError",
     "StaticExecutableError", "BuildIdMismatchError", "SlotOutsideSegmentsError", "ProtectedTargetError",
@@ -38,3 +40,8 @@ def greenify() -> None:
 def is_active() -> bool:
     """Whether ``greenify()`` was called."""
     return _bridge.is_active()
+
+
+from greenify import monitor as _monitor  # noqa: E402 - after every name above is defined
+
+_monitor.watch_from_environment()

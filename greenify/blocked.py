@@ -1,0 +1,504 @@
+"""Which native call a thread is blocked in, read from /proc without a debugger.
+
+For one thread of a process (this one or another), ``blocked_call(pid, tid)``
+reads:
+
+* ``/proc/PID/task/TID/syscall``: the system call the thread sleeps in, its
+  arguments, its stack and instruction pointers.  The call maps to the libc
+  functions greenify knows (csrc/green.h's lists, through greenify._functions)
+  by the table below, one row per architecture;
+* the thread's stack, from ``/proc/PID/mem`` (a bad address is an error
+  there, never a crash): the first word from the stack pointer up that lies
+  in an executable mapping of an object other than libc, ld.so or greenify's
+  own _green module, and follows a call instruction, is the return address
+  into the library that made the call;
+* that library's imports (greenify.elf, the patcher's reader): which of the
+  functions the system call stands for it imports, so the symbol;
+* the descriptor(s) in the arguments, described from ``/proc/PID/fd`` and
+  ``/proc/PID/net/{tcp,tcp6,udp,udp6,unix}``.
+
+greenify.monitor (the watch) and ``greenify-inspect --pid N --blocked`` both
+read threads through this module.  Reading another process's syscall file and
+memory needs ptrace permission on it (same user, or root).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import struct
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+from greenify import _functions, elf, loaded
+
+# System call number -> the functions of csrc/green.h's lists that issue it
+# (glibc's wrappers: recv is recvfrom, poll may be ppoll, sleep is
+# clock_nanosleep).  "futex" is no libc function greenify knows: a thread
+# waiting there waits for another thread (a lock, a condition).
+_X86_64 = {
+    0: "read", 1: "write", 7: "poll", 17: "pread64", 18: "pwrite64", 19: "readv", 20: "writev",
+    23: "select", 35: "nanosleep", 42: "connect", 43: "accept", 44: "sendto", 45: "recvfrom",
+    46: "sendmsg", 47: "recvmsg", 61: "wait4", 72: "fcntl", 73: "flock", 202: "futex", 230: "clock_nanosleep",
+    232: "epoll_wait", 270: "pselect6", 271: "ppoll", 281: "epoll_pwait", 288: "accept4", 299: "recvmmsg",
+    307: "sendmmsg", 441: "epoll_pwait2",
+}
+_AARCH64 = {
+    22: "epoll_pwait", 25: "fcntl", 32: "flock", 63: "read", 64: "write", 65: "readv", 66: "writev",
+    67: "pread64", 68: "pwrite64", 72: "pselect6", 73: "ppoll", 98: "futex", 101: "nanosleep",
+    115: "clock_nanosleep", 202: "accept", 203: "connect", 206: "sendto", 207: "recvfrom", 211: "sendmsg",
+    212: "recvmsg", 242: "accept4", 243: "recvmmsg", 260: "wait4", 269: "sendmmsg", 441: "epoll_pwait2",
+}
+SYSCALL_NAMES: Dict[int, str] = {"x86_64": _X86_64, "aarch64": _AARCH64}.get(platform.machine(), {})
+
+# System call -> the plain functions that issue it, most likely first.
+_FUNCTIONS_OF_SYSCALL: Dict[str, Tuple[str, ...]] = {
+    "read": ("read",), "write": ("write",), "readv": ("readv",), "writev": ("writev",),
+    "pread64": ("pread", "pread64"), "pwrite64": ("pwrite", "pwrite64"),
+    "poll": ("poll",), "ppoll": ("poll", "ppoll"), "select": ("select",), "pselect6": ("select", "pselect"),
+    "epoll_wait": ("epoll_wait",), "epoll_pwait": ("epoll_wait", "epoll_pwait"),
+    "epoll_pwait2": ("epoll_wait", "epoll_pwait"),
+    "nanosleep": ("nanosleep", "sleep", "usleep"),
+    "clock_nanosleep": ("nanosleep", "sleep", "usleep", "clock_nanosleep"),
+    "connect": ("connect",), "accept": ("accept",), "accept4": ("accept", "accept4"),
+    "sendto": ("send", "sendto"), "recvfrom": ("recv", "recvfrom"), "sendmsg": ("sendmsg",),
+    "recvmsg": ("recvmsg",), "recvmmsg": ("recvmmsg",), "sendmmsg": ("sendmmsg",),
+    "wait4": ("waitpid", "wait"), "fcntl": ("fcntl", "lockf"), "flock": ("flock",),
+}
+# A resolver (getaddrinfo, ...) waits in libc on these: when the caller
+# imports none of the direct functions, it called one of the resolver's.
+_RESOLVER_SYSCALLS = frozenset({"poll", "ppoll", "sendto", "recvfrom", "connect", "sendmmsg", "recvmsg"})
+
+_ROWS = {row.name: row for row in _functions.GREEN_FUNCTIONS}
+_RESOLVER_FUNCTIONS = tuple(sorted(_functions.blocking_calls("resolver")))
+# Where the descriptor is, by system call: the argument index (poll-likes and select-likes are read in memory).
+_FD_ARGUMENT = {name: 0 for name in ("read", "write", "readv", "writev", "pread64", "pwrite64", "connect", "accept",
+                                     "accept4", "sendto", "recvfrom", "sendmsg", "recvmsg", "recvmmsg", "sendmmsg",
+                                     "fcntl", "flock", "epoll_wait", "epoll_pwait", "epoll_pwait2")}
+
+STACK_SCAN_BYTES = 32 * 1024   # how far above the stack pointer the caller is looked for
+MAX_DESCRIBED_FDS = 8          # a poll on many descriptors lists the first ones
+
+
+def functions_of(syscall: str) -> Tuple[str, ...]:
+    """The functions of greenify's lists that issue ``syscall``, plain names."""
+    return tuple(name for name in _FUNCTIONS_OF_SYSCALL.get(syscall, ()) if name in _ROWS)
+
+
+def has_twin(function: str) -> bool:
+    row = _ROWS.get(function)
+    return row is not None and row.twin is not None
+
+
+# ------------------------------------------------------------- the thread
+
+@dataclass(frozen=True)
+class ThreadSyscall:
+    """One line of /proc/PID/task/TID/syscall."""
+
+    number: Optional[int]           # None: running (or the kernel did not say)
+    arguments: Tuple[int, ...] = ()
+    stack_pointer: int = 0
+    instruction_pointer: int = 0
+
+    @property
+    def name(self) -> Optional[str]:
+        return None if self.number is None or self.number < 0 else SYSCALL_NAMES.get(self.number)
+
+
+def read_syscall(pid: int, tid: int) -> ThreadSyscall:
+    """What /proc says thread ``tid`` of ``pid`` is doing.  Raises OSError
+    (PermissionError without ptrace permission, FileNotFoundError once gone)."""
+    with open(f"/proc/{pid}/task/{tid}/syscall") as file:
+        fields = file.read().split()
+    if not fields or fields[0] == "running":
+        return ThreadSyscall(None)
+    values = [int(value, 0) for value in fields]
+    if values[0] == -1 or len(values) < 9:  # blocked outside a system call: only sp and pc are known
+        return ThreadSyscall(-1, (), *values[1:3]) if len(values) >= 3 else ThreadSyscall(-1)
+    return ThreadSyscall(values[0], tuple(values[1:7]), values[7], values[8])
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """A line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    permissions: str
+    offset: int
+    path: str
+
+    @property
+    def executable(self) -> bool:
+        return "x" in self.permissions
+
+
+def read_maps(pid: int) -> List[Mapping]:
+    mappings = []
+    with open(f"/proc/{pid}/maps") as file:
+        for line in file:
+            fields = line.split(maxsplit=5)
+            if len(fields) < 5:
+                continue
+            start, end = (int(value, 16) for value in fields[0].split("-"))
+            path = fields[5].strip().removesuffix(" (deleted)") if len(fields) == 6 else ""
+            mappings.append(Mapping(start, end, fields[1], int(fields[2], 16), path))
+    return mappings
+
+
+class ProcessMemory:
+    """Reads another (or this) process's memory through /proc/PID/mem: an
+    address that is not mapped reads as None, never as a crash."""
+
+    def __init__(self, pid: int) -> None:
+        self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self, address: int, size: int) -> Optional[bytes]:
+        try:
+            data = os.pread(self.fd, size, address)
+        except (OSError, OverflowError):
+            return None
+        return data if len(data) == size else None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> "ProcessMemory":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------- the calling object
+
+def _is_libc_part(path: str) -> bool:
+    """libc, ld.so and glibc's other parts: the wrapper frames to skip."""
+    name = os.path.basename(path)
+    reason = loaded.protected_reason(loaded.LoadedObject(path, 0, (), None))
+    return (reason is not None and ("libc" in reason or "loader" in reason)) or bool(loaded._GLIBC_PARTS.match(name))
+
+
+@lru_cache(maxsize=None)
+def _green_module() -> str:
+    return loaded._green_module_path()
+
+
+def _follows_call(memory: ProcessMemory, address: int) -> bool:
+    """Whether the instruction before ``address`` is a call (so ``address``
+    is a return address, not a stale word)."""
+    if platform.machine() == "aarch64":
+        code = memory.read(address - 4, 4)
+        if code is None:
+            return False
+        insn = struct.unpack("<I", code)[0]
+        return (insn & 0xFC000000) == 0x94000000 or (insn & 0xFFFFFC1F) == 0xD63F0000  # bl, blr
+    code = memory.read(address - 7, 7)
+    return code is not None and _x86_64_call_ends(code)
+
+
+def _x86_64_call_ends(code: bytes) -> bool:
+    """Whether the 7 bytes ``code`` end with a call: e8 rel32, or
+    [REX] ff /2 with its ModRM, SIB and displacement."""
+    if code[2] == 0xE8:
+        return True
+    for length in range(2, 8):
+        insn = code[7 - length:]
+        at = 1 if 0x40 <= insn[0] <= 0x4F else 0
+        if at + 2 > length or insn[at] != 0xFF or (insn[at + 1] >> 3) & 7 != 2:
+            continue
+        mod, rm = insn[at + 1] >> 6, insn[at + 1] & 7
+        size = at + 2
+        if mod != 3:
+            if rm == 4:
+                if at + 2 >= length:
+                    continue
+                size += 1 + (4 if mod == 0 and insn[at + 2] & 7 == 5 else 0)
+            elif mod == 0 and rm == 5:
+                size += 4  # rip-relative: call *sym@GOTPCREL(%rip), as -fno-plt builds call
+            size += {1: 1, 2: 4}.get(mod, 0)
+        if size == length:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The object that called into libc: its file, and where in it."""
+
+    path: str
+    return_address: int
+    file_offset: int          # of the return address in the file: addr2line -e path
+    through_twin: bool        # greenify's _green module is between it and libc: a green twin went native
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def find_caller(memory: ProcessMemory, maps: Sequence[Mapping], stack_pointer: int) -> Optional[Caller]:
+    """The first return address above ``stack_pointer`` into an object other
+    than libc's parts (and greenify's _green, which is noted)."""
+    stack = next((m for m in maps if m.start <= stack_pointer < m.end), None)
+    if stack is None:
+        return None
+    size = min(STACK_SCAN_BYTES, stack.end - stack_pointer) & ~7
+    words = memory.read(stack_pointer, size)
+    if words is None:
+        return None
+    executable = [m for m in maps if m.executable and m.path.startswith("/")]
+    through_twin = False
+    for (word,) in struct.iter_unpack("<Q", words):
+        mapping = next((m for m in executable if m.start <= word < m.end), None)
+        if mapping is None or _is_libc_part(mapping.path) or not _follows_call(memory, word):
+            continue
+        if os.path.realpath(mapping.path) == _green_module():
+            through_twin = True
+            continue
+        return Caller(mapping.path, word, word - mapping.start + mapping.offset, through_twin)
+    return None
+
+
+@lru_cache(maxsize=256)
+def _imports_of(path: str) -> Optional[FrozenSet[str]]:
+    """The blocking functions the file at ``path`` imports (fortified forms
+    as their plain function); None when it cannot be read (static, gone)."""
+    try:
+        imports = elf.read_blocking_imports(path)
+    except Exception:  # noqa: BLE001 - any unreadable file: the report says so
+        return None
+    plain = {row.name: row.fortified_of or row.name for row in _functions.GREEN_FUNCTIONS}
+    return frozenset(plain.get(imp.symbol, imp.symbol) for imp in imports.imports)
+
+
+# ------------------------------------------------------------ descriptors
+
+def _socket_table(pid: int) -> Dict[str, str]:
+    """socket inode -> description, from /proc/PID/net."""
+    table: Dict[str, str] = {}
+    states = {"01": "ESTABLISHED", "02": "SYN_SENT", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT",
+              "0A": "LISTEN"}
+    for protocol in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            with open(f"/proc/{pid}/net/{protocol}") as file:
+                lines = file.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10:
+                continue
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            kind = protocol.rstrip("6").upper()
+            text = f"{kind} {_address(local)} -> {_address(remote)}"
+            if kind == "TCP":
+                text += f" ({states.get(state, state)})"
+            table[inode] = text
+    try:
+        with open(f"/proc/{pid}/net/unix") as file:
+            for line in file.read().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) >= 7:
+                    table[fields[6]] = "unix socket" + (f" {fields[7]}" if len(fields) > 7 else "")
+    except OSError:
+        pass
+    return table
+
+
+def _address(text: str) -> str:
+    host, port = text.split(":")
+    raw = bytes.fromhex(host)
+    if len(raw) == 4:
+        ip = ".".join(str(byte) for byte in raw[::-1])
+    else:
+        import ipaddress
+
+        words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+        ip = "[" + str(ipaddress.IPv6Address(words)) + "]"
+    return f"{ip}:{int(port, 16)}"
+
+
+def describe_descriptor(pid: int, fd: int, sockets: Optional[Dict[str, str]] = None) -> str:
+    """What descriptor ``fd`` of ``pid`` is: a TCP connection with both ends,
+    a unix socket, a pipe, a file."""
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return "closed"
+    if target.startswith("socket:["):
+        inode = target[len("socket:["):-1]
+        return (sockets if sockets is not None else _socket_table(pid)).get(inode, f"socket (inode {inode})")
+    if target.startswith("pipe:"):
+        return "pipe"
+    if target.startswith("anon_inode:"):
+        return target[len("anon_inode:"):].strip("[]")
+    return f"file {target}"
+
+
+def _descriptors(memory: ProcessMemory, syscall: ThreadSyscall) -> List[int]:
+    name, args = syscall.name, syscall.arguments
+    if name in _FD_ARGUMENT:
+        return [int(args[_FD_ARGUMENT[name]]) & 0xFFFFFFFF]
+    if name in ("poll", "ppoll"):
+        count = min(args[1], MAX_DESCRIBED_FDS)
+        data = memory.read(args[0], 8 * count) if count else None
+        if data is None:
+            return []
+        return [fd for fd, _events, _revents in struct.iter_unpack("<ihh", data) if fd >= 0]
+    if name in ("select", "pselect6"):
+        nfds = min(args[0], 1024)
+        found: List[int] = []
+        for pointer in args[1:3]:
+            bits = memory.read(pointer, (nfds + 7) // 8) if pointer and nfds else None
+            found += [fd for fd in range(nfds) if bits and bits[fd // 8] >> (fd % 8) & 1 and fd not in found]
+        return found[:MAX_DESCRIBED_FDS]
+    return []
+
+
+# ---------------------------------------------------------------- the call
+
+@dataclass(frozen=True)
+class BlockedCall:
+    """The native call a thread sleeps in, as far as /proc tells."""
+
+    pid: int
+    tid: int
+    syscall: str                         # the system call, e.g. "recvfrom"
+    functions: Tuple[str, ...]           # the libc functions that issue it (greenify's names)
+    symbol: Optional[str]                # the one the caller imports (None: not confirmed)
+    caller: Optional[Caller]
+    descriptors: Tuple[Tuple[int, str], ...] = field(default=())
+
+    @property
+    def library(self) -> str:
+        """The calling object's file name, or "?" when the stack scan found none."""
+        return self.caller.name if self.caller else "?"
+
+    @property
+    def function(self) -> str:
+        """The symbol, else the system call's most likely function."""
+        return self.symbol or (self.functions[0] if self.functions else self.syscall)
+
+    @property
+    def has_twin(self) -> bool:
+        return has_twin(self.function)
+
+    @property
+    def waits_for_thread(self) -> bool:
+        return self.syscall == "futex"
+
+    def fix(self) -> str:
+        """The patch_library call that would make it cooperative, or why greenify cannot help."""
+        if self.waits_for_thread:
+            return ("it waits for another thread (a lock or condition, futex): if the library does its I/O in "
+                    "threads of its own, greenify cannot make it cooperative; run the call in gevent's threadpool")
+        if self.caller is None:
+            return "no calling library found on the stack (a static binary, or JIT code): greenify cannot patch it"
+        if self.caller.through_twin:
+            return (f"{self.library} is patched but its green twin of {self.function} blocked natively: the call "
+                    "was made where no hub could take the wait (greenify.greenify() not called, or the hub "
+                    "greenlet itself)")
+        if _imports_of(self.caller.path) is None:
+            return f"{self.library} cannot be read as a dynamic ELF object (static?): greenify cannot patch it"
+        obj = loaded.LoadedObject(self.caller.path, 0, (), None, is_main_program=self._is_main_program())
+        protected = loaded.protected_reason(obj)
+        if protected is not None:
+            return (f"the interpreter's own {self.function} ({protected}): gevent makes Python's calls "
+                    "cooperative, call gevent.monkey.patch_all() first or use gevent's API")
+        if not self.has_twin:
+            return (f"greenify has no green twin for {self.function}: run the call in gevent's threadpool "
+                    "(gevent.get_hub().threadpool.apply(...))")
+        return f'greenify.patch_library("{_patch_name(self.caller.path)}")'
+
+    def _is_main_program(self) -> bool:
+        try:
+            return os.path.realpath(f"/proc/{self.pid}/exe") == os.path.realpath(self.caller.path)
+        except OSError:
+            return False
+
+    def describe(self) -> str:
+        """One line: ``libmariadb.so.3: poll on fd 5 (TCP ... -> 127.0.0.1:3306)``."""
+        text = f"{self.library}: {self.function}"
+        if self.symbol is None and self.functions:
+            text += f" (system call {self.syscall}; {self.library} imports none of {', '.join(self.functions)})"
+        if self.descriptors:
+            text += " on " + ", ".join(f"fd {fd} ({what})" for fd, what in self.descriptors)
+        return text
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"pid": self.pid, "tid": self.tid, "syscall": self.syscall, "function": self.function,
+                "symbol": self.symbol, "library": self.library,
+                "library_path": self.caller.path if self.caller else None,
+                "caller_offset": self.caller.file_offset if self.caller else None,
+                "descriptors": [{"fd": fd, "description": what} for fd, what in self.descriptors],
+                "green_twin": self.has_twin, "fix": self.fix()}
+
+
+@lru_cache(maxsize=256)
+def _patch_name(path: str) -> str:
+    try:
+        soname = elf.read_blocking_imports(path, symbols=()).soname
+    except Exception:  # noqa: BLE001
+        soname = None
+    return soname or os.path.basename(path)
+
+
+def _symbol(caller: Optional[Caller], syscall: str, functions: Tuple[str, ...]) -> Optional[str]:
+    if caller is None:
+        return None
+    imported = _imports_of(caller.path) or frozenset()
+    for function in functions:
+        if function in imported:
+            return function
+    if syscall in _RESOLVER_SYSCALLS:
+        return next((function for function in _RESOLVER_FUNCTIONS if function in imported), None)
+    return None
+
+
+def blocked_call(pid: int, tid: int, syscall: Optional[ThreadSyscall] = None) -> Optional[BlockedCall]:
+    """The call thread ``tid`` of ``pid`` is blocked in, or None when it runs
+    or sleeps in a system call that is none of greenify's functions' (nor a
+    futex).  Raises OSError when /proc cannot be read (permission, gone)."""
+    syscall = read_syscall(pid, tid) if syscall is None else syscall
+    name = syscall.name
+    if name is None:
+        return None
+    functions = functions_of(name)
+    if not functions and name != "futex":
+        return None
+    with ProcessMemory(pid) as memory:
+        maps = read_maps(pid)
+        caller = find_caller(memory, maps, syscall.stack_pointer)
+        fds = _descriptors(memory, syscall)
+    sockets = _socket_table(pid) if fds else {}
+    descriptors = tuple((fd, describe_descriptor(pid, fd, sockets)) for fd in fds)
+    return BlockedCall(pid, tid, name, functions, _symbol(caller, name, functions), caller, descriptors)
+
+
+def blocked_threads(pid: int) -> List[Tuple[int, str, Optional[BlockedCall]]]:
+    """Every thread of ``pid``: (tid, its name, the call it is blocked in or None)."""
+    threads = []
+    for entry in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+        tid = int(entry)
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as file:
+                name = file.read().strip()
+            threads.append((tid, name, blocked_call(pid, tid)))
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile
+    return threads
+
+
+def render_blocked(pid: int, threads: Sequence[Tuple[int, str, Optional[BlockedCall]]]) -> List[str]:
+    """greenify-inspect --blocked's text."""
+    lines = [f"pid {pid}: {len(threads)} threads"]
+    for tid, name, call in threads:
+        if call is None:
+            lines.append(f"  thread {tid} ({name}): not blocked in a call greenify knows")
+            continue
+        lines.append(f"  thread {tid} ({name}): {call.describe()}")
+        if call.caller:
+            lines.append(f"    called from {call.caller.path}+{call.caller.file_offset:#x}")
+        lines.append(f"    fix: {call.fix()}")
+    return lines
