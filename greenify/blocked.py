@@ -502,3 +502,21 @@ def render_blocked(pid: int, threads: Sequence[Tuple[int, str, Optional[BlockedC
             lines.append(f"    called from {call.caller.path}+{call.caller.file_offset:#x}")
         lines.append(f"    fix: {call.fix()}")
     return lines
+
+
+def pid_report(pid: int) -> Tuple[Dict[str, object], List[str]]:
+    """greenify-inspect --pid N --blocked: the JSON document and the text.
+    Raises GreenifyError naming the process when /proc cannot be read."""
+    from greenify.errors import GreenifyError
+
+    try:
+        threads = blocked_threads(pid)
+    except FileNotFoundError:
+        raise GreenifyError(f"--pid {pid}: no process with that id", str(pid)) from None
+    except PermissionError:
+        raise GreenifyError(f"--pid {pid}: cannot read its threads' system calls and memory: permission denied "
+                            "(needs ptrace permission: its user, or root)", str(pid)) from None
+    document = {"mode": "blocked", "pid": pid,
+                "threads": [{"tid": tid, "name": name, "blocked": call.to_dict() if call else None}
+                            for tid, name, call in threads]}
+    return document, render_blocked(pid, threads)

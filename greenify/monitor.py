@@ -125,9 +125,9 @@ class _WatchedLoop:
     ident: int                     # the thread's Python ident, for sys._current_frames()
     last_beat: float
     stop_beat: Callable[[], None] = lambda: None
-    examined_stall: Optional[float] = None   # last_beat of the stall already looked at
-    stall_site: Optional[tuple] = None       # its call site, while it lasts
-    stall_counted_s: float = 0.0
+    signature: Optional[tuple] = None        # the blocked call last read in full, while it lasts
+    site: Optional[tuple] = None             # its call site
+    seen_at: float = 0.0                     # when its time was last counted
 
 
 @dataclass
@@ -168,29 +168,38 @@ class Watcher:
 
     def _check(self, now: float) -> None:
         for watched in list(self.loops):
-            stalled_s = now - watched.last_beat
-            if stalled_s <= self.threshold:
+            if now - watched.last_beat <= self.threshold:
+                watched.signature = None
                 continue
-            if watched.examined_stall == watched.last_beat:
-                if watched.stall_site is not None:  # the same stall goes on: count its time
-                    self.sites[watched.stall_site].total_blocked_s += stalled_s - watched.stall_counted_s
-                    watched.stall_counted_s = stalled_s
-                continue
-            self._examine(watched, stalled_s)
+            self._examine(watched, now)
 
-    def _examine(self, watched: _WatchedLoop, stalled_s: float) -> None:
-        stall = watched.last_beat
+    def _examine(self, watched: _WatchedLoop, now: float) -> None:
+        """One pass over a stalled loop: a call seen before (same stall, same
+        system call and stack pointer, same Python line) only adds to its
+        site's time; a new one is read in full and, at a new site, reported."""
+        beat = watched.last_beat
         try:
-            call = blocked.blocked_call(os.getpid(), watched.native_id)
+            syscall = blocked.read_syscall(os.getpid(), watched.native_id)
+        except OSError:
+            return
+        frame = sys._current_frames().get(watched.ident)
+        signature = (beat, syscall.number, syscall.stack_pointer, syscall.arguments,
+                     None if frame is None else (id(frame.f_code), frame.f_lineno))
+        if signature == watched.signature:
+            self.sites[watched.site].total_blocked_s += now - watched.seen_at
+            watched.seen_at = now
+            return
+        watched.signature = None
+        try:
+            call = blocked.blocked_call(os.getpid(), watched.native_id, syscall)
         except OSError:
             call = None
-        if call is None or stall != watched.last_beat:
-            return  # running Python, or the loop came back meanwhile: look again next time
-        frame = sys._current_frames().get(watched.ident)
+        if call is None or beat != watched.last_beat:
+            return  # running Python, or the loop came back meanwhile
         stack = [f"{entry.filename}:{entry.lineno} in {entry.name}"
                  for entry in traceback.extract_stack(frame)[-PYTHON_STACK_FRAMES:]] if frame is not None else []
         del frame
-        watched.examined_stall = stall
+        stalled_s = now - beat
         key = (call.library, call.function, tuple(stack))
         site = self.sites.get(key)
         first = site is None
@@ -198,7 +207,7 @@ class Watcher:
             site = self.sites[key] = _Site()
         site.stalls += 1
         site.total_blocked_s += stalled_s
-        watched.stall_site, watched.stall_counted_s = key, stalled_s
+        watched.signature, watched.site, watched.seen_at = signature, key, now
         if first:
             self._send(BlockedReport(watched.kind, call, stalled_s, site.total_blocked_s, site.stalls, stack),
                        watched)
@@ -271,17 +280,20 @@ def watch(threshold: float = DEFAULT_THRESHOLD_S, loop: Any = None,
     return _watcher
 
 
-def unwatch() -> None:
-    """Stop watching every loop and end the monitor thread (reports stay readable)."""
-    watcher = _watcher
+def unwatch() -> Optional[Watcher]:
+    """Stop watching every loop and end the monitor thread.  Returns the
+    Watcher, whose reports stay readable; the next watch() starts afresh."""
+    global _watcher
+    watcher, _watcher = _watcher, None
     if watcher is None:
-        return
+        return None
     for watched in watcher.loops:
         watched.stop_beat()
     watcher.loops.clear()
     if watcher._stop_lock is not None:
         watcher._stop_lock.release()
         watcher._stop_lock = None
+    return watcher
 
 
 def _loop_of_this_thread() -> Any:
