@@ -168,6 +168,9 @@ class Watcher:
 
     def _check(self, now: float) -> None:
         for watched in list(self.loops):
+            if watched.kind == "asyncio loop" and watched.loop.is_closed():
+                self.loops.remove(watched)  # asyncio.run() ended: nothing left to watch there
+                continue
             if now - watched.last_beat <= self.threshold:
                 watched.signature = None
                 continue
@@ -183,8 +186,7 @@ class Watcher:
         except OSError:
             return
         frame = sys._current_frames().get(watched.ident)
-        signature = (beat, syscall.number, syscall.stack_pointer, syscall.arguments,
-                     None if frame is None else (id(frame.f_code), frame.f_lineno))
+        signature = (beat, syscall.number, syscall.stack_pointer, syscall.arguments, _frames_key(frame))
         if signature == watched.signature:
             self.sites[watched.site].total_blocked_s += now - watched.seen_at
             watched.seen_at = now
@@ -227,6 +229,16 @@ class Watcher:
         _notify_gevent(report)
         if watched.kind == "asyncio loop":
             _tell_asyncio(watched.loop, report)
+
+
+def _frames_key(frame: Any) -> tuple:
+    """The Python stack's code objects and lines, cheaply: what tells one
+    call site from another while the loop stays blocked."""
+    key = []
+    while frame is not None and len(key) < PYTHON_STACK_FRAMES:
+        key.append((id(frame.f_code), frame.f_lineno))
+        frame = frame.f_back
+    return tuple(key)
 
 
 def _notify_gevent(report: BlockedReport) -> None:
@@ -323,7 +335,11 @@ def _heartbeat(loop: Any, period: float) -> _WatchedLoop:
             handle[:] = [loop.call_later(period, beat)]
 
         handle.append(loop.call_later(period, beat))
-        watched.stop_beat = lambda: loop.call_soon_threadsafe(lambda: handle and handle[0].cancel())
+        def stop_beat() -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(lambda: handle and handle[0].cancel())
+
+        watched.stop_beat = stop_beat
         return watched
     watched = _WatchedLoop("gevent hub", loop, native_id, ident, time.monotonic())
     timer = loop.loop.timer(period, period, ref=False)
