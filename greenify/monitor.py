@@ -183,6 +183,9 @@ class Watcher:
         beat = watched.last_beat
         try:
             syscall = blocked.read_syscall(os.getpid(), watched.native_id)
+        except FileNotFoundError:
+            self.loops.remove(watched)  # its thread ended
+            return
         except OSError:
             return
         frame = sys._current_frames().get(watched.ident)
