@@ -103,15 +103,25 @@ class BlockedReport:
         return "\n".join(lines)
 
 
-class NativeCallBlocked:
-    """The gevent event (``gevent.events.notify``) of one report: subscribers
-    get it beside gevent's own EventLoopBlocked.  Notified from the monitor
-    thread, while the call still blocks."""
+try:
+    from gevent.events import EventLoopBlocked as _EventLoopBlocked
+except ImportError:  # asyncio only: the event class stands alone
+    _EventLoopBlocked = object
 
-    def __init__(self, report: BlockedReport) -> None:
+
+class NativeCallBlocked(_EventLoopBlocked):
+    """The gevent event (``gevent.events.notify``) of one report.  A kind of
+    gevent's EventLoopBlocked (``blocking_time``, ``info`` lines, ``hub``;
+    ``greenlet`` is None: another thread's current greenlet cannot be read),
+    so code written for gevent's monitor consumes it too, plus ``report``.
+    Notified from the monitor thread, while the call still blocks."""
+
+    def __init__(self, report: BlockedReport, hub: Any = None) -> None:
         self.report = report
+        self.greenlet = None
         self.blocking_time = report.blocked_s
         self.info = str(report).splitlines()
+        self.hub = hub
 
     def __repr__(self) -> str:
         return f"<NativeCallBlocked {self.report.library}: {self.report.symbol} {self.blocking_time:.2f} s>"
@@ -229,7 +239,7 @@ class Watcher:
         report.suppressed_before, self._suppressed_since = self._suppressed_since, 0
         self.reports.append(report)
         log.warning("%s", report)
-        _notify_gevent(report)
+        _notify_gevent(report, watched.loop if watched.kind == "gevent hub" else None)
         if watched.kind == "asyncio loop":
             _tell_asyncio(watched.loop, report)
 
@@ -244,12 +254,12 @@ def _frames_key(frame: Any) -> tuple:
     return tuple(key)
 
 
-def _notify_gevent(report: BlockedReport) -> None:
+def _notify_gevent(report: BlockedReport, hub: Any) -> None:
     events = sys.modules.get("gevent.events")
     if events is None:
         return
     try:
-        events.notify(NativeCallBlocked(report))
+        events.notify(NativeCallBlocked(report, hub))
     except Exception:  # noqa: BLE001 - a subscriber's error must not stop the monitor
         log.exception("greenify.watch: a gevent.events subscriber failed on a NativeCallBlocked")
 

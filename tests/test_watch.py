@@ -95,7 +95,8 @@ def assert_one_report(seen: Seen, library_stem: str, symbols, peer: str, line: i
     assert report.blocked_s > THRESHOLD_S
     assert report.fix.startswith("greenify.patch_library("), str(report)
     assert any(str(report) in record.getMessage() for record in seen.records), "not logged"
-    assert any(event.report is report for event in seen.events), "no gevent.events notification"
+    (event,) = [event for event in seen.events if getattr(event, "report", None) is report]
+    assert isinstance(event, gevent.events.EventLoopBlocked) and event.hub is gevent.get_hub()
     return report
 
 
@@ -286,21 +287,21 @@ SHORT_THRESHOLD_S = 0.01
 
 
 def test_rate_limit_holds_under_1000_stuck_calls_and_counts_the_suppressed(fx_io, quiet_pipe):
-    # Each call site is a line of its own (compiled at line i), so nothing is deduplicated.
-    sites = [compile("\n" * index + "stuck_select(fx_io, fd, seconds)", f"<site {index}>", "exec")
-             for index in range(CALLS_PER_THREAD)]
+    # Each call site is a line of a file of its own, so nothing is deduplicated.
+    sites = [[compile("\n" * index + "stuck_select(fx_io, fd, seconds)", f"<thread {thread}>", "exec")
+              for index in range(CALLS_PER_THREAD)] for thread in range(THREADS)]
     watcher = greenify.watch(SHORT_THRESHOLD_S, max_reports_per_minute=RATE_LIMIT)
     started = threading.Barrier(THREADS)
 
-    def hub_thread() -> None:
+    def hub_thread(thread: int) -> None:
         greenify.watch(SHORT_THRESHOLD_S, max_reports_per_minute=RATE_LIMIT)  # this thread's own hub
         started.wait()
-        for code in sites:
+        for code in sites[thread]:
             exec(code, {"stuck_select": stuck_select, "fx_io": fx_io, "fd": quiet_pipe, "seconds": SHORT_STUCK_S})
             gevent.sleep(0)
 
     try:
-        threads = [threading.Thread(target=hub_thread) for _ in range(THREADS)]
+        threads = [threading.Thread(target=hub_thread, args=(thread,)) for thread in range(THREADS)]
         for thread in threads:
             thread.start()
         for thread in threads:
