@@ -435,3 +435,44 @@ def test_inspect_blocked_needs_pid():
     with pytest.raises(SystemExit) as exit_info:
         inspect.main(["libc.so.6", "--blocked"])
     assert exit_info.value.code == inspect.EXIT_BAD_INPUT
+
+
+# --- as users run it: gunicorn's gevent worker, turned on by the environment ---
+
+WATCH_HOOK = '''\
+def post_fork(server, worker):
+    # greenify set up in the worker, but no library patched: the watch names the one to patch.
+    import greenify
+
+    greenify.greenify()
+'''
+
+
+@pytest.mark.compat("MySQLdb under gunicorn")
+def test_gunicorn_worker_with_greenify_watch_env_names_the_unpatched_library(MySQLdb, mariadb):
+    from test_gunicorn import APP, COMMON_CONFIG, answers_ping, get
+
+    servers.require_module("gunicorn", "gunicorn")
+    with servers.scratch_dir("greenify-gunicorn-watch-") as base:
+        (Path(base) / "app.py").write_text(APP)
+        config_path = Path(base) / "gunicorn.conf.py"
+        config_path.write_text(COMMON_CONFIG + "\n" + WATCH_HOOK)
+        log_path = os.path.join(base, "gunicorn.log")
+        env = {**os.environ, "GREENIFY_WATCH": "0.1", "PYTHONPATH": str(HERE.parent.parent),
+               "GREENIFY_DB_HOST": mariadb.host, "GREENIFY_DB_PORT": str(mariadb.port),
+               "GREENIFY_DB_USER": mariadb.user, "GREENIFY_DB_PASSWORD": mariadb.password,
+               "GREENIFY_DB_NAME": mariadb.database}
+
+        def command(port: int):
+            return [sys.executable, "-m", "gunicorn", "--config", str(config_path), "--chdir", base,
+                    "--bind", f"{servers.HOST}:{port}", "app:application"]
+
+        with servers.running_on_free_port("gunicorn", command, log_path, answers_ping, env=env) as (_, port):
+            assert get(port, f"/?sleep={STUCK_S}")[0] == 200
+            deadline = time.monotonic() + 10
+            while "fix: greenify.patch_library" not in servers.read_log(log_path) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            log = servers.read_log(log_path)
+    assert "gevent hub's thread has been blocked" in log and "libmariadb" in log, log
+    assert f"127.0.0.1:{mariadb.port}" in log and "app.py:" in log, log
+    assert 'fix: greenify.patch_library("libmariadb.so.3")' in log, log
