@@ -293,7 +293,7 @@ def _socket_table(pid: int) -> Dict[str, str]:
             kind = protocol.rstrip("6").upper()
             text = f"{kind} {_address(local)} -> {_address(remote)}"
             if kind == "TCP":
-                text += f" ({states.get(state, state)})"
+                text += f", {states.get(state, state).lower().replace('_', '-')}"
             table[inode] = text
     try:
         with open(f"/proc/{pid}/net/unix") as file:
@@ -404,8 +404,9 @@ class BlockedCall:
         obj = loaded.LoadedObject(self.caller.path, 0, (), None, is_main_program=self._is_main_program())
         protected = loaded.protected_reason(obj)
         if protected is not None:
-            return (f"the interpreter's own {self.function} ({protected}): gevent makes Python's calls "
-                    "cooperative, call gevent.monkey.patch_all() first or use gevent's API")
+            return (f"a call of the interpreter's own ({self.library} is never patched: {protected}): under "
+                    "gevent, call gevent.monkey.patch_all() first or use gevent's API (gevent.sleep, "
+                    "gevent.socket, gevent.subprocess)")
         if not self.has_twin:
             return (f"greenify has no green twin for {self.function}: run the call in gevent's threadpool "
                     "(gevent.get_hub().threadpool.apply(...))")
@@ -423,7 +424,7 @@ class BlockedCall:
         if self.symbol is None and self.functions:
             text += f" (system call {self.syscall}; {self.library} imports none of {', '.join(self.functions)})"
         if self.descriptors:
-            text += " on " + ", ".join(f"fd {fd} ({what})" for fd, what in self.descriptors)
+            text += " on " + "; ".join(f"fd {fd}: {what}" for fd, what in self.descriptors)
         return text
 
     def to_dict(self) -> Dict[str, object]:
@@ -492,7 +493,7 @@ def blocked_threads(pid: int) -> List[Tuple[int, str, Optional[BlockedCall]]]:
 
 def render_blocked(pid: int, threads: Sequence[Tuple[int, str, Optional[BlockedCall]]]) -> List[str]:
     """greenify-inspect --blocked's text."""
-    lines = [f"pid {pid}: {len(threads)} threads"]
+    lines = [f"pid {pid}: {len(threads)} thread{'s' if len(threads) != 1 else ''}"]
     for tid, name, call in threads:
         if call is None:
             lines.append(f"  thread {tid} ({name}): not blocked in a call greenify knows")
