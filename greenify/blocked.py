@@ -23,12 +23,13 @@ memory needs ptrace permission on it (same user, or root).
 """
 from __future__ import annotations
 
+import bisect
 import os
 import platform
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from greenify import _functions, elf, loaded
 
@@ -173,6 +174,7 @@ class ProcessMemory:
 
 # ------------------------------------------------------- the calling object
 
+@lru_cache(maxsize=None)
 def _is_libc_part(path: str) -> bool:
     """libc, ld.so and glibc's other parts: the wrapper frames to skip."""
     name = os.path.basename(path)
@@ -185,17 +187,42 @@ def _green_module() -> str:
     return loaded._green_module_path()
 
 
-def _follows_call(memory: ProcessMemory, address: int) -> bool:
+# What a call into another object looks like: x86-64 PLT stubs begin with
+# jmp *GOT(%rip), after endbr64 and/or bnd where the build has them; an
+# aarch64 PLT stub begins with adrp x16.
+_X86_64_PLT_STARTS = (b"\xff\x25", b"\xf2\xff\x25", b"\xf3\x0f\x1e\xfa\xff\x25", b"\xf3\x0f\x1e\xfa\xf2\xff\x25")
+CALL_TO_IMPORT, OTHER_CALL = "import", "other"
+
+
+def _call_before(memory: ProcessMemory, address: int) -> Optional[str]:
     """Whether the instruction before ``address`` is a call (so ``address``
-    is a return address, not a stale word)."""
+    is a return address, not a stale word): CALL_TO_IMPORT when it goes
+    through a PLT stub or a GOT slot, as a call into libc does, OTHER_CALL
+    for any other call, None for no call."""
     if platform.machine() == "aarch64":
         code = memory.read(address - 4, 4)
         if code is None:
-            return False
+            return None
         insn = struct.unpack("<I", code)[0]
-        return (insn & 0xFC000000) == 0x94000000 or (insn & 0xFFFFFC1F) == 0xD63F0000  # bl, blr
+        if (insn & 0xFFFFFC1F) == 0xD63F0000:  # blr
+            return OTHER_CALL
+        if (insn & 0xFC000000) != 0x94000000:  # bl
+            return None
+        offset = (insn & 0x03FFFFFF) << 2
+        target = address - 4 + (offset - (1 << 28) if offset & (1 << 27) else offset)
+        stub = memory.read(target, 4)
+        is_stub = stub is not None and (struct.unpack("<I", stub)[0] & 0x9F00001F) == 0x90000010
+        return CALL_TO_IMPORT if is_stub else OTHER_CALL
     code = memory.read(address - 7, 7)
-    return code is not None and _x86_64_call_ends(code)
+    if code is None:
+        return None
+    if code[1:3] == b"\xff\x15":  # call *sym@GOTPCREL(%rip): -fno-plt
+        return CALL_TO_IMPORT
+    if code[2] == 0xE8:
+        target = address + struct.unpack("<i", code[3:7])[0]
+        stub = memory.read(target, 8)
+        return CALL_TO_IMPORT if stub is not None and stub.startswith(_X86_64_PLT_STARTS) else OTHER_CALL
+    return OTHER_CALL if _x86_64_call_ends(code) else None
 
 
 def _x86_64_call_ends(code: bytes) -> bool:
@@ -230,16 +257,19 @@ class Caller:
     path: str
     return_address: int
     file_offset: int          # of the return address in the file: addr2line -e path
-    through_twin: bool        # greenify's _green module is between it and libc: a green twin went native
 
     @property
     def name(self) -> str:
         return os.path.basename(self.path)
 
 
-def find_caller(memory: ProcessMemory, maps: Sequence[Mapping], stack_pointer: int) -> Optional[Caller]:
-    """The first return address above ``stack_pointer`` into an object other
-    than libc's parts (and greenify's _green, which is noted)."""
+def find_caller(memory: ProcessMemory, maps: Sequence[Mapping], stack_pointer: int,
+                confirms: Callable[[str], bool] = lambda path: True) -> Optional[Caller]:
+    """The object that called into libc: going up from ``stack_pointer``, the
+    first return address into an object other than libc's parts after a call
+    through a PLT stub or GOT slot, where ``confirms(path)`` (it imports the
+    function); failing that, the first return address after any call.
+    Stale words (a deeper call's leftovers in a frame's padding) rarely pass both."""
     stack = next((m for m in maps if m.start <= stack_pointer < m.end), None)
     if stack is None:
         return None
@@ -247,29 +277,59 @@ def find_caller(memory: ProcessMemory, maps: Sequence[Mapping], stack_pointer: i
     words = memory.read(stack_pointer, size)
     if words is None:
         return None
-    executable = [m for m in maps if m.executable and m.path.startswith("/")]
-    through_twin = False
+    executable = sorted((m for m in maps if m.executable and m.path.startswith("/")), key=lambda m: m.start)
+    starts = [m.start for m in executable]
+    fallback: Optional[Caller] = None
     for (word,) in struct.iter_unpack("<Q", words):
-        mapping = next((m for m in executable if m.start <= word < m.end), None)
-        if mapping is None or _is_libc_part(mapping.path) or not _follows_call(memory, word):
+        index = bisect.bisect_right(starts, word) - 1
+        mapping = executable[index] if index >= 0 and word < executable[index].end else None
+        if mapping is None or _is_libc_part(mapping.path):
+            continue
+        kind = _call_before(memory, word)
+        if kind is None:
             continue
         if os.path.realpath(mapping.path) == _green_module():
-            through_twin = True
-            continue
-        return Caller(mapping.path, word, word - mapping.start + mapping.offset, through_twin)
-    return None
+            continue  # a green twin between the caller and libc: BlockedCall.patched tells
+        caller = Caller(mapping.path, word, word - mapping.start + mapping.offset)
+        if kind == CALL_TO_IMPORT and confirms(mapping.path):
+            return caller
+        fallback = fallback or caller
+    return fallback
 
 
 @lru_cache(maxsize=256)
+def _elf_imports(path: str) -> Optional[elf.ElfImports]:
+    try:
+        return elf.read_blocking_imports(path)
+    except Exception:  # noqa: BLE001 - any unreadable file: the report says so
+        return None
+
+
+_PLAIN = {row.name: row.fortified_of or row.name for row in _functions.GREEN_FUNCTIONS}
+
+
 def _imports_of(path: str) -> Optional[FrozenSet[str]]:
     """The blocking functions the file at ``path`` imports (fortified forms
     as their plain function); None when it cannot be read (static, gone)."""
-    try:
-        imports = elf.read_blocking_imports(path)
-    except Exception:  # noqa: BLE001 - any unreadable file: the report says so
-        return None
-    plain = {row.name: row.fortified_of or row.name for row in _functions.GREEN_FUNCTIONS}
-    return frozenset(plain.get(imp.symbol, imp.symbol) for imp in imports.imports)
+    imports = _elf_imports(path)
+    return None if imports is None else frozenset(_PLAIN.get(imp.symbol, imp.symbol) for imp in imports.imports)
+
+
+def _slot_is_green(memory: ProcessMemory, maps: Sequence[Mapping], path: str, symbol: str) -> bool:
+    """Whether ``path``'s import slot(s) of ``symbol`` point into greenify's
+    _green module in that process: the library is patched for it."""
+    imports = _elf_imports(path)
+    green = [m for m in maps if m.executable and os.path.realpath(m.path) == _green_module()] if imports else []
+    if not green:
+        return False
+    base = 0 if imports.e_type == "ET_EXEC" else min(m.start - m.offset for m in maps if m.path == path)
+    for imp in imports.imports:
+        if _PLAIN.get(imp.symbol, imp.symbol) == symbol:
+            value = memory.read(base + imp.r_offset, 8)
+            target = struct.unpack("<Q", value)[0] if value else 0
+            if any(m.start <= target < m.end for m in green):
+                return True
+    return False
 
 
 # ------------------------------------------------------------ descriptors
@@ -369,6 +429,7 @@ class BlockedCall:
     symbol: Optional[str]                # the one the caller imports (None: not confirmed)
     caller: Optional[Caller]
     descriptors: Tuple[Tuple[int, str], ...] = field(default=())
+    patched: bool = False                # the caller's slot for the symbol points at a green twin
 
     @property
     def library(self) -> str:
@@ -395,7 +456,7 @@ class BlockedCall:
                     "threads of its own, greenify cannot make it cooperative; run the call in gevent's threadpool")
         if self.caller is None:
             return "no calling library found on the stack (a static binary, or JIT code): greenify cannot patch it"
-        if self.caller.through_twin:
+        if self.patched:
             return (f"{self.library} is patched but its green twin of {self.function} blocked natively: the call "
                     "was made where no hub could take the wait (greenify.greenify() not called, or the hub "
                     "greenlet itself)")
@@ -433,7 +494,7 @@ class BlockedCall:
                 "library_path": self.caller.path if self.caller else None,
                 "caller_offset": self.caller.file_offset if self.caller else None,
                 "descriptors": [{"fd": fd, "description": what} for fd, what in self.descriptors],
-                "green_twin": self.has_twin, "fix": self.fix()}
+                "green_twin": self.has_twin, "patched": self.patched, "fix": self.fix()}
 
 
 @lru_cache(maxsize=256)
@@ -445,16 +506,20 @@ def _patch_name(path: str) -> str:
     return soname or os.path.basename(path)
 
 
-def _symbol(caller: Optional[Caller], syscall: str, functions: Tuple[str, ...]) -> Optional[str]:
-    if caller is None:
-        return None
-    imported = _imports_of(caller.path) or frozenset()
+def _symbol_in(path: str, syscall: str, functions: Tuple[str, ...]) -> Optional[str]:
+    """Which of ``functions`` (else, for a resolver's system call, which
+    resolver function) the object at ``path`` imports."""
+    imported = _imports_of(path) or frozenset()
     for function in functions:
         if function in imported:
             return function
     if syscall in _RESOLVER_SYSCALLS:
         return next((function for function in _RESOLVER_FUNCTIONS if function in imported), None)
     return None
+
+
+def _symbol(caller: Optional[Caller], syscall: str, functions: Tuple[str, ...]) -> Optional[str]:
+    return None if caller is None else _symbol_in(caller.path, syscall, functions)
 
 
 def blocked_call(pid: int, tid: int, syscall: Optional[ThreadSyscall] = None) -> Optional[BlockedCall]:
@@ -470,11 +535,14 @@ def blocked_call(pid: int, tid: int, syscall: Optional[ThreadSyscall] = None) ->
         return None
     with ProcessMemory(pid) as memory:
         maps = read_maps(pid)
-        caller = find_caller(memory, maps, syscall.stack_pointer)
+        caller = find_caller(memory, maps, syscall.stack_pointer,
+                             lambda path: _symbol_in(path, name, functions) is not None)
         fds = _descriptors(memory, syscall)
+        symbol = _symbol(caller, name, functions)
+        patched = caller is not None and symbol is not None and _slot_is_green(memory, maps, caller.path, symbol)
     sockets = _socket_table(pid) if fds else {}
     descriptors = tuple((fd, describe_descriptor(pid, fd, sockets)) for fd in fds)
-    return BlockedCall(pid, tid, name, functions, _symbol(caller, name, functions), caller, descriptors)
+    return BlockedCall(pid, tid, name, functions, symbol, caller, descriptors, patched)
 
 
 def blocked_threads(pid: int) -> List[Tuple[int, str, Optional[BlockedCall]]]:

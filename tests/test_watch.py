@@ -476,3 +476,16 @@ def test_gunicorn_worker_with_greenify_watch_env_names_the_unpatched_library(MyS
     assert "gevent hub's thread has been blocked" in log and "libmariadb" in log, log
     assert f"127.0.0.1:{mariadb.port}" in log and "app.py:" in log, log
     assert 'fix: greenify.patch_library("libmariadb.so.3")' in log, log
+
+
+def test_a_patched_call_made_in_the_hub_greenlet_is_named_as_patched_but_native(tmp_path, quiet_pipe, greenified,
+                                                                                watching):
+    path = build_library("fx_io", "default", tmp_path, name="libfx_watch_hub.so")
+    library = ctypes.CDLL(str(path))
+    with greenify.patched(str(path)):
+        # A loop callback runs in the hub greenlet, where a green twin cannot wait on the hub.
+        gevent.get_hub().loop.run_callback(stuck_select, library, quiet_pipe)
+        gevent.sleep(STUCK_S + 0.2)
+    (report,) = watching.about("libfx_watch_hub")
+    assert report.call.patched and report.symbol == "select"
+    assert "is patched but its green twin of select blocked natively" in report.fix, str(report)
