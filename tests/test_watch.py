@@ -310,8 +310,9 @@ def test_rate_limit_holds_under_1000_stuck_calls_and_counts_the_suppressed(fx_io
         greenify.unwatch()
     seen = len(watcher.reports) + watcher.suppressed
     assert len(watcher.reports) == RATE_LIMIT, f"{len(watcher.reports)} reports in well under a minute"
-    # Most of the 1,000 stalls were seen (a loaded machine may miss some), none twice.
-    assert 200 <= seen <= THREADS * CALLS_PER_THREAD, f"{seen} stalls seen"
+    # Many of the 1,000 stalls were seen (the monitor, sharing 2 busy cores with
+    # 8 threads, misses some: each new one is read in full), none twice.
+    assert 5 * RATE_LIMIT <= seen <= THREADS * CALLS_PER_THREAD, f"{seen} stalls seen"
     assert watcher.reports[-1].suppressed_before == 0
     assert len(watcher.sites) == seen
 
