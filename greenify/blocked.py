@@ -24,12 +24,14 @@ memory needs ptrace permission on it (same user, or root).
 from __future__ import annotations
 
 import bisect
+import ctypes
 import os
 import platform
+import socket
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from greenify import _functions, elf, loaded
 
@@ -334,8 +336,9 @@ def _slot_is_green(memory: ProcessMemory, maps: Sequence[Mapping], path: str, sy
 
 # ------------------------------------------------------------ descriptors
 
-def _socket_table(pid: int) -> Dict[str, str]:
-    """socket inode -> description, from /proc/PID/net."""
+def _socket_table(pid: int, inodes: FrozenSet[str]) -> Dict[str, str]:
+    """socket inode -> description, for ``inodes``, from /proc/PID/net (a
+    busy host lists thousands: only the wanted lines are decoded)."""
     table: Dict[str, str] = {}
     states = {"01": "ESTABLISHED", "02": "SYN_SENT", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT",
               "0A": "LISTEN"}
@@ -347,7 +350,7 @@ def _socket_table(pid: int) -> Dict[str, str]:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) < 10:
+            if len(fields) < 10 or fields[9] not in inodes:
                 continue
             local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
             kind = protocol.rstrip("6").upper()
@@ -359,7 +362,7 @@ def _socket_table(pid: int) -> Dict[str, str]:
         with open(f"/proc/{pid}/net/unix") as file:
             for line in file.read().splitlines()[1:]:
                 fields = line.split()
-                if len(fields) >= 7:
+                if len(fields) >= 7 and fields[6] in inodes:
                     table[fields[6]] = "unix socket" + (f" {fields[7]}" if len(fields) > 7 else "")
     except OSError:
         pass
@@ -370,13 +373,59 @@ def _address(text: str) -> str:
     host, port = text.split(":")
     raw = bytes.fromhex(host)
     if len(raw) == 4:
-        ip = ".".join(str(byte) for byte in raw[::-1])
-    else:
-        import ipaddress
+        return _inet_text(socket.AF_INET, raw[::-1], int(port, 16))
+    return _inet_text(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)), int(port, 16))
 
-        words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-        ip = "[" + str(ipaddress.IPv6Address(words)) + "]"
-    return f"{ip}:{int(port, 16)}"
+
+def _inet_text(family: int, packed: bytes, port: int) -> str:
+    address = socket.inet_ntop(family, packed)
+    return f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
+
+
+_libc = None
+
+
+def _own_socket(fd: int) -> Optional[str]:
+    """A socket of this process, described by getsockname/getpeername on the
+    descriptor itself: no socket object is made (one would change the shared
+    O_NONBLOCK flag under a default timeout or gevent) and /proc/net, which a
+    busy host makes long, is not read.  None if it is no inet or unix socket."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(128)
+    length = ctypes.c_uint32(128)
+
+    def sockaddr(call: Any) -> Optional[Tuple[int, bytes]]:
+        length.value = 128
+        if call(fd, buffer, ctypes.byref(length)) != 0:
+            return None
+        raw = buffer.raw[:length.value]
+        return struct.unpack("=H", raw[:2])[0], raw
+
+    def text(address: Optional[Tuple[int, bytes]]) -> str:
+        if address is None:
+            return "?"
+        family, raw = address
+        if family == socket.AF_INET:
+            return _inet_text(family, raw[4:8], struct.unpack(">H", raw[2:4])[0])
+        if family == socket.AF_INET6:
+            return _inet_text(family, raw[8:24], struct.unpack(">H", raw[2:4])[0])
+        path = raw[2:].split(b"\0", 1)[0] if raw[2:3] != b"\0" else b"@" + raw[3:]
+        return os.fsdecode(path) or "unnamed"
+
+    local = sockaddr(_libc.getsockname)
+    if local is None or local[0] not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+        return None
+    kind_value = ctypes.c_int(0)
+    kind_length = ctypes.c_uint32(4)
+    _libc.getsockopt(fd, socket.SOL_SOCKET, socket.SO_TYPE, ctypes.byref(kind_value), ctypes.byref(kind_length))
+    peer = sockaddr(_libc.getpeername)
+    if local[0] == socket.AF_UNIX:
+        name = text(peer) if peer and text(peer) != "unnamed" else text(local)
+        return "unix socket" + ("" if name == "unnamed" else f" {name}")
+    kind = "TCP" if kind_value.value == socket.SOCK_STREAM else "UDP"
+    return f"{kind} {text(local)} -> {text(peer) if peer else 'not connected'}"
 
 
 def describe_descriptor(pid: int, fd: int, sockets: Optional[Dict[str, str]] = None) -> str:
@@ -388,7 +437,12 @@ def describe_descriptor(pid: int, fd: int, sockets: Optional[Dict[str, str]] = N
         return "closed"
     if target.startswith("socket:["):
         inode = target[len("socket:["):-1]
-        return (sockets if sockets is not None else _socket_table(pid)).get(inode, f"socket (inode {inode})")
+        if pid == os.getpid():
+            own = _own_socket(fd)
+            if own is not None:
+                return own
+        table = sockets if sockets is not None else _socket_table(pid, frozenset({inode}))
+        return table.get(inode, f"socket (inode {inode})")
     if target.startswith("pipe:"):
         return "pipe"
     if target.startswith("anon_inode:"):
@@ -522,6 +576,18 @@ def _symbol(caller: Optional[Caller], syscall: str, functions: Tuple[str, ...]) 
     return None if caller is None else _symbol_in(caller.path, syscall, functions)
 
 
+def _socket_inodes(pid: int, fds: Sequence[int]) -> FrozenSet[str]:
+    inodes = set()
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    return frozenset(inodes)
+
+
 def blocked_call(pid: int, tid: int, syscall: Optional[ThreadSyscall] = None) -> Optional[BlockedCall]:
     """The call thread ``tid`` of ``pid`` is blocked in, or None when it runs
     or sleeps in a system call that is none of greenify's functions' (nor a
@@ -540,7 +606,7 @@ def blocked_call(pid: int, tid: int, syscall: Optional[ThreadSyscall] = None) ->
         fds = _descriptors(memory, syscall)
         symbol = _symbol(caller, name, functions)
         patched = caller is not None and symbol is not None and _slot_is_green(memory, maps, caller.path, symbol)
-    sockets = _socket_table(pid) if fds else {}
+    sockets = {} if pid == os.getpid() or not fds else _socket_table(pid, _socket_inodes(pid, fds))
     descriptors = tuple((fd, describe_descriptor(pid, fd, sockets)) for fd in fds)
     return BlockedCall(pid, tid, name, functions, symbol, caller, descriptors, patched)
 
