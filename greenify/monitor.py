@@ -45,6 +45,7 @@ DEFAULT_THRESHOLD_S = 0.1
 DEFAULT_MAX_REPORTS_PER_MINUTE = 10
 PYTHON_STACK_FRAMES = 12   # the innermost frames a report shows
 RECENT_REPORTS = 100       # kept in Watcher.reports
+MAX_SITES = 10_000         # call sites remembered: a storm of new ones cannot grow memory without end
 
 
 def _original(module: str, name: str) -> Any:
@@ -219,6 +220,8 @@ class Watcher:
         site = self.sites.get(key)
         first = site is None
         if first:
+            if len(self.sites) >= MAX_SITES:
+                del self.sites[next(iter(self.sites))]  # the oldest: it may be reported again one day
             site = self.sites[key] = _Site()
         site.stalls += 1
         site.total_blocked_s += stalled_s

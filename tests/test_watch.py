@@ -361,6 +361,24 @@ def test_asyncio_loop_blocked_by_unpatched_mysqldb_names_libmariadb(MySQLdb, mar
     assert f"{HERE}:{line} " in "\n".join(report.python_stack) + " "
 
 
+@pytest.mark.compat("MySQLdb")
+def test_asyncio_patched_mysqldb_through_greenify_asyncio_run_reports_nothing(MySQLdb, mariadb, patched_libmariadb):
+    import greenify.asyncio
+
+    async def main():
+        watcher = greenify.watch(THRESHOLD_S)
+        await asyncio.sleep(0.05)
+        return watcher, await greenify.asyncio.run(mysql_sleep, MySQLdb, mariadb)
+
+    try:
+        watcher, (rows, _line) = asyncio.run(main())
+    finally:
+        greenify.unwatch()
+    assert rows == ((0, 7),)
+    assert not [report for report in watcher.reports if report.library.startswith("libmariadb")], \
+        "\n".join(map(str, watcher.reports))
+
+
 # --- off by default; the environment variable; greenify-inspect --blocked -----
 
 def run_child(code: str, tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
@@ -379,14 +397,14 @@ CHILD = """
     fx = ctypes.CDLL("LIBRARY")
     read_end, write_end = os.pipe()
     gevent.spawn(fx.fx_select_read, read_end, 500, ctypes.create_string_buffer(64), 64).get()
-    print("threads:", threading.active_count(), "watching:", greenify.monitor.current() is not None)
+    print("threads:", len(os.listdir("/proc/self/task")), "watching:", greenify.monitor.current() is not None)
 """
 
 
 def test_greenify_watch_env_reports_without_code_changes(tmp_path):
     child = run_child(CHILD, tmp_path, {"GREENIFY_WATCH": "0.1"})
     assert child.returncode == 0, child.stderr
-    assert "watching: True" in child.stdout
+    assert "threads: 2 watching: True" in child.stdout  # the monitor thread
     assert "libfx_child_io.so: select on fd" in child.stderr and ": pipe" in child.stderr, child.stderr
     assert 'fix: greenify.patch_library("libfx_child_io.so")' in child.stderr
 
