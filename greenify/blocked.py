@@ -27,6 +27,7 @@ import bisect
 import ctypes
 import os
 import platform
+import re
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -176,12 +177,14 @@ class ProcessMemory:
 
 # ------------------------------------------------------- the calling object
 
+# libc, ld.so and glibc's other parts (loaded's list): the wrapper frames the scan goes past.
+_LIBC_NAMES = re.compile(r"^(libc\.so|libc-|libc\.musl|ld-musl|ld-linux|ld64\.so|ld-[0-9.]*\.so)")
+
+
 @lru_cache(maxsize=None)
 def _is_libc_part(path: str) -> bool:
-    """libc, ld.so and glibc's other parts: the wrapper frames to skip."""
     name = os.path.basename(path)
-    reason = loaded.protected_reason(loaded.LoadedObject(path, 0, (), None))
-    return (reason is not None and ("libc" in reason or "loader" in reason)) or bool(loaded._GLIBC_PARTS.match(name))
+    return bool(_LIBC_NAMES.match(name) or loaded._GLIBC_PARTS.match(name))
 
 
 @lru_cache(maxsize=None)
