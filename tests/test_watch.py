@@ -173,22 +173,42 @@ def test_unpatched_pylibmc_get_from_a_stalled_memcached_names_libmemcached(pylib
     assert_one_report(watching, "libmemcached", {"poll", "recv"}, f"127.0.0.1:{memcached.port}", line)
 
 
-@pytest.mark.compat("pycurl")
-def test_unpatched_pycurl_get_from_a_slow_server_names_libcurl(pycurl, slow_http, watching):
+@pytest.mark.compat("pylibmc")
+def test_patched_pylibmc_get_from_a_stalled_memcached_reports_nothing(pylibmc, memcached, greenified, watching):
+    with greenify.patched("libmemcached"):
+        client = pylibmc.Client([memcached.address], binary=True)
+        client.set("watched", "value")
+        with memcached.process.paused_for(STUCK_S + 0.2):
+            assert gevent.spawn(client.get, "watched").get() == "value"
+        client.disconnect_all()
+    assert not watching.about("libmemcached"), "\n".join(map(str, watching.reports))
+
+
+def curl_fetch(pycurl, url: str):
     import io
 
-    def fetch():
-        curl = pycurl.Curl()
-        body = io.BytesIO()
-        curl.setopt(pycurl.URL, slow_http.url(STUCK_S + 0.2, "watched"))
-        curl.setopt(pycurl.WRITEDATA, body)
-        curl.setopt(pycurl.NOSIGNAL, 1)
-        line = line_after()
-        curl.perform()
-        curl.close()
-        return body.getvalue(), line
+    curl = pycurl.Curl()
+    body = io.BytesIO()
+    curl.setopt(pycurl.URL, url)
+    curl.setopt(pycurl.WRITEDATA, body)
+    curl.setopt(pycurl.NOSIGNAL, 1)
+    line = line_after()
+    curl.perform()
+    curl.close()
+    return body.getvalue(), line
 
-    body, line = gevent.spawn(fetch).get()
+
+@pytest.mark.compat("pycurl")
+def test_patched_pycurl_get_from_a_slow_server_reports_nothing(pycurl, slow_http, greenified, watching):
+    with greenify.patched("libcurl"):
+        body, _line = gevent.spawn(curl_fetch, pycurl, slow_http.url(STUCK_S + 0.2, "patched")).get()
+    assert body.startswith(b"slept") and b"patched" in body
+    assert not watching.about("libcurl"), "\n".join(map(str, watching.reports))
+
+
+@pytest.mark.compat("pycurl")
+def test_unpatched_pycurl_get_from_a_slow_server_names_libcurl(pycurl, slow_http, watching):
+    body, line = gevent.spawn(curl_fetch, pycurl, slow_http.url(STUCK_S + 0.2, "watched")).get()
     assert body.startswith(b"slept") and b"watched" in body
     assert_one_report(watching, "libcurl", {"poll", "recv", "select"}, f"127.0.0.1:{slow_http.port}", line)
 
