@@ -272,10 +272,10 @@ def test_a_call_without_a_twin_says_greenify_cannot_patch_it(tmp_path, watching)
     assert "no green twin for flock" in report.fix, str(report)
 
 
-def test_errno_of_a_watched_call_is_libcs(fx_io, watching):
+def test_errno_of_a_watched_call_is_libcs(tmp_path, watching):
     # SO_RCVTIMEO makes recv fail with EAGAIN after blocking 0.5 s.
-    fx_client = ctypes.CDLL(str(build_library("fx_client", "default", Path(os.path.dirname(fx_io._name)),
-                                              name="libfx_watch_client.so")), use_errno=True)
+    fx_client = ctypes.CDLL(str(build_library("fx_client", "default", tmp_path, name="libfx_watch_client.so")),
+                            use_errno=True)
     left, right = socket.socketpair()
     left.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(STUCK_S * 1e6)))  # timeval
 
