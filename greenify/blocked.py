@@ -506,6 +506,16 @@ class BlockedCall:
     def waits_for_thread(self) -> bool:
         return self.syscall == "futex"
 
+    @property
+    def waits_for_interpreter(self) -> bool:
+        """A futex wait of the interpreter's own: the GIL or a Python lock,
+        which Python-level tools (gevent's monitor) explain better."""
+        return self.waits_for_thread and (self.caller is None or self._is_interpreter())
+
+    def _is_interpreter(self) -> bool:
+        obj = loaded.LoadedObject(self.caller.path, 0, (), None, is_main_program=self._is_main_program())
+        return obj.is_main_program or obj.name.startswith("libpython")
+
     def fix(self) -> str:
         """The patch_library call that would make it cooperative, or why greenify cannot help."""
         if self.waits_for_thread:

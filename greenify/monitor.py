@@ -202,7 +202,8 @@ class Watcher:
         frame = sys._current_frames().get(watched.ident)
         signature = (beat, syscall.number, syscall.stack_pointer, syscall.arguments, _frames_key(frame))
         if signature == watched.signature:
-            self.sites[watched.site].total_blocked_s += now - watched.seen_at
+            if watched.site is not None:
+                self.sites[watched.site].total_blocked_s += now - watched.seen_at
             watched.seen_at = now
             return
         watched.signature = None
@@ -212,6 +213,9 @@ class Watcher:
             call = None
         if call is None or beat != watched.last_beat:
             return  # running Python, or the loop came back meanwhile
+        if call.waits_for_interpreter:
+            watched.signature, watched.site = signature, None  # the GIL or a Python lock: not a native call's
+            return
         stack = [f"{entry.filename}:{entry.lineno} in {entry.name}"
                  for entry in traceback.extract_stack(frame)[-PYTHON_STACK_FRAMES:]] if frame is not None else []
         del frame
