@@ -299,6 +299,16 @@ def test_a_thread_without_a_hub_may_block_unreported(fx_io, quiet_pipe, watching
     assert not watching.reports, "\n".join(map(str, watching.reports))
 
 
+def test_a_python_lock_wait_in_the_hubs_thread_is_left_to_gevents_monitor(watching):
+    lock = threading.Lock()
+    lock.acquire()
+    releaser = threading.Timer(STUCK_S, lock.release)
+    releaser.start()
+    lock.acquire()  # a futex wait in the interpreter: no native call of a library's
+    releaser.join()
+    assert not watching.reports, "\n".join(map(str, watching.reports))
+
+
 RATE_LIMIT = 10
 THREADS = 8
 CALLS_PER_THREAD = 125  # 1,000 stuck calls in all, each at a call site of its own
