@@ -97,6 +97,8 @@ class BlockedReport:
         if self.python_stack:
             lines.append("  python stack (innermost last):")
             lines += [f"    {frame}" for frame in self.python_stack]
+        else:
+            lines.append("  python stack: none (the greenlet or callback calls C directly)")
         lines.append(f"  fix: {self.fix}")
         lines.append(f"  this call site: {self.stalls} stall(s), {self.total_blocked_s:.2f} s blocked in total")
         if self.suppressed_before:

@@ -439,6 +439,31 @@ def test_greenify_watch_env_reports_without_code_changes(tmp_path):
     assert 'fix: greenify.patch_library("libfx_child_io.so")' in child.stderr
 
 
+def test_a_forked_child_goes_on_watching_its_hub(tmp_path):
+    child = run_child("""
+        import ctypes, logging, os
+        logging.basicConfig(format="%(process)d %(message)s")
+        import gevent, greenify
+        fx = ctypes.CDLL("LIBRARY")
+        greenify.watch(0.1)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            gevent.reinit()
+            def stuck():
+                return fx.fx_select_read(read_end, 500, ctypes.create_string_buffer(64), 64)
+            gevent.spawn(stuck).get()
+            print("child", os.getpid(), "threads", len(os.listdir("/proc/self/task")), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    """, tmp_path, {})
+    assert child.returncode == 0, child.stderr
+    words = child.stdout.split()
+    assert words[0] == "child" and words[3] == "2", child.stdout  # its own monitor thread
+    assert f"{words[1]} the gevent hub's thread has been blocked" in child.stderr, child.stderr
+    assert "libfx_child_io.so: select on fd" in child.stderr and "child.py:" in child.stderr, child.stderr
+
+
 def test_off_by_default_no_thread_no_report(tmp_path):
     child = run_child(CHILD, tmp_path, {})
     assert child.returncode == 0, child.stderr
