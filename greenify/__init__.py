@@ -11,22 +11,22 @@ from greenify import _entries  # noqa: F401 - defines every entry from C into Py
 from greenify.errors import (BuildIdMismatchError, GreenifyError, NotElfError, NotLoadedError, ProtectedTargetError,
                              SlotOutsideSegmentsError, SlotWriteError, StaticExecutableError, TargetNotFoundError,
                              UnknownFunctionError, WrongMachineError)
+from greenify.monitor import BlockedReport, NativeCallBlocked, unwatch, watch
 from greenify.patcher import (ObjectReport, PatchedSlot, PatchReport, SkippedImport, patch_lib, patch_library,
                               patched, unpatch_library)
 from greenify.inventory import report
 from greenify.onload import OnLoadPatch, cancel_patch_on_load, patch_on_load
 from greenify.stats import WaitStats, stats
-from greenify.monitor import BlockedReport, NativeCallBlocked, unwatch, watch
 
 __all__ = [
     "greenify", "is_active",
     "patch_library", "unpatch_library", "patched", "patch_lib", "report", "stats", "WaitStats",
     "patch_on_load", "cancel_patch_on_load", "OnLoadPatch",
-    "watch", "unwatch", "BlockedReport", "NativeCallBlocked",
     "PatchReport", "ObjectReport", "PatchedSlot", "SkippedImport",
     "GreenifyError", "TargetNotFoundError", "NotLoadedError", "NotElfError", "WrongMachineError",
     "StaticExecutableError", "BuildIdMismatchError", "SlotOutsideSegmentsError", "ProtectedTargetError",
     "SlotWriteError", "UnknownFunctionError",
+    "watch", "unwatch", "BlockedReport", "NativeCallBlocked",
 ]
 __version__ = "0.1.0"
 
