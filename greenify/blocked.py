@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
-from greenify import _functions, elf, loaded
+from greenify import _functions, elf, inventory, loaded
 
 # System call number -> the functions of csrc/green.h's lists that issue it
 # (glibc's wrappers: recv is recvfrom, poll may be ppoll, sleep is
@@ -448,9 +448,25 @@ def describe_descriptor(pid: int, fd: int, sockets: Optional[Dict[str, str]] = N
         return table.get(inode, f"socket (inode {inode})")
     if target.startswith("pipe:"):
         return "pipe"
+    if target == "anon_inode:[eventpoll]":
+        watched = _epoll_targets(pid, fd)
+        if not watched:
+            return "epoll, watching nothing"
+        return "epoll of " + ", ".join(f"fd {target_fd} ({describe_descriptor(pid, target_fd, sockets)})"
+                                       if target_fd != fd else f"fd {target_fd}" for target_fd in watched)
     if target.startswith("anon_inode:"):
         return target[len("anon_inode:"):].strip("[]")
     return f"file {target}"
+
+
+def _epoll_targets(pid: int, fd: int) -> List[int]:
+    """The descriptors epoll instance ``fd`` watches (its fdinfo's tfd lines), the first few."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return []
+    return [int(line.split()[1]) for line in lines if line.startswith("tfd:")][:MAX_DESCRIBED_FDS // 2]
 
 
 def _descriptors(memory: ProcessMemory, syscall: ThreadSyscall) -> List[int]:
@@ -531,10 +547,15 @@ class BlockedCall:
             return f"{self.library} cannot be read as a dynamic ELF object (static?): greenify cannot patch it"
         obj = loaded.LoadedObject(self.caller.path, 0, (), None, is_main_program=self._is_main_program())
         protected = loaded.protected_reason(obj)
-        if protected is not None:
-            return (f"a call of the interpreter's own ({self.library} is never patched: {protected}): under "
-                    "gevent, call gevent.monkey.patch_all() first or use gevent's API (gevent.sleep, "
-                    "gevent.socket, gevent.subprocess)")
+        # greenify-inspect's runtime folders: the interpreter's (lib-dynload) and the event loop's own modules
+        runtime = inventory._RUNTIME_FOLDERS.intersection(os.path.dirname(self.caller.path).split(os.sep))
+        if protected is not None or "lib-dynload" in runtime:
+            why = protected or "Python's own extension module"
+            return (f"a call of the interpreter's own ({self.library}: {why}): under gevent, call "
+                    "gevent.monkey.patch_all() first or use gevent's API (gevent.sleep, gevent.socket, "
+                    "gevent.subprocess)")
+        if runtime:
+            return f"none needed: the event loop's own wait in {self.library} (an idle hub waits here)"
         if not self.has_twin:
             return (f"greenify has no green twin for {self.function}: run the call in gevent's threadpool "
                     "(gevent.get_hub().threadpool.apply(...))")
@@ -590,14 +611,19 @@ def _symbol(caller: Optional[Caller], syscall: str, functions: Tuple[str, ...]) 
 
 
 def _socket_inodes(pid: int, fds: Sequence[int]) -> FrozenSet[str]:
+    """The socket inodes of ``fds`` and of what the epoll instances among them watch."""
     inodes = set()
-    for fd in fds:
+    pending = list(fds)
+    while pending:
+        fd = pending.pop()
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
         if target.startswith("socket:["):
             inodes.add(target[len("socket:["):-1])
+        elif target == "anon_inode:[eventpoll]" and fd in fds:
+            pending += _epoll_targets(pid, fd)
     return frozenset(inodes)
 
 
