@@ -10,12 +10,14 @@ reads:
 * the thread's stack, from ``/proc/PID/mem`` (a bad address is an error
   there, never a crash): the first word from the stack pointer up that lies
   in an executable mapping of an object other than libc, ld.so or greenify's
-  own _green module, and follows a call instruction, is the return address
-  into the library that made the call;
-* that library's imports (greenify.elf, the patcher's reader): which of the
-  functions the system call stands for it imports, so the symbol;
-* the descriptor(s) in the arguments, described from ``/proc/PID/fd`` and
-  ``/proc/PID/net/{tcp,tcp6,udp,udp6,unix}``.
+  own _green module, follows a call through a PLT stub or GOT slot, and lies
+  in an object that imports one of the functions the system call stands for
+  (greenify.elf, the patcher's reader), is the return address into the
+  library that made the call, and that import is the symbol; whether the
+  object's slot for it points into _green tells if it is patched;
+* the descriptor(s) in the arguments (poll's and select's read in memory),
+  described from ``/proc/PID/fd`` and, for sockets, getsockname/getpeername
+  (this process) or ``/proc/PID/net/{tcp,tcp6,udp,udp6,unix}`` (another).
 
 greenify.monitor (the watch) and ``greenify-inspect --pid N --blocked`` both
 read threads through this module.  Reading another process's syscall file and

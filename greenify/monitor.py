@@ -22,8 +22,9 @@ suppressed and the next report says how many.
 It observes only: calls block exactly as they did, results and errno are
 libc's.  A thread without a watched loop is never looked at (blocking is
 allowed there).  What it cannot see: a call made while holding the GIL (the
-monitor thread cannot run until it returns), a loop kept busy in Python (the
-thread is running, not blocked: gevent's own monitor thread reports that).
+monitor thread cannot run until it returns), a loop kept busy in Python or
+waiting for the GIL or a Python lock (not a native call: gevent's own monitor
+thread reports those).
 """
 from __future__ import annotations
 
