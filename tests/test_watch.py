@@ -564,3 +564,30 @@ def test_a_patched_call_made_in_the_hub_greenlet_is_named_as_patched_but_native(
     (report,) = watching.about("libfx_watch_hub")
     assert report.call.patched and report.symbol == "select"
     assert "is patched but its green twin of select blocked natively" in report.fix, str(report)
+
+
+# --- the stack scan's call decoder, against objdump ------------------------------
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="decodes x86-64 calls")
+@pytest.mark.compat("MySQLdb")
+def test_every_call_objdump_lists_in_libmariadb_is_one_to_the_stack_scan(MySQLdb):
+    import re
+    import shutil
+
+    from greenify import blocked
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        servers.missing("objdump is needed: apt-get install binutils")
+    path = next(mapping.path for mapping in blocked.read_maps(os.getpid()) if "libmariadb" in mapping.path)
+    listing = subprocess.run([objdump, "-d", "-w", path], capture_output=True, text=True, check=True).stdout
+    calls = [(int(address, 16), len(raw.split()), target)
+             for address, raw, target in re.findall(r"^\s*([0-9a-f]+):\t([0-9a-f ]+)\t(?:notrack |bnd )?call\s+(.*)$",
+                                                     listing, re.M)]
+    assert len(calls) > 1000, f"objdump listed only {len(calls)} calls in {path}"
+    base = min(m.start - m.offset for m in blocked.read_maps(os.getpid()) if m.path == path)
+    with blocked.ProcessMemory(os.getpid()) as memory:
+        kinds = {(blocked._call_before(memory, base + address + length), "@plt>" in target)
+                 for address, length, target in calls}
+        # Where each call returns is a return address, and a call to a PLT stub is one to an import.
+        assert kinds <= {(blocked.CALL_TO_IMPORT, True), (blocked.OTHER_CALL, False)}, kinds
