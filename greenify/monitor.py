@@ -371,7 +371,15 @@ def _heartbeat(loop: Any, period: float) -> _WatchedLoop:
         watched.last_beat = time.monotonic()
 
     timer.start(hub_beat)
-    watched.stop_beat = timer.close
+
+    def stop_beat() -> None:
+        # libev is not thread-safe: from another thread, the hub closes its timer itself
+        if _thread_ids()[1] == ident:
+            timer.close()
+        else:
+            loop.loop.run_callback_threadsafe(timer.close)
+
+    watched.stop_beat = stop_beat
     return watched
 
 
