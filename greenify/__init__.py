@@ -13,6 +13,7 @@ from greenify import _entries  # noqa: F401 - defines every entry from C into Py
 from greenify.errors import (BuildIdMismatchError, GreenifyError, NotElfError, NotLoadedError, ProtectedTargetError,
                              SlotOutsideSegmentsError, SlotWriteError, StaticExecutableError, TargetNotFoundError,
                              UnknownFunctionError, WrongMachineError)
+from greenify.monitor import BlockedReport, NativeCallBlocked, unwatch, watch
 from greenify.patcher import (ObjectReport, PatchedSlot, PatchReport, SkippedImport, patch_lib, patch_library,
                               patched, unpatch_library)
 from greenify.inventory import report
@@ -29,6 +30,7 @@ __all__ = [
     "GreenifyError", "TargetNotFoundError", "NotLoadedError", "NotElfError", "WrongMachineError",
     "StaticExecutableError", "BuildIdMismatchError", "SlotOutsideSegmentsError", "ProtectedTargetError",
     "SlotWriteError", "UnknownFunctionError",
+    "watch", "unwatch", "BlockedReport", "NativeCallBlocked",
 ]
 __version__ = "0.1.0"
 
@@ -44,3 +46,8 @@ def greenify() -> None:
 def is_active() -> bool:
     """Whether ``greenify()`` was called."""
     return _bridge.is_active()
+
+
+from greenify import monitor as _monitor  # noqa: E402 - after every name above is defined
+
+_monitor.watch_from_environment()

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, NoReturn, Optional, Sequence, TextIO, Tuple
 
-from greenify import elf, loaded
+from greenify import blocked, elf, loaded
 from greenify.companions import is_tls_library
 from greenify.errors import GreenifyError
 from greenify.loaded import LoadedObject
@@ -374,6 +374,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--import", dest="modules", nargs="+", metavar="MODULE",
                         help="import these modules in a child interpreter and list what they loaded")
     parser.add_argument("--pid", type=int, metavar="PID", help="list what a running process has loaded")
+    parser.add_argument("--blocked", action="store_true",
+                        help="with --pid: the native call each thread is blocked in right now, its library and "
+                        "descriptor (reads /proc; needs ptrace permission on the process)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument("-v", "--verbose", action="store_true", help="with --import/--pid: every import's row")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
@@ -460,8 +463,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     modes = sum((bool(args.targets), args.modules is not None, args.pid is not None))
     if modes != 1:
         parser.error("give TARGET..., --import MODULE... or --pid PID (exactly one of them)")
+    if args.blocked and args.pid is None:
+        parser.error("--blocked goes with --pid PID")
     painter = Painter.for_stream(sys.stdout, args.color)
     try:
+        if args.blocked:
+            document, lines = blocked.pid_report(args.pid)
+            _print_json(document) if args.json else print("\n".join(lines))
+            return EXIT_OK
         if args.targets:
             return _inspect_files(args.targets, args.json, painter)
         return _inspect_process(args, painter)
