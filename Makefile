@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CC ?= cc
 
-.PHONY: build test demo bench check-readme driver-suites clean test-versions test-aarch64 wheel
+.PHONY: build test demo bench check-readme driver-suites clean test-versions test-aarch64 wheel sanitize warnings
 
 build: $(VENV)/.installed $(VENV)/.drivers
 
@@ -80,6 +80,11 @@ check-readme: $(VENV)/.base
 	$(PY) bench/run.py --check README.md
 	$(PY) bench/asyncio_bench.py --check README.md
 
+# libgreenify builds without a warning under its own flags (build_ffi.py:
+# -Wall -Wextra), made errors here; built in $(CACHE)/warnings, not in place.
+warnings: $(PY)
+	CFLAGS=-Werror $(PY) setup.py -q build_ext --force --build-lib $(CACHE)/warnings --build-temp $(CACHE)/warnings/temp
+
 # The differential test of the green twins against libc, run long:
 # `make fuzz` (EXAMPLES=n per mode, default 2000; SEED=n to replay a run).
 .PHONY: fuzz
@@ -104,6 +109,17 @@ VERSION_TESTS ?= tests/test_green_io.py tests/test_green_poll.py tests/test_gree
 AARCH64_TESTS ?= $(VERSION_TESTS) tests/test_elf.py tests/test_inspect.py \
 	tests/test_mysqldb.py tests/test_mysqldb_interrupt.py
 AARCH64_ROOT ?= $(CACHE)/aarch64-root
+
+# The tests that drive libgreenify's C, against a build of it with ASan (heap
+# and globals) and UBSan in $(CACHE)/sanitize; the differential test under UBSan
+# alone (ci/sanitize.sh says why).  Any sanitizer report fails the run.
+SANITIZE_TESTS ?= $(VERSION_TESTS) tests/test_green_functions.py tests/test_green_libc_edges.py \
+	tests/test_green_resolve.py tests/test_signals_and_fortify.py tests/test_pending_exception.py \
+	tests/test_stats.py tests/test_waiter.py tests/test_patch_races.py \
+	tests/test_mysqldb.py tests/test_mysqldb_interrupt.py
+SANITIZE_UBSAN_TESTS ?= tests/test_differential.py
+sanitize: build
+	PY=$(PY) CACHE=$(CACHE) ci/sanitize.sh $(SANITIZE_TESTS) -- $(SANITIZE_UBSAN_TESTS)
 
 # CPython 3.10, 3.12 and 3.13 (VERSIONS="3.10 3.12 3.13"), from pyenv or PATH
 test-versions:
