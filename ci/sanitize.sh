@@ -71,7 +71,9 @@ run() {  # run VARIANT TEST...
 # libstdc++ too: greenlet (C++, loaded after start-up) throws to unwind a
 # killed greenlet, and ASan's __cxa_throw interceptor can only find the real
 # one if libstdc++ was loaded when the runtime started.
-asan_preload="$("$cc" -print-file-name=libasan.so) libstdc++.so.6"
+libasan=$("$cc" -print-file-name=libasan.so)
+[ -e "$libasan" ] || { echo "sanitize: $cc has no ASan runtime (libasan.so): apt-get install gcc" >&2; exit 2; }
+asan_preload="$libasan libstdc++.so.6"
 rm -rf "$reports"
 mkdir -p "$reports"
 build asan address,undefined
