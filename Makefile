@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CC ?= cc
 
-.PHONY: build test demo bench check-readme driver-suites clean test-versions test-aarch64 wheel
+.PHONY: build test demo bench check-readme driver-suites clean test-versions test-aarch64 wheel sanitize warnings record
 
 build: $(VENV)/.installed $(VENV)/.drivers
 
@@ -61,14 +61,29 @@ demo: $(VENV)/.base
 
 # psycopg2's and mysqlclient's own test suites (sdists from PyPI), stock and
 # greenified, against the suite's servers; fails if greenify breaks a test.
+# Its results go to .results/ (`make record` puts them in the README).
 driver-suites: build
 	$(PY) tests/driver_suites/run.py
-	$(PY) tests/driver_suites/run.py --readme README.md
 
 bench: build
 	$(PIP) install -q -e '.[bench]'
 	$(PY) bench/run.py $(if $(QUICK),--quick) $(if $(PEER),--peer-python $(PEER))
 	$(PY) bench/asyncio_bench.py $(if $(QUICK),--quick)
+
+# Runs write their results under .results/ (ignored): `make test`, `make
+# bench`, `make driver-suites`, `make test-versions`, `make test-aarch64` leave
+# the checkout as it was.  `make record` copies the ones this checkout has over
+# the committed files (tests/compat-results.json, tests/tls-results.json,
+# tests/driver_suites/results.json, ci/results.json, bench/results.json and
+# .png, bench/asyncio-results.json) and renders the README's tables from them.
+# Record a whole run only: a run of one test file leaves other rows "not run".
+record: $(VENV)/.base
+	$(PY) tests/compat.py --record README.md
+	$(PY) tests/tls_results.py --record README.md
+	$(PY) tests/driver_suites/run.py --record README.md
+	$(PY) ci/results.py readme README.md --record
+	$(PY) bench/run.py --record README.md
+	$(PY) bench/asyncio_bench.py --record README.md
 
 # Fails when any of the README's generated parts (tests/readme_sections.py)
 # differs from the recorded run it is rendered from.
@@ -79,6 +94,11 @@ check-readme: $(VENV)/.base
 	$(PY) ci/results.py readme README.md --check
 	$(PY) bench/run.py --check README.md
 	$(PY) bench/asyncio_bench.py --check README.md
+
+# libgreenify builds without a warning under its own flags (build_ffi.py:
+# -Wall -Wextra), made errors here; built in $(CACHE)/warnings, not in place.
+warnings: $(VENV)/.base
+	CFLAGS=-Werror $(PY) setup.py -q build_ext --force --build-lib $(CACHE)/warnings --build-temp $(CACHE)/warnings/temp
 
 # The differential test of the green twins against libc, run long:
 # `make fuzz` (EXAMPLES=n per mode, default 2000; SEED=n to replay a run).
@@ -91,8 +111,8 @@ clean:
 	rm -rf $(VENV) build greenify/_green*.so greenify/_green.c greenify/_green.o *.egg-info
 
 # --- platforms (ci/): other CPythons, aarch64 under qemu-user, the wheel ------
-# Each run records its outcome in ci/results.json; `python ci/results.py
-# readme README.md` writes the README's statement from it.
+# Each run records its outcome in .results/ci/results.json; `make record`
+# copies it to ci/results.json and writes the README's statement from it.
 CACHE ?= .cache
 # the green functions, interruption, patching, faults and the C API
 VERSION_TESTS ?= tests/test_green_io.py tests/test_green_poll.py tests/test_green_epoll.py \
@@ -104,6 +124,20 @@ VERSION_TESTS ?= tests/test_green_io.py tests/test_green_poll.py tests/test_gree
 AARCH64_TESTS ?= $(VERSION_TESTS) tests/test_elf.py tests/test_inspect.py \
 	tests/test_mysqldb.py tests/test_mysqldb_interrupt.py
 AARCH64_ROOT ?= $(CACHE)/aarch64-root
+
+# The suite against a build of libgreenify with ASan (heap and globals) and
+# UBSan in $(CACHE)/sanitize; the differential test under UBSan alone
+# (ci/sanitize.sh says why); not the ELF reader's tests, pure Python that
+# runs no C of ours (test_elf_damaged alone starts 6,000 interpreters); nor
+# the inspector's case that imports a module from its current folder, which
+# PYTHONSAFEPATH (ci/sanitize.sh) keeps off sys.path.  Any sanitizer report
+# fails the run.
+SANITIZE_TESTS ?= tests --ignore=tests/test_differential.py \
+	--ignore=tests/test_elf.py --ignore=tests/test_elf_damaged.py \
+	--deselect 'tests/test_inspect.py::test_bad_input_is_one_line_on_stderr_and_exit_status_2[module that fails to import]'
+SANITIZE_UBSAN_TESTS ?= tests/test_differential.py
+sanitize: build
+	PY=$(PY) CACHE=$(CACHE) ci/sanitize.sh $(SANITIZE_TESTS) -- $(SANITIZE_UBSAN_TESTS)
 
 # CPython 3.10, 3.12 and 3.13 (VERSIONS="3.10 3.12 3.13"), from pyenv or PATH
 test-versions:

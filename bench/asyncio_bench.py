@@ -2,9 +2,10 @@
 against asyncio.to_thread (the default executor) and aiomysql, side by side
 in one run, each variant in a process of its own, in alternating rounds.
 
-    bench/asyncio_bench.py                # full run: a table and bench/asyncio-results.json
-    bench/asyncio_bench.py --quick        # a smoke run (100 queries, 1 round)
+    bench/asyncio_bench.py                # full run: a table and .results/bench/asyncio-results.json
+    bench/asyncio_bench.py --quick        # a smoke run (100 queries, 1 round), not saved
     bench/asyncio_bench.py --markdown     # the README's table, from bench/asyncio-results.json
+    bench/asyncio_bench.py --record README.md  # record the last full run as bench/asyncio-results.json, render it
 
 Cases:
   concurrency  N=1,000 tasks on one thread, each `SELECT SLEEP(0.5)` on a connection of its own;
@@ -31,7 +32,11 @@ from pathlib import Path
 from typing import Dict, List
 
 HERE = Path(__file__).resolve().parent
-RESULTS_PATH = HERE / "asyncio-results.json"
+RESULTS_PATH = HERE / "asyncio-results.json"  # recorded: the README's table; replaced only by --record
+sys.path.insert(0, str(HERE.parent / "tests"))
+import readme_sections  # noqa: E402 - after the path it lives on
+
+FRESH_PATH = Path(readme_sections.fresh_path(str(RESULTS_PATH)))  # what the last full run measured
 SLEEP_S = 0.5
 CONCURRENCY_GOAL = 1.2  # greenify.asyncio within 1.2x of the 0.5 s floor
 THROUGHPUT_GOAL = 5.0  # rows/s at least 5x aiomysql's
@@ -264,11 +269,13 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the README's table from the results file")
     parser.add_argument("--readme", metavar="README", help="write the results file's table into README")
     parser.add_argument("--check", metavar="README", help="exit 1 if README's table is not the results file's")
+    parser.add_argument("--record", metavar="README", help="record the last full run and write its table into README")
     options = parser.parse_args(argv)
+    if options.record:
+        readme_sections.record(str(RESULTS_PATH))
+        options.readme = options.record
     if options.markdown or options.readme or options.check:
         table = markdown(json.loads(RESULTS_PATH.read_text()))
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        import readme_sections
         if options.readme:
             readme_sections.write(options.readme, README_SECTION, table)
         elif options.check:
@@ -280,7 +287,7 @@ def main(argv=None) -> int:
         return 0
     results = measure(options)
     if not options.quick:
-        RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
+        readme_sections.replace_file(str(FRESH_PATH), json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     return 0
 

@@ -3,10 +3,16 @@ in one run on one machine.  Absolute times are noisy here (2 cores, other
 work running): the variants run in alternating rounds, the table compares
 their medians and shows the spread (min-max) of the rounds in brackets.
 
-    make bench            # everything: a table, bench/results.json, bench/results.png
-    make bench QUICK=1    # a smoke run in under a minute
+    make bench            # everything: a table, .results/bench/results.json and .png
+    make bench QUICK=1    # a smoke run in under a minute: .results/bench/quick.json and .png
     bench/run.py --peer-python /tmp/seed-venv/bin/python   # douban's greenify 0.5.0 as a column
-    bench/run.py --markdown                                  # the README's tables, from results.json
+    bench/run.py --markdown                                  # the README's tables, from bench/results.json
+    bench/run.py --record README.md   # record the last full run as bench/results.json (and .png), render it
+
+A run writes under .results/ (ignored by git); bench/results.json and
+bench/results.png are the recorded run the README's tables and chart come
+from, replaced only by --record (`make record`).  A quick run is never
+recorded.
 
 Cases:
   fastpath     ns per call on a ready fd, libc against green (recv, send, read, write, poll, select)
@@ -49,6 +55,12 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+RESULTS_PATH = HERE / "results.json"  # recorded: the README's tables
+sys.path.insert(0, str(REPO / "tests"))
+import readme_sections  # noqa: E402 - after the path it lives on
+
+FRESH_PATH = Path(readme_sections.fresh_path(str(RESULTS_PATH)))  # a full run's results
+QUICK_PATH = FRESH_PATH.with_name("quick.json")  # a quick run's, never recorded
 DB_WORKER = HERE / "db_worker.py"
 PEER_LABEL = "douban greenify 0.5.0"
 
@@ -950,8 +962,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: small N, fewer rounds")
     parser.add_argument("cases", nargs="*", choices=[[]] + list(CASES), help="cases to run (default: all)")
-    # A quick run never overwrites the committed full run that the README's tables come from.
-    parser.add_argument("--output", help="results JSON (default: bench/results.json; --quick: build/bench-quick.json)")
+    # A run never overwrites the recorded full run that the README's tables come from.
+    parser.add_argument("--output", help="results JSON (default: .results/bench/results.json, --quick: "
+                                         ".results/bench/quick.json; rendering: bench/results.json)")
     parser.add_argument("--chart", help="chart PNG (default: beside --output)")
     parser.add_argument("--peer-python", metavar="PATH",
                         help=f"an interpreter with {PEER_LABEL} installed: cases 1 to 4 also run there")
@@ -959,19 +972,22 @@ def main(argv=None) -> int:
                         help="print the tables in --output as Markdown (for the README) and exit")
     parser.add_argument("--readme", metavar="README", help="write the tables in --output into README's bench section")
     parser.add_argument("--check", metavar="README", help="exit 1 if README's bench section is not --output's tables")
+    parser.add_argument("--record", metavar="README", help="record the last full run (its JSON and chart) as "
+                                                           "bench/results.json and .png, and write its tables into README")
     parser.add_argument("--as-peer", action="store_true", help=argparse.SUPPRESS)  # run by --peer-python
     options = parser.parse_args(argv)
+    if options.record:
+        if readme_sections.record(str(RESULTS_PATH)):
+            readme_sections.record(str(RESULTS_PATH.with_suffix(".png")))
+        options.readme = options.record
     rendering = options.markdown or options.readme or options.check
     if options.output is None:
-        options.output = str(REPO / "build" / "bench-quick.json" if options.quick and not rendering
-                             else HERE / "results.json")
+        options.output = str(RESULTS_PATH if rendering else QUICK_PATH if options.quick else FRESH_PATH)
     if options.chart is None:
         options.chart = str(Path(options.output).with_suffix(".png"))
     Path(options.output).parent.mkdir(parents=True, exist_ok=True)
     if rendering:
         tables = "\n".join(table_lines(json.loads(Path(options.output).read_text()), markdown=True))
-        sys.path.insert(0, str(REPO / "tests"))
-        import readme_sections
         if options.readme:
             readme_sections.write(options.readme, README_SECTION, tables)
         elif options.check:

@@ -1,8 +1,9 @@
 """Where greenify was run: the results of `make test-versions` and
 `make test-aarch64`, and the README's statement generated from them.
 
-Each run of those targets records one entry of ci/results.json, from the
-JUnit XML pytest wrote:
+Each run of those targets records one entry of the fresh results,
+.results/ci/results.json (started from the recorded ci/results.json, which
+only `make record` replaces), from the JUnit XML pytest wrote:
 
     python ci/results.py record --name 3.10 --junit run.xml --python 3.10.13 --machine x86_64
 
@@ -11,6 +12,8 @@ whole file:
 
     python ci/results.py readme README.md           # rewrite it
     python ci/results.py readme README.md --check   # fail if it says anything else
+    python ci/results.py --fresh readme ...         # from the fresh results, not the recorded ones
+    python ci/results.py readme README.md --record  # record the fresh results, then rewrite it
 
 `--check` also compares pyproject.toml's requires-python and its
 "Programming Language :: Python :: 3.N" classifiers with the versions that
@@ -36,7 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import readme_sections  # noqa: E402 - after the path it lives on
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS_PATH = os.path.join(HERE, "results.json")
+RESULTS_PATH = os.path.join(HERE, "results.json")  # recorded
+FRESH_PATH = readme_sections.fresh_path(RESULTS_PATH)
 PYPROJECT_PATH = os.path.join(os.path.dirname(HERE), "pyproject.toml")
 README_SECTION = "platforms"  # the README's generated part (tests/readme_sections.py)
 
@@ -48,11 +52,13 @@ def load(path: str = RESULTS_PATH) -> Dict[str, dict]:
         return json.load(results)
 
 
-def save(results: Dict[str, dict], path: str = RESULTS_PATH) -> None:
-    with open(path + ".tmp", "w") as out:
-        json.dump(results, out, indent=2, sort_keys=True)
-        out.write("\n")
-    os.replace(path + ".tmp", path)
+def load_fresh() -> Dict[str, dict]:
+    """The fresh results, or the recorded ones while no run has written any."""
+    return load(readme_sections.latest(RESULTS_PATH))
+
+
+def save(results: Dict[str, dict], path: str = FRESH_PATH) -> None:
+    readme_sections.replace_file(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
 def _test_file(classname: str) -> str:
@@ -99,13 +105,14 @@ def read_deselect(path: str) -> List[List[str]]:
 
 
 def record(name: str, junit: str, python: str, machine: str, note: str, deselect: Optional[str] = None,
-           path: str = RESULTS_PATH) -> dict:
+           path: Optional[str] = None) -> dict:
+    """Add this run's entry to the results in `path` (default: the fresh ones)."""
     entry = summarize_junit(junit)
     entry.update(python=python, machine=machine, note=note, date=time.strftime("%Y-%m-%d", time.gmtime()),
                  deselected=read_deselect(deselect) if deselect else [])
-    results = load(path)
+    results = load(path) if path else load_fresh()
     results[name] = entry
-    save(results, path)
+    save(results, path or FRESH_PATH)
     return entry
 
 
@@ -160,10 +167,10 @@ def pyproject_problems(results: Dict[str, dict], suite_python: str, path: str = 
     return problems
 
 
-def readme(path: str, check: bool, results: Dict[str, dict]) -> List[str]:
+def readme(path: str, check: bool, results: Dict[str, dict], source: str = RESULTS_PATH) -> List[str]:
     if check:
-        differences = readme_sections.differences(path, README_SECTION, statement(results), RESULTS_PATH)
-        return differences + ([f"{path}: run `python ci/results.py readme {path}` and commit both"]
+        differences = readme_sections.differences(path, README_SECTION, statement(results), source)
+        return differences + ([f"{path}: after the runs, `make record` records them into {path}; commit both"]
                               if differences else [])
     readme_sections.write(path, README_SECTION, statement(results))
     return []
@@ -171,7 +178,9 @@ def readme(path: str, check: bool, results: Dict[str, dict]) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", default=RESULTS_PATH)
+    parser.add_argument("--results", help=f"the results file (record: default {FRESH_PATH}; "
+                                          f"readme: default {RESULTS_PATH})")
+    parser.add_argument("--fresh", action="store_true", help="readme from the fresh results, not the recorded ones")
     commands = parser.add_subparsers(dest="command", required=True)
     rec = commands.add_parser("record", help="record one run from pytest's JUnit XML")
     rec.add_argument("--name", required=True)
@@ -183,22 +192,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = commands.add_parser("readme", help="write (or --check) the README's statement")
     text.add_argument("path")
     text.add_argument("--check", action="store_true")
+    text.add_argument("--record", action="store_true", help="first record the fresh results (make record)")
     text.add_argument("--suite-python", default="%d.%d" % sys.version_info[:2],
                       help="the version the whole suite runs on (default: this interpreter's)")
     args = parser.parse_args(argv)
 
     if args.command == "record":
         entry = record(args.name, args.junit, args.python, args.machine, args.note, args.deselect, args.results)
-        print(f"{args.name}: {entry['counts']} in {entry['seconds']} s -> {args.results}")
+        print(f"{args.name}: {entry['counts']} in {entry['seconds']} s -> {args.results or FRESH_PATH}")
         for failure in entry["failures"]:
             print(f"  failed: {failure}")
         return 1 if entry["counts"]["failed"] else 0
 
-    results = load(args.results)
-    problems = readme(args.path, args.check, results)
+    if args.record:
+        readme_sections.record(RESULTS_PATH)
+    if args.results:
+        source, results = args.results, load(args.results)
+    elif args.fresh:
+        source = readme_sections.latest(RESULTS_PATH)
+        results = load(source)
+    else:
+        source, results = RESULTS_PATH, load(RESULTS_PATH)
+    problems = readme(args.path, args.check, results, source)
     if args.check:
         problems += pyproject_problems(results, args.suite_python)
-        problems += [f"{args.results}: run {name} {verdict(entry)}" for name, entry in sorted(results.items())
+        problems += [f"{source}: run {name} {verdict(entry)}" for name, entry in sorted(results.items())
                      if not verdict(entry).startswith("passed")]
     for problem in problems:
         print(problem, file=sys.stderr)

@@ -9,7 +9,7 @@
 #   3. every run: this tree copied to ROOT/src, greenify built there,
 #      the test files named on the command line run in `chroot ROOT`, with
 #      /proc, /sys and /dev bind-mounted (unmounted on any exit), and the run
-#      recorded in ci/results.json as `aarch64`.
+#      recorded in .results/ci/results.json as `aarch64` (`make record`).
 #
 # MariaDB runs natively on the host (ci/host_mariadb.py, tests/servers.py's
 # own server): emulated, mariadb-install-db alone takes over a minute.  The

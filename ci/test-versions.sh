@@ -3,7 +3,8 @@
 # in $VERSIONS (default "3.10 3.12 3.13"), each in its own venv under
 # $CACHE (default .cache), with greenify built in place for that version
 # (the module is _green.cpython-3XY-...so, so the builds sit side by side).
-# Each run is recorded in ci/results.json (ci/results.py).
+# Each run is recorded in .results/ci/results.json (ci/results.py; `make
+# record` copies it to ci/results.json).
 #
 # An interpreter is looked for as $PYENV_ROOT/versions/X.Y.*/bin/pythonX.Y
 # (newest patch level first), then as pythonX.Y on PATH; a missing one fails

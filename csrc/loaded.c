@@ -58,6 +58,7 @@ static void read_build_id(const struct dl_phdr_info *info, struct loaded_object 
 
 static int list_one(struct dl_phdr_info *info, size_t size, void *data)
 {
+    (void)size;  /* dl_iterate_phdr's callback type; every field read here is in glibc's oldest struct */
     struct list_state *state = data;
     if (state->count < state->capacity) {
         struct loaded_object *object = &state->out[state->count];

@@ -6,19 +6,22 @@ of ROWS.
 
 Honest by construction:
 
-* A session that runs any marked test owns tests/compat-results.json: it
-  marks the file "running" before the first test and rewrites it whole when
-  it finishes.  Nothing is merged with earlier runs, so a crashed session
-  leaves a file that says so, and rendering or checking it fails.  So
-  running one driver test file leaves the other rows "not run": render the
-  README's table from a whole `make test` (or `git checkout` the file).
+* A session that runs any marked test owns .results/tests/compat-results.json
+  (its fresh results; tests/compat-results.json is the recorded run the
+  README's table comes from, replaced only by `make record`): it marks the
+  file "running" before the first test and rewrites it whole when it
+  finishes.  Nothing is merged with earlier runs, so a crashed session leaves
+  a file that says so, and rendering or checking it fails.  So running one
+  driver test file leaves the other rows "not run": record the README's table
+  from a whole `make test` only.
 * Every row of ROWS is in the table.  A marked test that was collected but
   did not run (an interrupted session) counts as not run; a test file that
   names a row in a compat mark but failed to import puts that row's result
   at "not run" with the file named.
-* ``python tests/compat.py --check README.md`` (``make check-readme``, after
-  ``make test``) fails when the README's table is not exactly the one this
-  file renders.
+* ``python tests/compat.py --check README.md`` (``make check-readme``) fails
+  when the README's table is not exactly the one the recorded results render;
+  with ``--fresh`` (CI, after ``make test``) the one this checkout's last run
+  renders.
 
 Adding a column: append a Column to COLUMNS.  Its ``cell`` gets the row's
 entry from the results file (see ``_row_entry``) and returns the Markdown for
@@ -26,14 +29,15 @@ the cell.  A column about an aspect of the drivers (TLS, asyncio, ...) is
 ``aspect_column("TLS", "tls")``: mark the tests that prove that aspect
 ``@pytest.mark.compat("psycopg2", "tls")``; the cell then summarizes those
 tests' outcomes ("3 of 3 passed", or "not tested").  Aspect tests count in the
-row's tests and result too.  Rerun the driver tests and
-``python tests/compat.py --readme README.md``.
+row's tests and result too.  Rerun the driver tests and ``make record``.
 
 As a script it renders that file as the README's Markdown table:
 
     python tests/compat.py                    # print the table
     python tests/compat.py --readme README.md # rewrite it between the markers
     python tests/compat.py --check README.md  # exit 1 if the README's table differs
+    python tests/compat.py --fresh ...        # from the last run's results, not the recorded ones
+    python tests/compat.py --record README.md # record the last run's results, rewrite the table
 """
 from __future__ import annotations
 
@@ -52,7 +56,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import readme_sections
 
-RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat-results.json")
+RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat-results.json")  # recorded
+FRESH_PATH = readme_sections.fresh_path(RESULTS_PATH)  # what the last session wrote
 README_SECTION = "compat"  # the README's generated part (tests/readme_sections.py)
 RUNNING, COMPLETE = "running", "complete"
 NOT_RUN = "not run"
@@ -247,10 +252,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
 
 def _write(results: dict) -> None:
-    with open(RESULTS_PATH + ".tmp", "w") as out:
-        json.dump(results, out, indent=2, sort_keys=True)
-        out.write("\n")
-    os.replace(RESULTS_PATH + ".tmp", RESULTS_PATH)
+    readme_sections.replace_file(FRESH_PATH, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
 def load_results(path: str = RESULTS_PATH) -> dict:
@@ -285,19 +287,28 @@ def markdown_table(results: dict) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Render tests/compat-results.json as a Markdown table.")
     parser.add_argument("--results", default=RESULTS_PATH, help="the results file (default: %(default)s)")
+    parser.add_argument("--fresh", action="store_const", dest="results", const=FRESH_PATH,
+                        help=f"the last session's results ({FRESH_PATH}), not the recorded ones")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--readme", metavar="README", help="rewrite this file between the compat markers")
     action.add_argument("--check", metavar="README", help="exit 1 if this file's table differs from the results")
+    action.add_argument("--record", metavar="README", help="record the last session's results (make record) "
+                                                           "and rewrite this file's table from them")
     args = parser.parse_args(argv)
+    if args.record:
+        if os.path.exists(FRESH_PATH):
+            load_results(FRESH_PATH)  # a crashed or unfinished session is not recorded
+        readme_sections.record(RESULTS_PATH)
+        args.readme = args.record
     table = markdown_table(load_results(args.results))
     if args.readme:
         readme_sections.write(args.readme, README_SECTION, table)
     elif args.check:
-        differences = readme_sections.differences(args.check, README_SECTION, table, RESULTS_PATH)
+        differences = readme_sections.differences(args.check, README_SECTION, table, args.results)
         if differences:
             print("\n".join(differences), file=sys.stderr)
-            print(f"{args.check}: the compatibility table differs from what the last test run recorded; "
-                  f"after a full `make test`: python tests/compat.py --readme {args.check}", file=sys.stderr)
+            print(f"{args.check}: the compatibility table differs from what {args.results} records; "
+                  f"after a full `make test`, `make record` records that run", file=sys.stderr)
             return 1
     else:
         print(table)

@@ -102,6 +102,13 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def without_preload(env=None) -> dict:
+    """`env` (default: ours) without LD_PRELOAD: a sanitizer run (`make
+    sanitize`) preloads its runtime for Python, and the servers must not
+    inherit it (PostgreSQL's initdb hangs under it)."""
+    return {name: value for name, value in (os.environ if env is None else env).items() if name != "LD_PRELOAD"}
+
+
 class ServerFailed(RuntimeError):
     """A server did not start: the message carries its command and log."""
 
@@ -112,6 +119,7 @@ def run_checked(command: List[str], log_path: str, what: str, timeout: float = S
         log.write(f"$ {' '.join(command)}\n".encode())
         log.flush()
         try:
+            kwargs["env"] = without_preload(kwargs.get("env"))
             result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     timeout=timeout, **kwargs)
         except subprocess.TimeoutExpired:
@@ -138,6 +146,7 @@ class Process:
             log.flush()
             # A session of its own: a ^C at the terminal reaches pytest, which
             # then stops the server in order, instead of killing it mid-test.
+            kwargs["env"] = without_preload(kwargs.get("env"))
             self.popen = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True,
                                           preexec_fn=_die_with_parent, **kwargs)
@@ -519,7 +528,7 @@ def start_postgres(settings: Sequence[str] = ()) -> Iterator[PostgreSQL]:
                 return False
             probe = subprocess.run([psql, "-h", HOST, "-p", str(port), "-U", "postgres", "-d", "postgres",
                                     "-Atc", "SELECT 1"], stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=3)
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=3, env=without_preload())
             return probe.returncode == 0 and probe.stdout.strip() == b"1"
 
         # SIGINT: PostgreSQL's fast shutdown, which does not wait for clients.
@@ -650,7 +659,8 @@ def start_slow_http() -> Iterator[SlowHTTP]:
             # stdout (the port) to its own file, stderr (the access log) to the log.
             with open(log_path, "ab") as log:
                 process.popen = subprocess.Popen(process.command, stdin=subprocess.DEVNULL, stdout=port_file,
-                                                 stderr=log, start_new_session=True, preexec_fn=_die_with_parent)
+                                                 stderr=log, start_new_session=True, preexec_fn=_die_with_parent,
+                                                 env=without_preload())
         try:
             def listening() -> bool:
                 with open(port_path) as port_file:

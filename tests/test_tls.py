@@ -11,7 +11,7 @@ libmemcached 1.0.16 has no TLS at all.
 
 Each driver is tested with the call the README shows and with the call that
 `greenify-inspect --import DRIVER` recommends (its human and --json output
-must agree).  Timings go to tests/tls-results.json (tests/tls_results.py).
+must agree).  Timings go to .results/tests/tls-results.json (tests/tls_results.py).
 
 Python's ssl module shares the system's libcrypto with libmariadb: libcrypto
 gets twins that go green only on descriptors a patched library connected

@@ -2,10 +2,15 @@
 
 test_tls.py records, per driver, the seconds ten greenlets each waiting
 0.3 s in the server take over TLS, stock and greenified (with each patch
-call tested), into tests/tls-results.json.  As a script:
+call tested), into .results/tests/tls-results.json (fresh results, started
+from the recorded ones, tests/tls-results.json, which only `make record`
+replaces).  As a script:
 
     python tests/tls_results.py                     # print the Markdown table
     python tests/tls_results.py --readme README.md  # rewrite it between the markers
+    python tests/tls_results.py --check README.md   # exit 1 if the README's table differs
+    python tests/tls_results.py --fresh ...         # from the fresh results, not the recorded ones
+    python tests/tls_results.py --record README.md  # record the fresh results, rewrite the table
 """
 from __future__ import annotations
 
@@ -18,11 +23,16 @@ from typing import List, Optional
 
 import readme_sections
 
-RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tls-results.json")
+RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tls-results.json")  # recorded
+FRESH_PATH = readme_sections.fresh_path(RESULTS_PATH)
 README_SECTION = "tls"  # the README's generated part (tests/readme_sections.py)
 
 
-def load(path: str = RESULTS_PATH) -> dict:
+def load(path: Optional[str] = None) -> dict:
+    """The results in `path`; by default the fresh ones, or the recorded ones
+    while no test has written any."""
+    if path is None:
+        path = readme_sections.latest(RESULTS_PATH)
     try:
         with open(path) as results_file:
             return json.load(results_file)
@@ -31,12 +41,12 @@ def load(path: str = RESULTS_PATH) -> dict:
 
 
 def record(driver: str, key: str, value) -> None:
-    """Set results["drivers"][driver][key] = value in the results file."""
+    """Set results["drivers"][driver][key] = value in the fresh results."""
     results = load()
     entry = results.setdefault("drivers", {}).setdefault(driver, {})
     entry[key] = value
     results["environment"] = f"Python {platform.python_version()}, {platform.machine()}"
-    readme_sections.replace_file(RESULTS_PATH, json.dumps(results, indent=2, sort_keys=True) + "\n")
+    readme_sections.replace_file(FRESH_PATH, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
 def markdown_table(results: dict) -> str:
@@ -58,17 +68,25 @@ def markdown_table(results: dict) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Render tests/tls-results.json as a Markdown table.")
+    parser.add_argument("--fresh", action="store_const", dest="results", const=None, default=RESULTS_PATH,
+                        help=f"the fresh results ({FRESH_PATH}, while there are some), not the recorded ones")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--readme", help="rewrite this file between the tls markers instead of printing")
     action.add_argument("--check", metavar="README", help="exit 1 if this file's table differs from the results")
+    action.add_argument("--record", metavar="README", help="record the fresh results (make record) and rewrite "
+                                                           "this file's table from them")
     args = parser.parse_args(argv)
-    results = load()
+    if args.record:
+        readme_sections.record(RESULTS_PATH)
+        args.readme = args.record
+    args.results = args.results or readme_sections.latest(RESULTS_PATH)
+    results = load(args.results)
     if not results["drivers"]:
-        print(f"{RESULTS_PATH}: no results; run tests/test_tls.py first", file=sys.stderr)
+        print(f"{args.results}: no results; run tests/test_tls.py first", file=sys.stderr)
         return 1
     table = markdown_table(results)
     if args.check:
-        differences = readme_sections.differences(args.check, README_SECTION, table, RESULTS_PATH)
+        differences = readme_sections.differences(args.check, README_SECTION, table, args.results)
         print("\n".join(differences), file=sys.stderr)
         return 1 if differences else 0
     if not args.readme:

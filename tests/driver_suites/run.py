@@ -3,6 +3,9 @@
     python tests/driver_suites/run.py                     # both suites (make driver-suites)
     python tests/driver_suites/run.py --only psycopg2     # one of them
     python tests/driver_suites/run.py --readme README.md  # render results.json into the README
+    python tests/driver_suites/run.py --check README.md   # exit 1 if the README's table is not results.json's
+    python tests/driver_suites/run.py --fresh --check README.md  # ... not the last run's
+    python tests/driver_suites/run.py --record README.md  # record the last run, render it into the README
 
 For psycopg2 (the psycopg2-binary installed) and mysqlclient: downloads the
 sdist of the installed version from PyPI (``pip download --no-binary :all:
@@ -16,8 +19,10 @@ suite twice, each time in a fresh interpreter:
   that ticks every millisecond, and the suite run inside a greenlet, so that
   every wait in the C library really switches to the hub and back.
 
-Every test's outcome goes to tests/driver_suites/results.json.  The run fails
-(exit 1) if a test that passed stock does not pass greenified.
+Every test's outcome goes to .results/tests/driver_suites/results.json (the
+fresh results, started from the recorded tests/driver_suites/results.json,
+which only `make record` replaces).  The run fails (exit 1) if a test that
+passed stock does not pass greenified.
 """
 from __future__ import annotations
 
@@ -40,7 +45,8 @@ TESTS = os.path.dirname(HERE)
 ROOT = os.path.dirname(TESTS)
 sys.path.insert(0, TESTS)
 import readme_sections  # noqa: E402 - after the path it lives on
-RESULTS_PATH = os.path.join(HERE, "results.json")
+RESULTS_PATH = os.path.join(HERE, "results.json")  # recorded
+FRESH_PATH = readme_sections.fresh_path(RESULTS_PATH)
 CACHE = os.path.join(ROOT, "build", "driver-suites")
 README_SECTION = "driver-suites"  # the README's generated part (tests/readme_sections.py)
 SUITE_TIMEOUT_S = 900
@@ -271,7 +277,7 @@ def compare(stock: Dict[str, str], greenified: Dict[str, str]) -> dict:
 def main_run(only: Optional[List[str]]) -> int:
     import servers
 
-    results = load_results()
+    results = load_results(readme_sections.latest(RESULTS_PATH))
     status = 0
     with contextlib.ExitStack() as stack:
         for suite in only or list(SUITES):
@@ -304,9 +310,9 @@ def main_run(only: Optional[List[str]]) -> int:
     return status
 
 
-def load_results() -> dict:
+def load_results(path: str = RESULTS_PATH) -> dict:
     try:
-        with open(RESULTS_PATH) as results_file:
+        with open(path) as results_file:
             results = json.load(results_file)
     except (OSError, ValueError):
         results = {}
@@ -315,7 +321,7 @@ def load_results() -> dict:
 
 
 def save_results(results: dict) -> None:
-    readme_sections.replace_file(RESULTS_PATH, json.dumps(results, indent=1, sort_keys=True) + "\n")
+    readme_sections.replace_file(FRESH_PATH, json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
 # --- the README table --------------------------------------------------------------
@@ -354,13 +360,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--only", action="append", choices=list(SUITES), help="run only this suite (repeatable)")
     parser.add_argument("--readme", help="only render results.json into this README between the markers")
     parser.add_argument("--check", metavar="README", help="only check that this README's table is results.json's")
+    parser.add_argument("--fresh", action="store_const", dest="results", const=readme_sections.latest(RESULTS_PATH),
+                        default=RESULTS_PATH, help=f"--check against the last run's results ({FRESH_PATH}, while "
+                                                   f"there are some), not the recorded ones")
+    parser.add_argument("--record", metavar="README", help="record the last run's results (make record) and "
+                                                           "render them into this README")
     args = parser.parse_args(argv)
+    if args.record:
+        readme_sections.record(RESULTS_PATH)
+        args.readme = args.record
     if args.readme:
         rewrite_readme(args.readme)
         return 0
     if args.check:
-        differences = readme_sections.differences(args.check, README_SECTION, markdown_table(load_results()),
-                                                  RESULTS_PATH)
+        differences = readme_sections.differences(args.check, README_SECTION,
+                                                  markdown_table(load_results(args.results)), args.results)
         print("\n".join(differences), file=sys.stderr)
         return 1 if differences else 0
     return main_run(args.only)
