@@ -143,12 +143,14 @@ static void wait_over(struct fast_watch *watch)
 
 static void fast_io_ready(void *loop, struct libev_io *io, int revents)
 {
+    (void)loop, (void)revents; /* libev's callback signature */
     wait_over((struct fast_watch *)io);
 }
 
 /* The wait's deadline passed. */
 static void fast_timer(void *loop, struct libev_timer *timer, int revents)
 {
+    (void)loop, (void)revents;
     struct fast_watch *watch = (struct fast_watch *)((char *)timer - offsetof(struct fast_watch, timer));
     watch->timed_out = 1;
     wait_over(watch);
