@@ -26,7 +26,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 
-GREENIFY_SOURCES := $(PY) pyproject.toml setup.py build_ffi.py $(wildcard csrc/* csrc/demo/*)
+GREENIFY_SOURCES := $(PY) pyproject.toml setup.py build_ffi.py $(wildcard csrc/*/*)
 
 # greenify and what it depends on: all the demo needs.
 $(VENV)/.base: $(GREENIFY_SOURCES)

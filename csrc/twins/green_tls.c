@@ -1,39 +1,13 @@
 /*
- * Twins for TLS libraries (csrc/green_tls.h): the green twin on a client
- * library's descriptor, libc's call on every other one.
- *
- * The client descriptors are one byte each in a table indexed by the fd
- * number (1 MiB of address space, only the pages touched are ever backed);
- * reads and writes are relaxed atomics, as a descriptor is noted by the
- * thread that connects it before any other thread can use it.  Descriptors
- * at or above GREEN_TLS_MAX_FD are never client descriptors: their TLS I/O
- * stays libc's.
+ * Twins for TLS libraries (green_tls.h): the green twin on a client
+ * library's descriptor (green_clients.c), libc's call on every other one.
  */
 #include <unistd.h>
 
+#include "green_clients.h"
 #include "green_tls.h"
 #include "green_twins.h"
 
-#define GREEN_TLS_MAX_FD (1 << 20)
-
-static unsigned char client_fds[GREEN_TLS_MAX_FD];
-
-void green_tls_note_client(int fd)
-{
-    if (fd >= 0 && fd < GREEN_TLS_MAX_FD)
-        __atomic_store_n(&client_fds[fd], 1, __ATOMIC_RELAXED);
-}
-
-void green_tls_forget_client(int fd)
-{
-    if (fd >= 0 && fd < GREEN_TLS_MAX_FD)
-        __atomic_store_n(&client_fds[fd], 0, __ATOMIC_RELAXED);
-}
-
-int green_tls_is_client(int fd)
-{
-    return fd >= 0 && fd < GREEN_TLS_MAX_FD && __atomic_load_n(&client_fds[fd], __ATOMIC_RELAXED);
-}
 
 ssize_t green_tls_read(int fd, void *buf, size_t count)
 {

@@ -20,7 +20,7 @@
 #include <unistd.h>
 
 #include "green.h"
-#include "green_tls.h"
+#include "green_clients.h"
 
 __thread int green_last_refused_fd = -1;
 

@@ -23,11 +23,6 @@
 #define GREEN_TLS_TWINS(X)                                                                                    \
     X(read) X(write) X(readv) X(writev) X(recv) X(recvfrom) X(recvmsg) X(send) X(sendto) X(sendmsg) X(close)
 
-/* The client descriptors. */
-void green_tls_note_client(int fd);
-void green_tls_forget_client(int fd);
-int green_tls_is_client(int fd);
-
 ssize_t green_tls_read(int fd, void *buf, size_t count);
 ssize_t green_tls_write(int fd, const void *buf, size_t count);
 ssize_t green_tls_readv(int fd, const struct iovec *iov, int iovcnt);

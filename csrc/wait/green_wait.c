@@ -1,8 +1,9 @@
 /*
- * The run-time state of the green functions, their clocks, and green_wait():
- * the one place a green function's wait leaves C.  Statistics are in
- * csrc/green_stats.c, the entries into Python in csrc/green_python.c, the
- * delivery of interruptions in csrc/green_deliver.c.
+ * green_wait() and green_wait_io(): the one place a green function's wait
+ * leaves C, through the fast wait below Python (green_fastwait.c) or the
+ * door into Python (green_python.c).  The state and clock are in
+ * green_state.c, statistics in green_stats.c, the delivery of interruptions
+ * in green_deliver.c.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -16,49 +17,6 @@
 #define NS_PER_MS 1000000LL
 #define NS_PER_US 1000LL
 
-struct green_state green_state = {0, 0, 0, 0, 0};
-
-void green_set_active(int active) { green_state.active = active; }
-int green_is_active(void) { return green_state.active; }
-void green_set_finalizing(void) { green_state.finalizing = 1; }
-void green_set_interrupts_pending(int count) { green_state.interrupts_pending = count; }
-void green_set_waiters_registered(int count) { green_state.waiters_registered = count; }
-
-int64_t green_now_ns(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (int64_t)now.tv_sec * NS_PER_SECOND + now.tv_nsec;
-}
-
-int64_t green_deadline_after_ms(int timeout_ms)
-{
-    if (timeout_ms < 0)
-        return GREEN_NO_DEADLINE;
-    return green_now_ns() + (int64_t)timeout_ms * NS_PER_MS;
-}
-
-int64_t green_deadline_after_timespec(const struct timespec *timeout)
-{
-    if (timeout == NULL)
-        return GREEN_NO_DEADLINE;
-    if (timeout->tv_sec > INT64_MAX / NS_PER_SECOND - 1)
-        return GREEN_NO_DEADLINE;
-    return green_now_ns() + (int64_t)timeout->tv_sec * NS_PER_SECOND + timeout->tv_nsec;
-}
-
-const struct timespec *green_time_left(int64_t deadline_ns, struct timespec *left)
-{
-    int64_t ns;
-    if (deadline_ns == GREEN_NO_DEADLINE)
-        return NULL;
-    ns = deadline_ns - green_now_ns();
-    if (ns < 0)
-        ns = 0;
-    left->tv_sec = ns / NS_PER_SECOND;
-    left->tv_nsec = ns % NS_PER_SECOND;
-    return left;
-}
 
 int green_ms_left(int64_t deadline_ns)
 {
