@@ -203,6 +203,53 @@ def test_an_existing_trace_function_sees_the_way_out_and_is_put_back(unwind):
     a.close(), b.close()
 
 
+def measured_after_the_delivery():
+    return "a line coverage sees after the exception arrived"
+
+
+def test_coverage_measures_the_way_out_and_the_caller_after_a_delivery(unwind):
+    coverage = pytest.importorskip("coverage")
+    a, b = socketpair()
+    measuring = coverage.Coverage(data_file=None, include=[__file__])
+    measuring.start()
+    try:
+        try:
+            with gevent.Timeout(0.05):
+                recv_unwinding(unwind, a.fileno(), "codec-and-callback")
+        except gevent.Timeout:
+            measured_after_the_delivery()
+    finally:
+        measuring.stop()
+    lines = set(measuring.get_data().lines(__file__) or ())
+    body = {function: function.__code__.co_firstlineno + 1
+            for function in (decode_recording, callback_recording, measured_after_the_delivery)}
+    assert set(body.values()) <= lines, {function.__name__: line in lines for function, line in body.items()}
+    assert finished == ["decode", "callback"]
+    a.close(), b.close()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring is new in CPython 3.12")
+def test_a_sys_monitoring_tool_sees_the_way_out_and_the_exception_still_arrives(unwind):
+    monitoring = sys.monitoring
+    tool = next(tool for tool in range(6) if monitoring.get_tool(tool) is None)
+    started = []
+    monitoring.use_tool_id(tool, "greenify test")
+    monitoring.register_callback(tool, monitoring.events.PY_START, lambda code, offset: started.append(code.co_name))
+    monitoring.set_events(tool, monitoring.events.PY_START)
+    a, b = socketpair()
+    try:
+        with pytest.raises(gevent.Timeout):
+            with gevent.Timeout(0.05):
+                recv_unwinding(unwind, a.fileno(), "codec-and-callback")
+    finally:
+        monitoring.set_events(tool, 0)
+        monitoring.register_callback(tool, monitoring.events.PY_START, None)
+        monitoring.free_tool_id(tool)
+    assert "decode_recording" in started and "callback_recording" in started
+    assert finished == ["decode", "callback"]
+    a.close(), b.close()
+
+
 def test_a_profile_function_in_use_is_left_alone(unwind):
     a, b = socketpair()
     seen = []
