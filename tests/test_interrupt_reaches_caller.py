@@ -89,7 +89,8 @@ def nested_callback(unwind, fd, message):
     finished.append("nested callback")
 
 
-# What the driver calls on its way out: name -> (codec, callback, what finishes).
+# What the driver calls on its way out: name -> (driver, fd -> (codec, callback)),
+# and what must have run to its end.
 WAYS_OUT = {
     "codec": (lambda unwind, fd: (CODEC, None), ["decode"]),
     "callback": (lambda unwind, fd: (None, callback_recording), ["callback"]),
