@@ -36,11 +36,11 @@
 /* The name under which the previous trace function travels in a capsule. */
 #define SAVED_TRACE_CAPSULE "greenify.tracefunc"
 
-/* What deliver_trace keeps (its trace object): a tuple of these.  ARMED is
-   a dict: greenlet -> (caller frame or None, the frame's f_trace_opcodes
-   before we set it). */
-enum saved_field { SAVED_FUNC, SAVED_OBJ, SAVED_ARMED, SAVED_FIELDS };
-enum armed_field { ARMED_FRAME, ARMED_OPCODES_BEFORE, ARMED_FIELDS };
+/* What deliver_trace keeps (its trace object): a tuple of these.
+   ARMED: greenlet -> the caller's frame (None: the greenlet had none).
+   LENT: frame -> its f_trace_opcodes before we set it (True or False), for
+   each frame whose opcode events we turned on and have not put back. */
+enum saved_field { SAVED_FUNC, SAVED_OBJ, SAVED_ARMED, SAVED_LENT, SAVED_FIELDS };
 
 static int deliver_trace(PyObject *saved, PyFrameObject *frame, int what, PyObject *arg);
 
@@ -67,8 +67,6 @@ static PyObject *saved_obj(PyObject *saved)
 static int set_trace_opcodes(PyObject *frame, int on)
 {
     int before = 0;
-    if (frame == Py_None)
-        return 0;
     PyObject *value = PyObject_GetAttrString(frame, "f_trace_opcodes");
     if (value != NULL) {
         before = PyObject_IsTrue(value) == 1;
@@ -78,6 +76,48 @@ static int set_trace_opcodes(PyObject *frame, int on)
         PyErr_Clear();
     PyErr_Clear(); /* GetAttr's */
     return before;
+}
+
+static int same_code(PyObject *frame, PyObject *other)
+{
+    PyCodeObject *code = PyFrame_GetCode((PyFrameObject *)frame);
+    PyCodeObject *other_code = PyFrame_GetCode((PyFrameObject *)other);
+    int same = code == other_code;
+    Py_DECREF(code);
+    Py_DECREF(other_code);
+    return same;
+}
+
+/* Put back f_trace_opcodes on the lent frames that no armed caller shares
+   code with.  (CPython 3.13 keeps opcode events per code object: turning
+   them off for one frame turns them off for every frame of its code, such
+   as the callers of other greenlets interrupted in the same function.) */
+static void give_back_opcodes(PyObject *saved)
+{
+    PyObject *armed = PyTuple_GET_ITEM(saved, SAVED_ARMED);
+    PyObject *lent = PyTuple_GET_ITEM(saved, SAVED_LENT);
+    PyObject *frame, *before, *glet, *caller;
+    PyObject *given = PyList_New(0);
+    Py_ssize_t position = 0;
+    if (given == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    while (PyDict_Next(lent, &position, &frame, &before)) {
+        Py_ssize_t armed_position = 0;
+        int shared = 0;
+        while (!shared && PyDict_Next(armed, &armed_position, &glet, &caller))
+            shared = caller != Py_None && same_code(frame, caller);
+        if (!shared && PyList_Append(given, frame) != 0)
+            PyErr_Clear();
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(given); i++) {
+        frame = PyList_GET_ITEM(given, i);
+        set_trace_opcodes(frame, PyDict_GetItem(lent, frame) == Py_True);
+        if (PyDict_DelItem(lent, frame) != 0)
+            PyErr_Clear();
+    }
+    Py_DECREF(given);
 }
 
 /* Whether ancestor is on frame's chain of callers (frame excluded). */
@@ -104,17 +144,18 @@ static int greenlet_ended(PyObject *glet)
 
 /* Drop the entries of greenlets that ended; their kept exceptions are
    forgotten by the bridge (take_pending_interrupt drops those of dead
-   greenlets).  Returns how many entries are left. */
-static Py_ssize_t drop_ended(PyObject *armed)
+   greenlets). */
+static void drop_ended(PyObject *saved)
 {
+    PyObject *armed = PyTuple_GET_ITEM(saved, SAVED_ARMED);
     PyObject *ended = PyList_New(0);
-    PyObject *glet, *entry;
+    PyObject *glet, *caller;
     Py_ssize_t position = 0;
     if (ended == NULL) {
         PyErr_Clear();
-        return PyDict_Size(armed);
+        return;
     }
-    while (PyDict_Next(armed, &position, &glet, &entry))
+    while (PyDict_Next(armed, &position, &glet, &caller))
         if (greenlet_ended(glet) && PyList_Append(ended, glet) != 0)
             PyErr_Clear();
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ended); i++)
@@ -123,9 +164,9 @@ static Py_ssize_t drop_ended(PyObject *armed)
     if (PyList_GET_SIZE(ended) > 0) {
         PyObject *none = green_python_take_interrupt(); /* None here (this greenlet is not armed): it only drops */
         Py_XDECREF(none);
+        give_back_opcodes(saved);
     }
     Py_DECREF(ended);
-    return PyDict_Size(armed);
 }
 
 /* Called after a wait reported GREEN_INTERRUPTED, in the interrupted
@@ -136,7 +177,7 @@ void green_arm_delivery(void)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
     PyThreadState *tstate = PyThreadState_Get();
-    PyObject *saved = NULL, *current = NULL, *entry = NULL;
+    PyObject *saved = NULL, *current = NULL;
     PyObject *error_type, *error_value, *error_tb;
 
     PyErr_Fetch(&error_type, &error_value, &error_tb); /* a library may call with an exception set */
@@ -157,33 +198,37 @@ void green_arm_delivery(void)
         PyObject *capsule = tstate->c_tracefunc == NULL
                                 ? (Py_INCREF(Py_None), Py_None)
                                 : PyCapsule_New((void *)tstate->c_tracefunc, SAVED_TRACE_CAPSULE, NULL);
-        PyObject *armed = PyDict_New();
+        PyObject *armed = PyDict_New(), *lent = PyDict_New();
         PyObject *obj = tstate->c_traceobj == NULL ? Py_None : tstate->c_traceobj;
-        if (capsule != NULL && armed != NULL)
-            saved = PyTuple_Pack(SAVED_FIELDS, capsule, obj, armed);
+        if (capsule != NULL && armed != NULL && lent != NULL)
+            saved = PyTuple_Pack(SAVED_FIELDS, capsule, obj, armed, lent);
         Py_XDECREF(capsule);
         Py_XDECREF(armed);
+        Py_XDECREF(lent);
         if (saved == NULL)
             goto failed;
     }
     PyObject *armed = PyTuple_GET_ITEM(saved, SAVED_ARMED);
+    PyObject *lent = PyTuple_GET_ITEM(saved, SAVED_LENT);
     if (PyDict_GetItem(armed, current) == NULL) {
         PyObject *frame = (PyObject *)PyEval_GetFrame(); /* borrowed */
         if (frame == NULL)
             frame = Py_None;
-        int opcodes_before = set_trace_opcodes(frame, 1);
-        entry = Py_BuildValue("(OO)", frame, opcodes_before ? Py_True : Py_False);
-        if (entry == NULL || PyDict_SetItem(armed, current, entry) != 0)
+        if (PyDict_SetItem(armed, current, frame) != 0)
             goto failed;
+        if (frame != Py_None && PyDict_GetItem(lent, frame) == NULL) {
+            int before = set_trace_opcodes(frame, 1);
+            if (PyDict_SetItem(lent, frame, before ? Py_True : Py_False) != 0)
+                goto failed;
+        }
     }
-    /* (again when armed already: CPython 3.12 computes which events to
-       send, opcodes included, when a trace function is set) */
+    /* (again when armed already: CPython 3.12 and 3.13 turn opcode events
+       on, for the current frame's flag, when a trace function is set) */
     PyEval_SetTrace(deliver_trace, saved);
     goto done;
 failed:
     PyErr_WriteUnraisable(NULL); /* the call still fails as interrupted; the exception stays kept */
 done:
-    Py_XDECREF(entry);
     Py_XDECREF(current);
     Py_XDECREF(saved);
     PyErr_Restore(error_type, error_value, error_tb);
@@ -223,32 +268,33 @@ static int deliver_trace(PyObject *saved, PyFrameObject *frame, int what, PyObje
     Py_tracefunc previous = saved_func(saved);
     PyObject *previous_obj = saved_obj(saved);
     PyObject *armed = PyTuple_GET_ITEM(saved, SAVED_ARMED);
+    PyObject *lent = PyTuple_GET_ITEM(saved, SAVED_LENT);
     PyObject *error_type = NULL, *error_value = NULL, *error_tb = NULL;
     PyObject *current = (PyObject *)PyGreenlet_GetCurrent();
-    PyObject *entry = current == NULL ? NULL : PyDict_GetItem(armed, current); /* borrowed */
-    PyObject *caller = entry == NULL ? NULL : PyTuple_GET_ITEM(entry, ARMED_FRAME);
+    PyObject *caller = current == NULL ? NULL : PyDict_GetItem(armed, current); /* borrowed */
     int rc = 0;
 
     if (current == NULL)
         PyErr_Clear();
     Py_INCREF(saved); /* PyEval_SetTrace below drops the thread's reference */
-    Py_XINCREF(entry);
-    /* Opcode events on the caller's frame are ours unless it had asked for them. */
-    if (previous != NULL && !(what == PyTrace_OPCODE && caller == (PyObject *)frame &&
-                              PyTuple_GET_ITEM(entry, ARMED_OPCODES_BEFORE) != Py_True))
+    Py_XINCREF(caller);
+    /* Opcode events on a frame we lent them to are ours, unless it had
+       asked for them itself. */
+    if (previous != NULL && !(what == PyTrace_OPCODE && PyDict_GetItem(lent, (PyObject *)frame) == Py_False))
         rc = previous(previous_obj, frame, what, arg);
     if (rc != 0)
         PyErr_Fetch(&error_type, &error_value, &error_tb); /* the previous function's error, kept aside */
-    if (entry == NULL) {
+    if (caller == NULL) {
         /* another greenlet: an armed one may have ended with no frame to raise in */
-        if (PyDict_Size(armed) > 0 && drop_ended(armed) == 0)
+        drop_ended(saved);
+        if (PyDict_Size(armed) == 0)
             PyEval_SetTrace(previous, previous_obj);
         PyErr_Restore(error_type, error_value, error_tb);
     }
     else if (caller != Py_None && (caller == (PyObject *)frame || !descends_from(frame, caller))) {
         if (PyDict_DelItem(armed, current) != 0)
             PyErr_Clear();
-        set_trace_opcodes(caller, PyTuple_GET_ITEM(entry, ARMED_OPCODES_BEFORE) == Py_True);
+        give_back_opcodes(saved);
         if (PyDict_Size(armed) == 0)
             PyEval_SetTrace(previous, previous_obj);
         rc = raise_kept(what, arg, error_type, error_value, error_tb);
@@ -256,7 +302,7 @@ static int deliver_trace(PyObject *saved, PyFrameObject *frame, int what, PyObje
     else {
         PyErr_Restore(error_type, error_value, error_tb); /* a frame the C call entered on its way out */
     }
-    Py_XDECREF(entry);
+    Py_XDECREF(caller);
     Py_XDECREF(current);
     Py_DECREF(saved);
     return rc;

@@ -299,6 +299,38 @@ def test_greenlets_interrupted_while_another_unwinds_each_get_their_own(unwind):
         a.close(), b.close()
 
 
+@pytest.mark.parametrize("greenlets", [1, 3])
+def test_a_call_that_returns_normally_gets_the_exception_before_anything_else_on_its_line(unwind, greenlets):
+    # The driver reports the failure by returning None: the exception is
+    # raised right after the call, before the next call on the same line;
+    # also in each of several greenlets running the same function and
+    # interrupted while another one unwinds.
+    pairs = [socketpair() for _ in range(greenlets)]
+    used = []
+
+    def yielding_callback(message):
+        gevent.sleep(0)
+        finished.append("callback")
+
+    def use(result):
+        used.append(result)
+
+    def bounded(index):
+        with gevent.Timeout(0.05) as timeout:
+            try:
+                use(unwind.recv_or_none(RECV, pairs[index][0].fileno(), 16, True, CODEC, yielding_callback))
+            except gevent.Timeout as caught:
+                return caught is timeout
+        return False
+
+    results = [g.get(timeout=2) for g in [gevent.spawn(bounded, index) for index in range(len(pairs))]]
+    assert results == [True] * len(pairs)
+    assert used == [], "the line went on after the interrupted call"
+    assert sorted(finished) == ["callback"] * len(pairs) + ["decode"] * len(pairs)
+    for a, b in pairs:
+        a.close(), b.close()
+
+
 ROUNDS = 200
 GREENLETS = 10
 
