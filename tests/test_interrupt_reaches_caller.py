@@ -128,11 +128,13 @@ def test_a_killed_greenlet_ends_with_greenlet_exit_past_python_called_on_the_way
     a, b = socketpair()
     after = []
 
-    def caller():
-        recv_unwinding(unwind, a.fileno(), way_out)
+    codec, callback = WAYS_OUT[way_out][0](unwind, a.fileno())
+
+    def caller():  # the greenlet's top frame makes the C call
+        unwind.recv_unwinding(RECV, a.fileno(), 16, True, codec, callback)
         after.append("the line after the call ran")
 
-    g = gevent.spawn(caller)  # the calling frame is the greenlet's top frame
+    g = gevent.spawn(caller)
     gevent.sleep(0.02)
     g.kill(block=True, timeout=2)
     assert g.dead and isinstance(g.value, gevent.GreenletExit), (g.value, g.exception)
