@@ -210,20 +210,21 @@ void green_arm_delivery(void)
     }
     PyObject *armed = PyTuple_GET_ITEM(saved, SAVED_ARMED);
     PyObject *lent = PyTuple_GET_ITEM(saved, SAVED_LENT);
-    if (PyDict_GetItem(armed, current) == NULL) {
-        PyObject *frame = (PyObject *)PyEval_GetFrame(); /* borrowed */
-        if (frame == NULL)
-            frame = Py_None;
-        if (PyDict_SetItem(armed, current, frame) != 0)
+    if (PyDict_GetItem(armed, current) != NULL)
+        goto done; /* armed already (our function is installed): nothing changes */
+    PyObject *frame = (PyObject *)PyEval_GetFrame(); /* borrowed */
+    if (frame == NULL)
+        frame = Py_None;
+    if (PyDict_SetItem(armed, current, frame) != 0)
+        goto failed;
+    if (frame != Py_None && PyDict_GetItem(lent, frame) == NULL) {
+        int before = set_trace_opcodes(frame, 1);
+        if (PyDict_SetItem(lent, frame, before ? Py_True : Py_False) != 0)
             goto failed;
-        if (frame != Py_None && PyDict_GetItem(lent, frame) == NULL) {
-            int before = set_trace_opcodes(frame, 1);
-            if (PyDict_SetItem(lent, frame, before ? Py_True : Py_False) != 0)
-                goto failed;
-        }
     }
-    /* (again when armed already: CPython 3.12 and 3.13 turn opcode events
-       on, for the current frame's flag, when a trace function is set) */
+    /* (also when our function is installed already: CPython 3.12 and 3.13
+       turn opcode events on, for the current frame's flag, when a trace
+       function is set) */
     PyEval_SetTrace(deliver_trace, saved);
     goto done;
 failed:
