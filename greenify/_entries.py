@@ -12,9 +12,10 @@ the module that owns the rule; none lets an exception reach C (the onerror
 handlers report what slips through and give C an answer that blocks
 natively or does nothing).
 
-While a function of this module is on the stack, an interruption armed for
-delivery (csrc/green_deliver.c) waits: C recognizes these frames by this
-module's name (GREENIFY_ENTRIES_MODULE in csrc/green_python.h).
+An interruption armed for delivery (csrc/green_deliver.c) never fires in
+these functions: they run below the C call, in frames that descend from the
+frame that made it, and the exception waits for that frame.  C finds this
+module by its name (GREENIFY_ENTRIES_MODULE in csrc/green_python.h).
 """
 from __future__ import annotations
 
@@ -88,5 +89,6 @@ def record_interruption(current, exc: BaseException) -> int:
 
 def take_pending_interrupt() -> Optional[BaseException]:
     """The trace function delivering an interruption (csrc/green_deliver.c)
-    takes the kept exception here, through the CPython API."""
+    takes the current greenlet's kept exception here, through the CPython
+    API (and, from another greenlet, drops those of greenlets that ended)."""
     return _bridge.take_pending_interrupt()

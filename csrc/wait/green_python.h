@@ -81,8 +81,10 @@ static inline void green_python_leave(struct green_python_entry *entry)
 PyObject *green_python_take_interrupt(void);
 #endif
 
-/* After a wait reported GREEN_INTERRUPTED: raise the kept exception in the
-   greenlet once its C call is back in Python (csrc/green_deliver.c). */
+/* After a wait reported GREEN_INTERRUPTED, in the interrupted greenlet:
+   raise the kept exception once the Python frame that made the C call runs
+   again, never in Python the C call runs on its way out
+   (csrc/green_deliver.c). */
 void green_arm_delivery(void);
 
 #endif
