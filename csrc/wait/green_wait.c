@@ -99,12 +99,18 @@ int green_wait(struct green_call *call, const struct green_watch *watches, int n
 
 int green_must_fail_fast(void)
 {
-    return green_state.finalizing ? 0 : green_python_interrupted();
+    if (green_state.finalizing || !green_python_interrupted())
+        return 0;
+    /* Armed again (at no cost when armed still): a trace function replaced
+       meanwhile (a debugger, sys.settrace(None)) must not strand the kept
+       exception, with every call of the greenlet failing fast for ever. */
+    green_arm_delivery();
+    return 1;
 }
 
 void green_wake_waiters_on(int fd)
 {
-    green_fast_closing(fd); /* always: it also notes that the number will name another file */
+    green_fast_closing(fd);
     if (green_state.active && !green_state.finalizing && __atomic_load_n(&green_state.waiting, __ATOMIC_RELAXED))
         green_python_closing(fd);
 }
