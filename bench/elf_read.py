@@ -1,4 +1,4 @@
-"""How long greenify.elf takes to read a library's blocking imports: best of
+"""How long greenify.patching.elf takes to read a library's blocking imports: best of
 N reads of each file, in milliseconds (the suite checks what is read, this
 file how fast; it replaced the suite's timed test).
 
@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Dict, List
 
-from greenify import elf
+from greenify.patching import elf
 
 LIBRARIES = [f"/usr/lib/x86_64-linux-gnu/{name}" for name in
              ("libmariadb.so.3", "libcrypto.so.3", "libpq.so.5", "libcurl.so.4")]

@@ -1,25 +1,25 @@
 """greenify: make blocking C libraries cooperative under gevent.
 
 ``greenify.patch_all()`` patches every C client library in the process, now
-and as it loads (greenify.policy decides which); ``greenify.patch_library(target)``
+and as it loads (greenify.patching.policy decides which); ``greenify.patch_library(target)``
 points one already-loaded library's imports of libc's blocking calls at their
 green twins.  Both activate the green functions; ``greenify.greenify()`` is
 the explicit, idempotent spelling kept for compatibility.
 """
 from __future__ import annotations
 
-from greenify import _bridge
-from greenify import _entries  # noqa: F401 - defines every entry from C into Python
+from greenify import functions
+from greenify import entries as _entries  # noqa: F401 - defines every entry from C into Python
 from greenify.errors import (BuildIdMismatchError, GreenifyError, NotElfError, NotLoadedError, ProtectedTargetError,
                              SlotOutsideSegmentsError, SlotWriteError, StaticExecutableError, TargetNotFoundError,
                              UnknownFunctionError, WrongMachineError)
-from greenify.monitor import BlockedReport, NativeCallBlocked, unwatch, watch
-from greenify.patcher import (ObjectReport, PatchedSlot, PatchReport, SkippedImport, patch_lib, patch_library,
+from greenify.watching.monitor import BlockedReport, unwatch, watch
+from greenify.patching.patcher import (ObjectReport, PatchedSlot, PatchReport, SkippedImport, patch_lib, patch_library,
                               patched, unpatch_library)
-from greenify.inventory import report
-from greenify.onload import OnLoadPatch, cancel_patch_on_load, patch_on_load
-from greenify.all_clients import PatchAllReport, patch_all, unpatch_all
-from greenify.stats import WaitStats, stats
+from greenify.patching.inventory import report
+from greenify.patching.onload import OnLoadPatch, cancel_patch_on_load, patch_on_load
+from greenify.patching.all_clients import PatchAllReport, patch_all, unpatch_all
+from greenify.waiting.stats import WaitStats, stats
 from greenify.capi import _C_API, capi_address, get_include  # noqa: F401 - _C_API: the C API's capsule
 
 __all__ = [
@@ -40,14 +40,26 @@ def greenify() -> None:
     library's blocking call made in a greenlet waits on the gevent hub.
     patch_all() and patch_library() call it themselves: calling it first is
     never needed, and never wrong."""
-    _bridge.activate()
+    functions.activate()
 
 
 def is_active() -> bool:
     """Whether ``greenify()`` was called."""
-    return _bridge.is_active()
+    return functions.is_active()
 
 
-from greenify import monitor as _monitor  # noqa: E402 - after every name above is defined
+
+
+def __getattr__(name: str):
+    # NativeCallBlocked subclasses gevent's EventLoopBlocked: importing it
+    # imports gevent, which an asyncio user never does
+    if name == "NativeCallBlocked":
+        from greenify.watching.gevent_event import NativeCallBlocked
+
+        return NativeCallBlocked
+    raise AttributeError(f"module 'greenify' has no attribute {name!r}")
+
+
+from greenify.watching import monitor as _monitor  # noqa: E402 - after every name above is defined
 
 _monitor.watch_from_environment()

@@ -1,7 +1,7 @@
 """``python -m greenify``: run a program greenified, or print the C API's
-compiler flags (greenify/launch.py)."""
+compiler flags (greenify/tools/launch.py)."""
 import sys
 
-from greenify.launch import main
+from greenify.tools.launch import main
 
 sys.exit(main())

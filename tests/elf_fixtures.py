@@ -23,7 +23,7 @@ from elftools.elf.enums import ENUM_E_MACHINE
 from elftools.elf.relocation import RelocationSection
 
 from fixturelib import FIXTURES
-from greenify import elf
+from greenify.patching import elf
 from servers import missing, servers_required
 
 

@@ -1,5 +1,5 @@
 """Damaged copies of a real ELF library, and a runner that reads each one
-with greenify.elf and reports how it went, one JSON line per copy.
+with greenify.patching.elf and reports how it went, one JSON line per copy.
 
     python tests/elf_mutations.py --seed 13 LIBRARY...
 
@@ -206,7 +206,7 @@ def describe(result) -> Dict[str, object]:
 
 
 def run(paths: List[str], seed: int, scratch: str) -> None:
-    from greenify import elf
+    from greenify.patching import elf
     from greenify.errors import GreenifyError
 
     def emit(record: Dict[str, object]) -> None:

@@ -139,13 +139,13 @@ def errno_name(code: int) -> str:
 
 def twin_address(name: str) -> int:
     """The address of libc's `name`'s green twin, as a library's patched slot holds it."""
-    from greenify import patcher
+    from greenify.patching import patcher
     return patcher.green_twins()[name]
 
 
 def pending_interruptions() -> dict:
     """Interruptions thrown into green waits and not delivered yet: greenlet -> exception."""
-    from greenify import _bridge
+    from greenify.waiting import bridge as _bridge
     return _bridge.pending_interruptions()
 
 
@@ -157,5 +157,5 @@ def no_interruption_pending() -> bool:
 
 def sweep_interval_s() -> float:
     """How often the hub's waiter looks for waits on descriptors closed behind greenify's back."""
-    from greenify._bridge import SWEEP_INTERVAL_S
+    from greenify.waiting.bridge import SWEEP_INTERVAL_S
     return SWEEP_INTERVAL_S

@@ -1,5 +1,5 @@
 """What the tests need to know about the slots greenify writes, without
-reaching into greenify.slots' private state: one place to change when the
+reaching into greenify.patching.slots' private state: one place to change when the
 internals do."""
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import os
 import threading
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from greenify import elf, slots
+from greenify.patching import elf
+from greenify.patching import slots
 from greenify.errors import GreenifyError
-from greenify.loaded import LoadedObject
-from greenify.slots import PatchedSlot
+from greenify.patching.loaded import LoadedObject
+from greenify.patching.slots import PatchedSlot
 
 
 def recorded_slots(purpose: Optional[str] = None) -> Dict[Tuple[str, int], Dict[int, PatchedSlot]]:

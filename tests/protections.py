@@ -67,7 +67,7 @@ def no_protection_changed_during_the_test():
 
 @pytest.fixture(autouse=True, scope="session")
 def page_protections_restored_after_every_write():
-    from greenify import slots
+    from greenify.patching import slots
     saved = {"write_slots": slots.write_slots}
     for name, write in saved.items():
         setattr(slots, name, guarded(f"slots.{name}", write))

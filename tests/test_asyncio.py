@@ -25,6 +25,7 @@ import pytest
 
 import greenify
 import greenify.asyncio as gasyncio
+from greenify.waiting import asyncio_side
 import servers
 from green_support import no_interruption_pending
 from greenify._green import ffi, lib
@@ -81,7 +82,7 @@ class Ticker:
 def nothing_registered(fd: int) -> bool:
     """No wait of this thread's greenify.asyncio waiter holds fd, and the
     default loop's selector does not watch it."""
-    waiter = gasyncio._local.waiter
+    waiter = asyncio_side._local.waiter
     if fd in waiter.readers or fd in waiter.writers:
         return False
     selector = getattr(waiter.loop, "_selector", None)
@@ -581,7 +582,7 @@ def test_close_of_a_watched_fd_outside_run_fails_its_waiter_with_ebadf(new_loop,
     reader, writer = socket.socketpair()
     fd = reader.detach()
     close = lib.green_close if closer.startswith("close twin") else os.close
-    bound_s = gasyncio.SWEEP_INTERVAL_S / 2 if closer.startswith("close twin") else gasyncio.SWEEP_INTERVAL_S * 3
+    bound_s = asyncio_side.SWEEP_INTERVAL_S / 2 if closer.startswith("close twin") else asyncio_side.SWEEP_INTERVAL_S * 3
 
     async def main():
         waiting = asyncio.ensure_future(gasyncio.run(recv_into, fd))

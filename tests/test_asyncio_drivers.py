@@ -25,6 +25,7 @@ import pytest
 
 import greenify
 import greenify.asyncio as gasyncio
+from greenify.waiting import asyncio_side
 import servers
 from green_support import pending_interruptions
 from test_asyncio import Ticker, new_loop, run_on  # noqa: F401 - new_loop is a fixture
@@ -51,7 +52,7 @@ def active():
 def nothing_left_behind():
     yield
     assert not pending_interruptions(), f"interruptions never delivered: {pending_interruptions()!r}"
-    waiter = getattr(gasyncio._local, "waiter", None)
+    waiter = getattr(asyncio_side._local, "waiter", None)
     if waiter is not None:
         assert not waiter.readers and not waiter.writers, "descriptors left registered on the loop"
 

@@ -1,4 +1,4 @@
-"""greenify.elf: blocking imports read through the dynamic segment."""
+"""greenify.patching.elf: blocking imports read through the dynamic segment."""
 from __future__ import annotations
 
 import shutil
@@ -14,7 +14,7 @@ from elftools.elf.enums import ENUM_E_MACHINE
 from elf_fixtures import (CROSS_MACHINES, CROSS_SYMBOLS, CROSS_VARIANTS, cross_libs,  # noqa: F401 - a fixture
                           dynamic_symbol_value, section_scan)
 from fixturelib import build_library
-from greenify import elf
+from greenify.patching import elf
 from greenify.errors import NotElfError, StaticExecutableError, TargetNotFoundError
 from servers import missing
 

@@ -17,7 +17,7 @@ from elftools.elf.elffile import ELFFile
 import greenify
 from elf_fixtures import cross_libs  # noqa: F401 - a fixture
 from elf_mutations import Regions, describe
-from greenify import elf
+from greenify.patching import elf
 from greenify.errors import GreenifyError, NotElfError, TargetNotFoundError
 from servers import missing
 
@@ -53,7 +53,7 @@ def read_in_child(path: Path) -> Dict[str, object]:
 
 
 def inspect(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "greenify.inspect", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "greenify.tools.inspector", *args], capture_output=True, text=True,
                           timeout=CHILD_TIMEOUT)
 
 

@@ -17,7 +17,7 @@ import greenify
 from gevent.hub import get_hub
 
 from green_support import buffer, call_green, socketpair
-from greenify._bridge import SWEEP_INTERVAL_S
+from greenify.waiting.bridge import SWEEP_INTERVAL_S
 from greenify._green import lib
 
 pytestmark = pytest.mark.usefixtures("greenified", "no_interruption_left_behind")

@@ -4,7 +4,10 @@ from __future__ import annotations
 import ctypes
 
 import greenify
-from greenify import _functions, elf, inventory, patcher
+from greenify import functions as _functions
+from greenify.patching import elf
+from greenify.patching import inventory
+from greenify.patching import patcher
 from green_support import green_module_path
 from greenify._green import ffi, lib
 

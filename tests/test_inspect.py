@@ -15,10 +15,10 @@ import pytest
 
 import greenify
 from fixturelib import build_extension_module, build_library, compiler
-from greenify import elf
-from greenify import inspect as inspect_module
-from greenify.inventory import LibraryReport
-from greenify.patcher import green_twins
+from greenify.patching import elf
+from greenify.tools import inspector as inspect_module
+from greenify.patching.inventory import LibraryReport
+from greenify.patching.patcher import green_twins
 from elf_fixtures import CROSS_MACHINES, CROSS_SYMBOLS, cross_libs  # noqa: F401 - a fixture
 from servers import missing, require_module
 
@@ -32,7 +32,7 @@ def inspect(*args: str, env: Optional[Dict[str, str]] = None, **kwargs) -> subpr
     """greenify-inspect ARGS in a subprocess, output captured (not a tty)."""
     environment = dict(os.environ, **(env or {}))
     environment.pop("NO_COLOR", None)
-    return subprocess.run([sys.executable, "-m", "greenify.inspect", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "greenify.tools.inspector", *args], capture_output=True, text=True,
                           env=environment, timeout=60, **kwargs)
 
 
@@ -314,7 +314,7 @@ def _on_a_terminal(args: Sequence[str], env: Dict[str, str]) -> str:
     """Output of greenify-inspect ARGS written to a pseudo-terminal."""
     main, terminal = os.openpty()
     try:
-        process = subprocess.run([sys.executable, "-m", "greenify.inspect", *args], stdout=terminal,
+        process = subprocess.run([sys.executable, "-m", "greenify.tools.inspector", *args], stdout=terminal,
                                  stderr=subprocess.PIPE, env=env, timeout=60)
         assert process.returncode == 0, process.stderr
     finally:

@@ -17,7 +17,9 @@ import pytest
 import greenify
 from fixturelib import VARIANTS, build_library, maps_lines_of, slot_value
 from patch_support import no_slot_recorded, rewrite_slot
-from greenify import elf, loaded, patcher
+from greenify.patching import elf
+from greenify.patching import loaded
+from greenify.patching import patcher
 
 LOADERS = {"CDLL": ctypes.CDLL, "PyDLL": ctypes.PyDLL}
 

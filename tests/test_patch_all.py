@@ -21,7 +21,7 @@ import pytest
 import greenify
 import servers
 from fixturelib import build_library
-from greenify import loaded
+from greenify.patching import loaded
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNT, WAIT_S, TOGETHER_BOUND_S = 20, 0.2, 1.5  # serial: 4 s
@@ -41,7 +41,8 @@ def together(function, count):
 def slot_values(objects=None):
     """{(path, symbol, slot address): value} of every blocking import's slot."""
     import ctypes
-    from greenify import loaded, patcher
+    from greenify.patching import loaded
+    from greenify.patching import patcher
     values = {}
     for obj in objects or loaded.loaded_objects():
         try:
@@ -208,7 +209,7 @@ emit({"decision": report.decision("libfxlater.so"), "later": report.later_loads,
 def test_unpatch_all_restores_every_slot_exactly(drivers):
     result = run_child('''
 import gevent, MySQLdb, psycopg2, pylibmc, pycurl, ssl, greenify
-from greenify import slots
+from greenify.patching import slots
 before = slot_values()
 report = greenify.patch_all()
 during = slot_values()
@@ -228,7 +229,8 @@ emit({"changed": len(changed), "written": report.slots_written, "restored": rest
 def test_objects_patch_all_never_touches_keep_every_slot(drivers):
     result = run_child('''
 import gevent, MySQLdb, psycopg2, pylibmc, pycurl, ssl, select, subprocess, greenify
-from greenify import loaded, policy
+from greenify.patching import loaded
+from greenify.patching import policy
 protected = [obj for obj in loaded.loaded_objects() if policy.never_reason(obj) is not None]
 before = slot_values(protected)
 report = greenify.patch_all()
@@ -253,7 +255,7 @@ emit({"names": sorted({obj.name for obj in protected}), "slots": len(before),
 def test_include_and_exclude_by_name_stem_path_and_module(drivers):
     result = run_child('''
 import gevent, MySQLdb, psycopg2, psycopg2._psycopg, pylibmc, _pylibmc, pycurl, greenify
-from greenify import loaded
+from greenify.patching import loaded
 curl = next(obj.path for obj in loaded.loaded_objects() if obj.name.startswith("libcurl"))
 ssh = next(obj.name for obj in loaded.loaded_objects() if obj.name.startswith("libssh2"))
 report = greenify.patch_all(include=["liblber", psycopg2._psycopg], exclude=["libpq", curl, ssh, _pylibmc])
@@ -398,7 +400,7 @@ def test_a_name_nothing_loaded_matches_names_the_loaded_clients_and_the_call_tha
 
 
 def test_inspect_says_per_object_whether_patch_all_would_patch_it(MySQLdb):
-    process = subprocess.run([sys.executable, "-m", "greenify.inspect", "--import", "MySQLdb", "--color", "never"],
+    process = subprocess.run([sys.executable, "-m", "greenify.tools.inspector", "--import", "MySQLdb", "--color", "never"],
                              capture_output=True, text=True, timeout=120, cwd=str(ROOT),
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
     text = process.stdout
@@ -407,7 +409,7 @@ def test_inspect_says_per_object_whether_patch_all_would_patch_it(MySQLdb):
     assert "patch_all: leaves it: not a network client" in text, text     # libz
     assert "patch_all: TLS twins, as the TLS I/O of libmariadb.so.3" in text, text
     document = json.loads(subprocess.run(
-        [sys.executable, "-m", "greenify.inspect", "--import", "MySQLdb", "--json"], capture_output=True, text=True,
+        [sys.executable, "-m", "greenify.tools.inspector", "--import", "MySQLdb", "--json"], capture_output=True, text=True,
         timeout=120, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout)
     by_stem = {os.path.basename(entry["path"]).split(".so")[0]: entry["patch_all"] for entry in document["libraries"]}
     assert by_stem["libmariadb"]["patch"] is True, by_stem
@@ -415,7 +417,7 @@ def test_inspect_says_per_object_whether_patch_all_would_patch_it(MySQLdb):
 
 
 def test_launcher_runs_a_script_and_a_module_greenified(tmp_path):
-    probe = ('import json, sys, greenify\nfrom gevent import monkey\nfrom greenify.all_clients import in_effect\n'
+    probe = ('import json, sys, greenify\nfrom gevent import monkey\nfrom greenify.patching.all_clients import in_effect\n'
              'print("PROBE " + json.dumps({"argv": sys.argv, "monkey": monkey.is_module_patched("socket"), '
              '"patch_all": in_effect() is not None, "name": __name__}))\n')
     (tmp_path / "script.py").write_text(probe)
@@ -443,7 +445,7 @@ def test_launcher_runs_a_script_and_a_module_greenified(tmp_path):
 
 
 def test_inspect_finds_the_mariadb_client_for_libmysqlclient():
-    from greenify import inspect
+    from greenify.tools import inspector as inspect
     if not loaded.match_name("libmariadb", loaded.search_path()):
         servers.missing("no libmariadb on the loader's search path: apt-get install libmariadb3")
     assert os.path.basename(inspect.resolve_target("libmysqlclient")).startswith("libmariadb.so")

@@ -17,7 +17,9 @@ import greenify
 from fixturelib import build_library, slot_value
 from patch_support import imports_matching_the_loaded_object, recorded_slots
 from servers import missing
-from greenify import elf, loaded, patcher
+from greenify.patching import elf
+from greenify.patching import loaded
+from greenify.patching import patcher
 from greenify.errors import (BuildIdMismatchError, NotElfError, NotLoadedError, ProtectedTargetError,
                              SlotOutsideSegmentsError, StaticExecutableError, TargetNotFoundError, UnknownFunctionError,
                              WrongMachineError)

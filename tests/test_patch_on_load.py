@@ -18,7 +18,11 @@ import pytest
 import greenify
 from fixturelib import build_extension_module, build_library, compiler, maps_lines_of, slot_value
 from patch_support import hooked_slots
-from greenify import elf, loaded, onload, patcher, slots
+from greenify.patching import elf
+from greenify.patching import loaded
+from greenify.patching import onload
+from greenify.patching import patcher
+from greenify.patching import slots
 from greenify._green import lib as green_lib
 
 CONCURRENT = 10

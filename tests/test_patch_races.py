@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 from fixturelib import build_library
-from greenify import elf
+from greenify.patching import elf
 
 PAGE = mmap.PAGESIZE
 # Seconds of contention.  The code before the one lock (commit 3cac549) had
@@ -22,7 +22,7 @@ RACE = textwrap.dedent("""
     import ctypes, faulthandler, json, os, socket, sys, threading, time
     faulthandler.enable()
     import greenify
-    from greenify import slots
+    from greenify.patching import slots
 
     path, duration = sys.argv[1], float(sys.argv[2])
     greenify.greenify()
@@ -103,7 +103,8 @@ CONCURRENT_LOADS = textwrap.dedent("""
     import collections, ctypes, faulthandler, json, sys, threading, time
     faulthandler.dump_traceback_later(float(sys.argv[4]), exit=True)  # a deadlock shows every thread's stack
     import greenify
-    from greenify import elf, slots
+    from greenify.patching import elf
+    from greenify.patching import slots
 
     folder, count, inner = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     greenify.greenify()

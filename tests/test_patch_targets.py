@@ -11,7 +11,8 @@ import pytest
 
 import greenify
 from fixturelib import build_extension_module, build_library, slot_value
-from greenify import loaded, patcher
+from greenify.patching import loaded
+from greenify.patching import patcher
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ psycopg2 with sslmode=verify-full, pycurl over https://.
 
 With OpenSSL, libmariadb hands its socket to OpenSSL (SSL_set_fd) and every
 byte then moves in libcrypto's socket BIO; patch_library brings libcrypto
-along (greenify.companions), narrowed to its I/O calls.  libpq and libcurl
+along (greenify.patching.companions), narrowed to its I/O calls.  libpq and libcurl
 keep their TLS I/O in their own BIOs, so patching them suffices.  pylibmc's
 libmemcached 1.0.16 has no TLS at all.
 
@@ -37,7 +37,7 @@ import pytest
 import greenify
 import servers
 import tls_results
-from greenify import companions
+from greenify.patching import companions
 from green_support import no_interruption_pending, pending_interruptions
 from test_drivers import fetcher
 
@@ -130,7 +130,7 @@ def inspector_recommendation(module: str) -> List[str]:
     """What `greenify-inspect --import MODULE` recommends passing to
     patch_library; its text and --json outputs must say the same."""
     if module not in _recommended:
-        command = [sys.executable, "-m", "greenify.inspect", "--import", module]
+        command = [sys.executable, "-m", "greenify.tools.inspector", "--import", module]
         document = json.loads(subprocess.run(command + ["--json"], capture_output=True, text=True, check=True,
                                              timeout=180).stdout)
         text = subprocess.run(command + ["--color", "never"], capture_output=True, text=True, check=True,
@@ -175,7 +175,7 @@ def test_psycopg2_tls_connection_is_encrypted(psycopg2, postgres):
 def test_libmariadb_brings_libcrypto_and_libpq_libcurl_bring_nothing(MySQLdb, psycopg2, pycurl):
     by_name = {}
     for target in ("libmariadb", "libpq", "libcurl"):
-        clients = greenify.loaded.find_loaded(target)
+        clients = greenify.patching.loaded.find_loaded(target)
         by_name[target] = companions.tls_companions_of(clients)
     assert [companion.obj.name for companion in by_name["libmariadb"]] == ["libcrypto.so.3"]
     assert by_name["libmariadb"][0].reason == \
@@ -228,7 +228,7 @@ class contextlib_patched:
 
     def __exit__(self, *exc_info):
         for report in reversed(self.reports):
-            greenify.patcher.unpatch_report(report)
+            greenify.patching.patcher.unpatch_report(report)
 
 
 # --- timeouts and kills mid-query over TLS --------------------------------------------
@@ -341,10 +341,10 @@ def libcrypto_patched_for_libmariadb(MySQLdb):
     """libmariadb patched, and with it the system's libcrypto that Python's
     ssl module links too (asserted)."""
     import _ssl
-    ssl_libs = {obj.realpath for obj in greenify.loaded.loaded_objects() if obj.name.startswith("libcrypto")}
+    ssl_libs = {obj.realpath for obj in greenify.patching.loaded.loaded_objects() if obj.name.startswith("libcrypto")}
     with greenify.patched("libmariadb") as report:
         crypto = [obj for obj in report.objects if obj.reason]
-        assert crypto and any(greenify.loaded.LoadedObject(obj.path, 0, (), None).realpath in ssl_libs
+        assert crypto and any(greenify.patching.loaded.LoadedObject(obj.path, 0, (), None).realpath in ssl_libs
                               for obj in crypto), repr(report)
         assert _ssl.OPENSSL_VERSION_NUMBER  # the module whose libcrypto this is
         yield
@@ -448,7 +448,7 @@ def test_a_module_target_gives_its_tls_library_the_tls_twins(MySQLdb):
 
 def test_companions_are_found_in_another_process_s_objects_too(MySQLdb):
     # What greenify-inspect reads: /proc/PID/maps of a child that imported MySQLdb.
-    from greenify.inspect import imported_objects
+    from greenify.tools.inspector import imported_objects
 
     objects, _source, _pid = imported_objects(["MySQLdb"])
     (client,) = [obj for obj in objects if obj.name == "libmariadb.so.3"]
@@ -459,7 +459,7 @@ def test_companions_are_found_in_another_process_s_objects_too(MySQLdb):
 def test_pylibmcs_libmemcached_has_no_tls(pylibmc):
     import _pylibmc
 
-    under, _left_out = greenify.loaded.module_objects(_pylibmc)
+    under, _left_out = greenify.patching.loaded.module_objects(_pylibmc)
     tls_stacks = [obj.name for obj in under for stack in companions.TLS_STACKS if stack.does_io_in(obj.name)]
     tls_stacks += [obj.name for obj in under if obj.name.startswith(("libssl", "libnss3", "libwolfssl", "libmbedtls"))]
     assert any(obj.name.startswith("libmemcached") for obj in under), under

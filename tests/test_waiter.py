@@ -1,4 +1,4 @@
-"""Waiters: how a greenlet's green calls wait, chosen per greenlet (greenify._bridge).
+"""Waiters: how a greenlet's green calls wait, chosen per greenlet (greenify.waiting.bridge).
 
 A greenlet registered with use_waiter waits through its waiter instead of a
 gevent hub; greenify itself never imports gevent."""
@@ -15,7 +15,7 @@ from greenlet import greenlet
 
 import greenify
 from green_support import buffer, no_interruption_pending, socketpair
-from greenify import _bridge
+from greenify.waiting import bridge as _bridge
 from greenify._green import ffi, lib
 
 
@@ -171,7 +171,7 @@ def test_greenify_never_imports_gevent():
         import sys, threading
         from greenlet import greenlet
         import greenify
-        from greenify import _bridge
+        from greenify.waiting import bridge as _bridge
         from greenify._green import ffi, lib
         greenify.greenify()
         greenify.patch_library("libc.so.6") if False else None

@@ -27,7 +27,7 @@ import pytest
 
 import greenify
 from green_support import buffer, call_green, socketpair
-from greenify._bridge import SWEEP_INTERVAL_S
+from greenify.waiting.bridge import SWEEP_INTERVAL_S
 from greenify._green import ffi, lib
 
 pytestmark = pytest.mark.usefixtures("greenified", "no_interruption_left_behind")

@@ -427,7 +427,7 @@ CHILD = """
     fx = ctypes.CDLL("LIBRARY")
     read_end, write_end = os.pipe()
     gevent.spawn(fx.fx_select_read, read_end, 500, ctypes.create_string_buffer(64), 64).get()
-    print("threads:", len(os.listdir("/proc/self/task")), "watching:", greenify.monitor.current() is not None)
+    print("threads:", len(os.listdir("/proc/self/task")), "watching:", greenify.watching.monitor.current() is not None)
 """
 
 
@@ -487,7 +487,7 @@ def test_inspect_blocked_names_each_threads_call_in_another_process(tmp_path):
     try:
         assert child.stdout.readline() == "ready\n"
         time.sleep(0.3)  # the thread reaches select
-        inspect = [sys.executable, "-m", "greenify.inspect", "--pid", str(child.pid), "--blocked"]
+        inspect = [sys.executable, "-m", "greenify.tools.inspector", "--pid", str(child.pid), "--blocked"]
         environment = dict(os.environ, PYTHONPATH=str(HERE.parent.parent))
         text = subprocess.run(inspect, capture_output=True, text=True, env=environment, timeout=60)
         document = json.loads(subprocess.run(inspect + ["--json"], capture_output=True, text=True,
@@ -505,7 +505,7 @@ def test_inspect_blocked_names_each_threads_call_in_another_process(tmp_path):
 
 
 def test_inspect_blocked_needs_pid():
-    from greenify import inspect
+    from greenify.tools import inspector as inspect
 
     with pytest.raises(SystemExit) as exit_info:
         inspect.main(["libc.so.6", "--blocked"])
@@ -574,7 +574,7 @@ def test_every_call_objdump_lists_in_libmariadb_is_one_to_the_stack_scan(MySQLdb
     import re
     import shutil
 
-    from greenify import blocked
+    from greenify.watching import blocked
 
     objdump = shutil.which("objdump")
     if objdump is None:

@@ -1,5 +1,5 @@
 /*
- * The objects loaded in this process (greenify/loaded.py drives this).
+ * The objects loaded in this process (greenify/patching/loaded.py drives this).
  *
  * loaded_list_objects() reports what dl_iterate_phdr() knows of every loaded
  * object: its path, load base, in-memory PT_LOAD ranges and GNU build-id.

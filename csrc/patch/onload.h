@@ -1,5 +1,5 @@
 /*
- * Patching libraries as they load (greenify/onload.py drives this).
+ * Patching libraries as they load (greenify/patching/onload.py drives this).
  *
  * greenify_dlopen_hook and greenify_dlmopen_hook replace dlopen/dlmopen in
  * the GOT of objects that load libraries (the interpreter, _ctypes, drivers).

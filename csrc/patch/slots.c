@@ -36,7 +36,7 @@ static void set_error(char *error, size_t error_size, const char *format, ...)
 
 /* Read the whole file with plain read(): a consistent snapshot is not
    promised across reads, but nothing else maps or unmaps while we hold the
-   one slot lock (greenify/slots.py), except other threads, which only add mappings elsewhere. */
+   one slot lock (greenify/patching/slots.py), except other threads, which only add mappings elsewhere. */
 static char *read_maps_text(void)
 {
     int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);

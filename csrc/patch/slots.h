@@ -1,5 +1,5 @@
 /*
- * Writing GOT slots of loaded objects (greenify/slots.py drives this, under
+ * Writing GOT slots of loaded objects (greenify/patching/slots.py drives this, under
  * its one lock).
  *
  * slots_write_all() stores pointers into slots: it checks every page in

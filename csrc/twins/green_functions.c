@@ -1,6 +1,6 @@
 /*
  * The list of green functions (green.h's X-lists) as one table for Python:
- * greenify/_functions.py reads it through cffi, and the patcher's twins,
+ * greenify/functions.py reads it through cffi, and the patcher's twins,
  * greenify-inspect's categories and elf.py's blocking calls come from there.
  */
 #include <stddef.h>

@@ -450,7 +450,7 @@ static void lookups_fork_handlers_install(void)
     pthread_atfork(lookups_before_fork, lookups_after_fork_in_parent, lookups_after_fork_in_child);
 }
 
-/* ---- the runner's side, from the worker thread greenify/_offload.py asks for ---- */
+/* ---- the runner's side, from the worker thread greenify/waiting/offload.py asks for ---- */
 
 struct green_offload_runner *green_offload_runner_new(void)
 {

@@ -1,6 +1,6 @@
 /*
  * Twins for TLS libraries that do a client library's socket I/O
- * (greenify/companions.py): libcrypto's socket BIO reads and writes the
+ * (greenify/patching/companions.py): libcrypto's socket BIO reads and writes the
  * descriptor libmariadb hands it.  Such a TLS library is shared with other
  * users (Python's ssl module links the same libcrypto), so its twins go
  * green only on the descriptors of greenified client libraries: those a
@@ -19,7 +19,7 @@
 
 /* The calls a TLS library gets a twin for, X(name): green_tls_<name> has
    libc's signature.  The one list: csrc/green_functions.c exports it to
-   Python (greenify/_functions.py's tls_twins()). */
+   Python (greenify/functions.py's tls_twins()). */
 #define GREEN_TLS_TWINS(X)                                                                                    \
     X(read) X(write) X(readv) X(writev) X(recv) X(recvfrom) X(recvmsg) X(send) X(sendto) X(sendmsg) X(close)
 

@@ -6,7 +6,7 @@
  * replaces.  It first tries the call without blocking (one system call when
  * the descriptor is ready); only when the caller asked to block and the call
  * would block does it call green_wait(), which waits through the bridge
- * (greenify/_bridge.py: the greenlet's waiter, or the thread's gevent hub),
+ * (greenify/waiting/bridge.py: the greenlet's waiter, or the thread's gevent hub),
  * then retry.  Where no wait is possible (not activated, no waiter or hub
  * for this greenlet, inside the hub, during interpreter shutdown) it blocks
  * natively, exactly as libc would.
@@ -68,7 +68,7 @@
 #define GREEN_FUNCTION_ID(name, family) GREEN_FN_##name,
 enum green_function { GREEN_FUNCTIONS(GREEN_FUNCTION_ID) GREEN_FUNCTION_COUNT };
 
-/* One row of the list above, for Python (greenify/_functions.py). */
+/* One row of the list above, for Python (greenify/functions.py). */
 struct green_function_entry {
     const char *name;         /* libc's symbol */
     void *twin;               /* green_<name>; NULL for a call without a twin */
@@ -99,7 +99,7 @@ struct green_state {
     volatile int finalizing;         /* the interpreter is shutting down: never enter Python */
     volatile int interrupts_pending; /* greenlets interrupted and not yet back in Python */
     int waiting;                     /* waits in Python in progress, all threads (atomic) */
-    volatile int waiters_registered; /* greenlets with a waiter of their own (greenify._bridge.use_waiter) */
+    volatile int waiters_registered; /* greenlets with a waiter of their own (greenify.waiting.bridge.use_waiter) */
 };
 extern struct green_state green_state;
 

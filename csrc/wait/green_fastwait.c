@@ -2,7 +2,7 @@
  * The common wait, below Python: one descriptor, with or without a
  * deadline, on a gevent hub whose loop is libev's.
  *
- * The general bridge (greenify/_bridge.py) costs a cffi callback, a Python
+ * The general bridge (greenify/waiting/bridge.py) costs a cffi callback, a Python
  * frame and gevent's watcher objects on every wait.  For the wait a database
  * client makes all day (its socket, until the answer comes) this file does
  * the same with libev's and greenlet's C APIs: it starts a libev io watcher
@@ -13,7 +13,7 @@
  * implementation, a thread not attached yet) answers GREEN_FAST_UNAVAILABLE
  * and takes the general bridge, whose rules this path follows exactly.
  *
- * A thread is attached by greenify/_fastwait.py the first time the bridge
+ * A thread is attached by greenify/waiting/fastwait.py the first time the bridge
  * waits on its hub; the hub is looked up on every wait, so a destroyed or
  * replaced hub is never used.
  */
@@ -33,7 +33,7 @@
 
 /* libev's struct ev_io as gevent embeds it (libev 4.x built with an empty
    EV_COMMON, so no `data` field, and the default priority range);
-   greenify/_fastwait.py attaches only a loop built that way. */
+   greenify/waiting/fastwait.py attaches only a loop built that way. */
 struct libev_io;
 typedef void (*libev_io_callback)(void *loop, struct libev_io *watcher, int revents);
 struct libev_io {
@@ -97,7 +97,7 @@ static int same_socket(int fd, const struct fast_watch *watch, struct stat *now)
 
 /* One thread's hub, as the fast wait uses it. */
 struct fast_hub {
-    PyObject *hub;            /* borrowed: when it dies, greenify/_fastwait.py sets `gone` first */
+    PyObject *hub;            /* borrowed: when it dies, greenify/waiting/fastwait.py sets `gone` first */
     volatile int gone;
     PyObject *get_hub;        /* gevent._hub_local.get_hub_if_exists */
     void *loop;               /* the hub's struct ev_loop */
@@ -401,7 +401,7 @@ int green_fast_waiting_fds(int *fds, int max)
     return count;
 }
 
-/* The sweep's part (greenify/_gevent_waiter.py, once a second on the hub),
+/* The sweep's part (greenify/waiting/gevent_side.py, once a second on the hub),
    for the one case a wait cannot see when it starts: its number closed and
    reused (by another thread, or a library's dup2) while it waits.  Such a
    watcher is registered anew for the file the number names now.  A watcher

@@ -2,7 +2,7 @@
  * Resolver lookups queued for worker threads (csrc/green_resolve.c).  A
  * caller whose lookup is queued asks its waiter, through
  * green_python_offload(), for a worker thread; the bridge
- * (greenify/_offload.py) takes a runner from green_offload_runner_new()
+ * (greenify/waiting/offload.py) takes a runner from green_offload_runner_new()
  * (NULL: enough are on their way), hands the waiter a call of
  * green_offload_runner_run() and lets go of it with
  * green_offload_runner_end(), run or not.

@@ -14,7 +14,7 @@
  * errno is kept too.  The rest of what a caller can observe (the exception
  * being handled, the recursion depth) is balanced by Python itself.
  *
- * The Python side of each entry is a function in greenify/_entries.py
+ * The Python side of each entry is a function in greenify/entries.py
  * (extern "Python+C" in csrc/green_python.cdef, defined by cffi).
  */
 #define PY_SSIZE_T_CLEAN
@@ -25,7 +25,7 @@
 #include "green_offload.h"
 #include "green_python.h"
 
-/* Defined by cffi from greenify/_entries.py; called only from here. */
+/* Defined by cffi from greenify/entries.py; called only from here. */
 extern int greenify_wait(const struct green_watch *watches, int nwatches, double timeout_s);
 extern int greenify_interrupted(void);
 extern void greenify_closing(int fd);

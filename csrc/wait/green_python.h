@@ -3,7 +3,7 @@
  * (whether the thread held it or not), saves and clears the thread's
  * pending exception, calls the Python side, and puts the exception, errno
  * and the GIL back exactly as found: green_python_enter()/_leave() below.
- * The Python side of each is in greenify/_entries.py, the module named
+ * The Python side of each is in greenify/entries.py, the module named
  * below.  Besides the five cffi callbacks declared here, two places call
  * that module through the CPython API: the trace function that delivers an
  * interruption (csrc/green_deliver.c, take_pending_interrupt) and the wait
@@ -16,7 +16,7 @@
 #include "green.h"
 
 /* The Python module that holds the Python side of every entry. */
-#define GREENIFY_ENTRIES_MODULE "greenify._entries"
+#define GREENIFY_ENTRIES_MODULE "greenify.entries"
 
 struct green_offload_job;
 

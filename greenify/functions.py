@@ -3,9 +3,9 @@
 One row per libc call greenify knows to block: its name, the address of its
 green twin (None for a call without one: greenify-inspect reports it, the
 patcher leaves it alone), its family, and for a _FORTIFY_SOURCE form the
-plain function it stands for.  The patcher's twins (greenify.patcher),
-the blocking calls read from ELF files (greenify.elf) and greenify-inspect's
-categories (greenify.inventory) are derived from these rows.
+plain function it stands for.  The patcher's twins (greenify.patching.patcher),
+the blocking calls read from ELF files (greenify.patching.elf) and greenify-inspect's
+categories (greenify.patching.inventory) are derived from these rows.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def twins() -> Dict[str, int]:
 
 
 def tls_twins() -> Dict[str, int]:
-    """symbol -> address of its twin for a TLS library (greenify.companions)."""
+    """symbol -> address of its twin for a TLS library (greenify.patching.companions)."""
     return {row.name: row.twin for row in TLS_TWINS}
 
 
@@ -63,3 +63,13 @@ def blocking_calls(*families: str) -> FrozenSet[str]:
     twin or not."""
     wanted = families or BLOCKING_FAMILIES
     return frozenset(row.name for row in GREEN_FUNCTIONS if row.fortified_of is None and row.family in wanted)
+
+
+def activate() -> None:
+    """Activate the green functions: from now on a twin called in a greenlet
+    (or an asyncio run) waits instead of blocking (greenify.greenify())."""
+    lib.green_set_active(1)
+
+
+def is_active() -> bool:
+    return bool(lib.green_is_active())

@@ -22,9 +22,9 @@ import re
 import types
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from greenify import elf
+from greenify.patching import elf
 from greenify.errors import NotElfError, NotLoadedError, TargetNotFoundError
 
 log = logging.getLogger("greenify")
@@ -319,10 +319,12 @@ def same_client_as(name: str) -> List[str]:
     return [other for pair in _CLIENT_PAIRS if stem in pair for other in pair if other != stem]
 
 
-def find_loaded(target: Target) -> List[LoadedObject]:
+def find_loaded(target: Target,
+                clients: Optional[Callable[[Sequence[LoadedObject]], List[str]]] = None) -> List[LoadedObject]:
     """The loaded objects ``target`` names (see the module docstring).  Raises
     TargetNotFoundError for a path that is missing or not a file, and
-    NotLoadedError, naming what is loaded instead, when nothing matches."""
+    NotLoadedError, naming what is loaded instead (``clients(objects)``: the
+    loaded clients a user most likely meant), when nothing matches."""
     if isinstance(target, types.ModuleType):
         return module_objects(target)[0]
     target_str = os.fspath(target)
@@ -337,17 +339,16 @@ def find_loaded(target: Target) -> List[LoadedObject]:
             if found:
                 log.info("greenify: %r names %s: %s", target_str, ", ".join(obj.path for obj in found), how)
     if not found:
-        raise NotLoadedError(target_str, _similar(target_str, objects), _clients(objects))
+        raise NotLoadedError(target_str, _similar(target_str, objects), _hint(clients, objects))
     return found
 
 
-def _clients(objects: Sequence[LoadedObject]) -> List[str]:
-    """The names of the loaded objects patch_all() would patch: what a user
-    who named something not loaded most likely meant."""
-    from greenify import policy
-
+def _hint(clients: Optional[Callable[[Sequence[LoadedObject]], List[str]]],
+          objects: Sequence[LoadedObject]) -> List[str]:
+    if clients is None:
+        return []
     try:
-        return [obj.name for obj in policy.candidates(objects)]
+        return clients(objects)
     except Exception as exc:  # noqa: BLE001 - a hint for an error message must not replace the error
         log.debug("greenify: cannot list the loaded clients: %s", exc)
         return []

@@ -14,7 +14,7 @@ new objects get their own dlopen hooked, and those that match a registered
 target are patched by the patcher.  So a library is patched before the code
 that loaded it can call it; only its own constructors run unpatched.
 
-The hooks are written, recorded and put back by greenify.slots, the same
+The hooks are written, recorded and put back by greenify.patching.slots, the same
 write path and lock as the patcher's twins (purpose DLOPEN_HOOK), with the
 same checks of the file against the loaded object.  They are not twins: the
 patcher never patches the interpreter, libc or the loader, and the hooks
@@ -32,19 +32,24 @@ import types
 from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
-from greenify._native import get_original
+from greenify.originals import get_original
 
-from greenify import elf, loaded, patcher, slots
+from greenify.patching import elf
+from greenify.patching import loaded
+from greenify.patching import patcher
+from greenify.patching import slots
 from greenify._green import ffi, lib
 from greenify.errors import GreenifyError, ProtectedTargetError
-from greenify.loaded import LoadedObject
-from greenify.patcher import PatchReport
+from greenify.patching.imports import also_read, read_object
+from greenify.patching.loaded import LoadedObject
+from greenify.patching.patcher import PatchReport
 
 log = logging.getLogger("greenify")
 
 # symbol -> the hook in greenify._green.lib that replaces it
 _HOOKS = {"dlopen": "greenify_dlopen_hook", "dlmopen": "greenify_dlmopen_hook"}
 HOOKED_SYMBOLS = frozenset(_HOOKS)
+also_read(HOOKED_SYMBOLS)
 # Rounds of _catch_up: loads its own work causes (an import by pyelftools)
 # settle within one or two; every other thread's load is announced by its own hook.
 _CATCH_UP_ROUNDS = 16
@@ -113,7 +118,7 @@ def _may_hook(obj: LoadedObject) -> bool:
 def _dlopen_imports(obj: LoadedObject) -> elf.ElfImports:
     # patcher.read_object reads each file once for every reader (keyed by the
     # loaded build-id too): registering again reads no file twice.
-    return patcher.read_object(obj, HOOKED_SYMBOLS)
+    return read_object(obj, HOOKED_SYMBOLS)
 
 
 def _install_hooks(objects: Iterable[LoadedObject]) -> None:
@@ -200,7 +205,7 @@ def _working() -> Iterator[bool]:
 
 def on_loaded() -> None:
     """What the dlopen hook runs after a load added objects (through the
-    entry greenify_loaded, greenify/_entries.py): hook the new objects' dlopen,
+    entry greenify_loaded, greenify/entries.py): hook the new objects' dlopen,
     patch those a registration names."""
     with _working() as first:
         if first and _registrations:

@@ -27,7 +27,7 @@ The rule, in order (the first that applies wins):
    * TLS libraries (libssl, libcrypto, libgnutls, NSS, wolfSSL, mbed TLS)
      are never patched wholesale: Python's ``ssl`` shares them.  The one
      that does a patched client's socket I/O gets the TLS twins, as that
-     client's companion (greenify.companions), which are green only on the
+     client's companion (greenify.patching.companions), which are green only on the
      client's own descriptors.
 3. ``include=`` names it: patched if it imports any blocking call that has a
    green twin.
@@ -53,9 +53,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
-from greenify import _functions, companions, elf, loaded, patcher
+from greenify import functions as _functions
+from greenify.patching import companions
+from greenify.patching import elf
+from greenify.patching import loaded
+from greenify.patching.imports import read_object
 from greenify.errors import GreenifyError
-from greenify.loaded import LoadedObject
+from greenify.patching.loaded import LoadedObject
 
 log = logging.getLogger("greenify")
 
@@ -126,7 +130,7 @@ def tls_reason(obj: LoadedObject) -> Optional[str]:
 
 
 def _twinned(imports: elf.ElfImports) -> List[str]:
-    twins = patcher.green_twins()
+    twins = _functions.twins()
     return sorted({imp.symbol for imp in imports.imports if imp.symbol in twins and imp.r_addend == 0})
 
 
@@ -210,7 +214,7 @@ def decide(obj: LoadedObject, include: Optional[Selection] = None, exclude: Opti
     if reason is not None:
         return Decision(False, TLS, reason)
     try:
-        imports = patcher.read_object(obj)
+        imports = read_object(obj)
     except (GreenifyError, OSError) as exc:
         return Decision(False, UNREADABLE, f"cannot read it: {exc}")
     twinned = _twinned(imports)

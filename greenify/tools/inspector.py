@@ -5,7 +5,7 @@
     greenify-inspect --pid 1234               what a running process has loaded
     greenify-inspect --json ...               the same facts as one JSON document
 
-Files are read with the patcher's own reader (greenify.elf); nothing is
+Files are read with the patcher's own reader (greenify.patching.elf); nothing is
 loaded into this process, and another process is only read through
 /proc/PID/maps.  Exit status: 0 when something can be patched, 1 when
 nothing can, 2 on bad input (one line on stderr).
@@ -19,16 +19,18 @@ import select
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, FrozenSet, List, NoReturn, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, NoReturn, Optional, Sequence, Tuple
 
-from greenify import blocked, elf, loaded
-from greenify.companions import is_tls_library
+from greenify.watching import blocked
+from greenify.patching import elf
+from greenify.patching import loaded
+from greenify.patching.companions import is_tls_library
 from greenify.errors import GreenifyError
-from greenify.loaded import LoadedObject
-from greenify.inventory import LibraryReport, ProcessReport, inspect_file, inspect_objects, objects_from_maps
+from greenify.patching.loaded import LoadedObject
+from greenify.patching.inventory import LibraryReport, inspect_file, inspect_objects, objects_from_maps
+from greenify.patching.report_text import Painter, render_file, render_process
 
 PROGRAM = "greenify-inspect"
 EXIT_OK, EXIT_NOTHING_TO_PATCH, EXIT_BAD_INPUT = 0, 1, 2
@@ -189,11 +191,6 @@ def tls_io_libraries(needed: Sequence[str], locate: Callable[[str], Optional[str
     return found
 
 
-def tls_line(library: LibraryReport, tls: Sequence[TlsIo]) -> str:
-    where = "; ".join(f"{entry.name} ({', '.join(entry.io_calls)})" for entry in tls)
-    return f"TLS: encrypted connections read and write the socket in {where}, not in {library.patch_name}"
-
-
 def _locator(objects: Sequence[LoadedObject]) -> Callable[[str], Optional[str]]:
     def locate(name: str) -> Optional[str]:
         found = loaded.match_name(name, objects)
@@ -204,98 +201,8 @@ def _locator(objects: Sequence[LoadedObject]) -> Callable[[str], Optional[str]]:
 # ---------------------------------------------------------------- output
 
 @dataclass(frozen=True)
-class Painter:
-    """ANSI colour, only on a terminal and only without NO_COLOR."""
-
-    enabled: bool
-
-    @classmethod
-    def for_stream(cls, stream: TextIO, choice: str) -> "Painter":
-        if choice != "auto":
-            return cls(choice == "always")
-        return cls(stream.isatty() and not os.environ.get("NO_COLOR"))
-
-    def paint(self, text: str, *codes: int) -> str:
-        if not self.enabled or not codes:
-            return text
-        return f"\033[{';'.join(map(str, codes))}m{text}\033[0m"
-
-    def bold(self, text: str) -> str:
-        return self.paint(text, 1)
-
-    def good(self, text: str) -> str:
-        return self.paint(text, 32)
-
-    def warn(self, text: str) -> str:
-        return self.paint(text, 33)
-
-    def dim(self, text: str) -> str:
-        return self.paint(text, 2)
-
-
-def import_table(library: LibraryReport, painter: Painter, indent: str = "  ") -> List[str]:
-    """Symbol, version, relocation, slot offset, twin (and patched, when known)."""
-    with_patched = any(imp.patched is not None for imp in library.imports)
-    header = ["symbol", "version", "relocation", "slot", "green twin"] + (["patched"] if with_patched else [])
-    rows = []
-    for imp in library.imports:
-        row = [imp.symbol, imp.version or "-", imp.relocation_type, f"{imp.slot_offset:#x}",
-               "yes" if imp.green_twin else "no"]
-        if with_patched:
-            row.append("yes" if imp.patched else "no")
-        rows.append(row)
-    widths = [max(len(row[column]) for row in rows + [header]) for column in range(len(header))]
-
-    def line(cells: List[str], styled: List[str]) -> str:
-        # pad on the plain text: escape codes take no columns
-        padded = [styled[i] + " " * (widths[i] - len(cells[i])) for i in range(len(cells))]
-        return (indent + "  ".join(padded)).rstrip()
-
-    lines = [line(header, [painter.bold(cell) for cell in header])]
-    for row in rows:
-        styled = list(row)
-        styled[4] = painter.good(row[4]) if row[4] == "yes" else painter.warn(row[4])
-        lines.append(line(row, styled))
-    return lines
-
-
-def verdict_lines(library: LibraryReport, painter: Painter, indent: str) -> List[str]:
-    """The verdict, wrapped to 80 columns (JSON keeps it on one line)."""
-    paint = painter.good if library.can_patch else painter.warn
-    return [paint(line) for line in textwrap.wrap(library.verdict, 79, initial_indent=indent,
-                                                  subsequent_indent=indent + "  ", break_on_hyphens=False)]
-
-
-def render_file(target: str, library: LibraryReport, painter: Painter, tls: Sequence[TlsIo] = ()) -> List[str]:
-    title = library.path if target == library.path else f"{target} -> {library.path}"
-    if library.soname and library.soname != os.path.basename(library.path):
-        title += f" (soname {library.soname})"
-    lines = [painter.bold(title)]
-    if library.imports:
-        lines += import_table(library, painter)
-    lines += verdict_lines(library, painter, "  ")
-    if tls:
-        lines += textwrap.wrap(tls_line(library, tls), 79, initial_indent="  ", subsequent_indent="    ",
-                               break_on_hyphens=False)
-    return lines
-
-
-def _symbols_line(library: LibraryReport) -> str:
-    network = sorted({imp.symbol for imp in library.imports if imp.network and imp.green_twin})
-    other = sorted({imp.symbol for imp in library.imports if not imp.network and imp.green_twin})
-    parts = []
-    if network:
-        parts.append("network: " + " ".join(network))
-    if other:
-        parts.append("other: " + " ".join(other))
-    if library.missing_twins:
-        parts.append("no twin: " + " ".join(library.missing_twins))
-    return "; ".join(parts)
-
-
-@dataclass(frozen=True)
 class PatchAllVerdict:
-    """What greenify.patch_all() would do to one object (greenify.policy)."""
+    """What greenify.patch_all() would do to one object (greenify.patching.policy)."""
 
     patch: bool
     text: str   # "patches it (...)", "TLS twins, as the TLS I/O of ...", "leaves it: ..."
@@ -306,9 +213,10 @@ class PatchAllVerdict:
 
 def patch_all_verdicts(objects: Sequence[LoadedObject]) -> Dict[str, PatchAllVerdict]:
     """path -> what patch_all() would do to each of ``objects`` (loaded in
-    this process or another), by greenify.policy's rule and the TLS
+    this process or another), by greenify.patching.policy's rule and the TLS
     companions of the objects it would patch."""
-    from greenify import companions, policy
+    from greenify.patching import companions
+    from greenify.patching import policy
 
     decisions = {obj.path: policy.decide(obj, objects=objects) for obj in objects}
     chosen = [obj for obj in objects if decisions[obj.path].patch]
@@ -318,43 +226,6 @@ def patch_all_verdicts(objects: Sequence[LoadedObject]) -> Dict[str, PatchAllVer
     for companion in companions.tls_companions_of(chosen, objects):
         verdicts[companion.obj.path] = PatchAllVerdict(True, "TLS twins, as the " + companion.reason)
     return verdicts
-
-
-def render_process(process: ProcessReport, painter: Painter, verbose: bool,
-                   tls: Optional[Dict[str, List[TlsIo]]] = None,
-                   patch_all: Optional[Dict[str, PatchAllVerdict]] = None) -> List[str]:
-    lines = [painter.bold(f"{process.source}: {process.objects_inspected} objects loaded, "
-                          f"{len(process.libraries)} import blocking functions")]
-    if process.executable:
-        lines.append(painter.dim(process.executable))
-    for library in process.libraries:
-        name = library.patch_name
-        marker = painter.paint(f"* {name}  (recommended)", 1, 32) if library.recommended else "  " + name
-        lines += ["", marker, "    " + painter.dim(library.path)]
-        if library.imports:
-            lines += textwrap.wrap(_symbols_line(library), 78, initial_indent="    ", subsequent_indent="      ")
-        if verbose and library.imports:
-            lines += import_table(library, painter, indent="    ")
-        lines += verdict_lines(library, painter, "    ")
-        if (tls or {}).get(library.path):
-            lines += textwrap.wrap(tls_line(library, tls[library.path]), 78, initial_indent="    ",
-                                   subsequent_indent="      ", break_on_hyphens=False)
-        if library.note and not library.recommended:
-            lines += textwrap.wrap(library.note, 78, initial_indent="    ", subsequent_indent="    ")
-        verdict = (patch_all or {}).get(library.path)
-        if verdict is not None:
-            paint = painter.good if verdict.patch else painter.dim
-            lines += [paint(line) for line in textwrap.wrap("patch_all: " + verdict.text, 78, initial_indent="    ",
-                                                            subsequent_indent="      ", break_on_hyphens=False)]
-    lines.append("")
-    if process.recommended:
-        lines.append(painter.paint("recommended:", 1, 32))
-        lines += [f'  greenify.patch_library("{library.patch_name}")' for library in process.recommended]
-    else:
-        lines += [painter.warn(line) for line in textwrap.wrap(
-            "nothing to recommend: no loaded library outside Python, gevent and libc is a network client "
-            "with calls greenify can patch", 79, subsequent_indent="  ")]
-    return lines
 
 
 # ------------------------------------------------------------------- main

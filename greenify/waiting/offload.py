@@ -4,7 +4,7 @@ A green resolver call (csrc/green_resolve.c) queues its job in C and enters
 here once (entry greenify_offload) to make sure a worker thread will come.
 That worker runs a *runner*: a C loop that calls libc for queued jobs until
 none is left, without the GIL.  The runner goes to the calling greenlet's
-waiter (greenify/_bridge.py's selection rule: with gevent, the hub's thread
+waiter (greenify/waiting/bridge.py's selection rule: with gevent, the hub's thread
 pool), unless enough runners are already on their way (C decides, and
 bounds them), and this returns at once; the C side then waits, through the
 ordinary wait bridge, for the eventfd the runner signals when its job is
@@ -24,7 +24,7 @@ import functools
 
 from greenlet import getcurrent
 
-from greenify import _bridge
+from greenify.waiting import bridge as _bridge
 from greenify._green import ffi, lib
 
 NATIVE: int = lib.GREEN_OFFLOAD_NATIVE

@@ -1,10 +1,10 @@
 """Every slot greenify writes: one lock, one record type, one write path.
 
-Two writers use it: the patcher (greenify/patcher.py) points blocking
-imports at the green twins, and patch_on_load (greenify/onload.py) points
+Two writers use it: the patcher (greenify/patching/patcher.py) points blocking
+imports at the green twins, and patch_on_load (greenify/patching/onload.py) points
 ``dlopen``/``dlmopen`` imports at its hooks.  Both go the same way:
 
-* plan: the writer reads the object's file (greenify.elf) and decides which
+* plan: the writer reads the object's file (greenify.patching.elf) and decides which
   import gets which value;
 * check (``check_object``): the file is the object that is loaded (same GNU
   build-id and PT_LOAD layout) and every slot it names lies in the object's
@@ -29,11 +29,12 @@ import struct
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from greenify._native import get_original
+from greenify.originals import get_original
 
-from greenify import elf, loaded
+from greenify.patching import elf
+from greenify.patching import loaded
 from greenify.errors import BuildIdMismatchError, SlotOutsideSegmentsError, SlotWriteError
-from greenify.loaded import LoadedObject
+from greenify.patching.loaded import LoadedObject
 
 log = logging.getLogger("greenify")
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from greenify import _bridge, _offload, onload
+from greenify.waiting import bridge as _bridge
+from greenify.waiting import offload as _offload
+from greenify.patching import onload
 from greenify._green import ffi
 
 log = logging.getLogger("greenify")

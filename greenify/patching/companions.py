@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, FrozenSet, List, Optional, Sequence
 
-from greenify import loaded
-from greenify.loaded import LoadedObject
+from greenify.patching import loaded
+from greenify.patching.imports import also_read, read_object
+from greenify.patching.loaded import LoadedObject
 
 log = logging.getLogger("greenify")
 
@@ -33,11 +34,11 @@ log = logging.getLogger("greenify")
 @lru_cache(maxsize=None)
 def tls_twins() -> Dict[str, int]:
     """symbol -> address of its twin for TLS libraries (csrc/green_tls.h's
-    list, read by greenify._functions).  They cover data transfer and close,
+    list, read by greenify.functions).  They cover data transfer and close,
     and go green only on a descriptor a patched library connected: the
     library's other users (Python's ssl module shares the system's
     libcrypto) keep libc's calls."""
-    from greenify import _functions
+    from greenify import functions as _functions
 
     return _functions.tls_twins()
 
@@ -93,6 +94,7 @@ TLS_STACKS = (
                         "gnutls_transport_set_pull_function"})),
 )
 HANDOVER_SYMBOLS: FrozenSet[str] = frozenset().union(*(stack.hands_over | stack.keeps_io for stack in TLS_STACKS))
+also_read(HANDOVER_SYMBOLS)
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,8 @@ class Companion:
 
 
 def _imported(obj: LoadedObject, symbols: FrozenSet[str]) -> FrozenSet[str]:
-    from greenify import patcher
-
     try:
-        imports = patcher.read_object(obj, symbols)
+        imports = read_object(obj, symbols)
     except Exception as exc:  # noqa: BLE001 - an unreadable file hands nothing over; the patcher reports it
         log.debug("greenify: cannot read the imports of %s: %s", obj.path, exc)
         return frozenset()
@@ -124,14 +124,12 @@ def _imported(obj: LoadedObject, symbols: FrozenSet[str]) -> FrozenSet[str]:
 def needed_below(client: LoadedObject, objects: Sequence[LoadedObject]) -> List[LoadedObject]:
     """The loaded objects ``client`` needs, directly or not (DT_NEEDED), in
     breadth-first order, without the client itself."""
-    from greenify import patcher
-
     found: Dict[str, LoadedObject] = {client.realpath: client}
     pending = [client]
     while pending:
         obj = pending.pop(0)
         try:
-            needed = patcher.read_object(obj, frozenset()).needed
+            needed = read_object(obj, frozenset()).needed
         except Exception:  # noqa: BLE001 - as in loaded.module_objects
             continue
         for name in needed:

@@ -2,7 +2,7 @@
 greenify-inspect command.  (Not named report.py: ``greenify.report`` is the
 function, and a submodule of the same name would be shadowed by it.)
 
-For each library: its imports of blocking functions (read by greenify.elf,
+For each library: its imports of blocking functions (read by greenify.patching.elf,
 the patcher's reader), which of them have a green twin, and, in this process,
 which slots the patcher has written.  For a set of loaded objects (this
 process, another one, a child that imported some modules): the same per
@@ -23,9 +23,14 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
-from greenify import _functions, elf, loaded, patcher, slots
+from greenify import functions as _functions
+from greenify.patching import elf
+from greenify.patching import loaded
+from greenify.patching.imports import read_target_file
+from greenify.patching import slots
 from greenify.errors import GreenifyError, StaticExecutableError, WrongMachineError
-from greenify.loaded import LoadedObject
+from greenify.patching.loaded import LoadedObject
+from greenify.patching.report_text import Painter, render_process
 
 # The network side of BLOCKING_CALLS, which is what greenify is for:
 # read/write/sleeps alone usually mean files or timers and rank lower.  A
@@ -144,8 +149,6 @@ class ProcessReport:
 
     def __str__(self) -> str:
         """The text greenify-inspect prints for it, without colour."""
-        from greenify.inspect import Painter, render_process
-
         return "\n".join(render_process(self, Painter(False), verbose=False))
 
     def to_dict(self) -> Dict[str, Any]:
@@ -160,12 +163,12 @@ class ProcessReport:
 
 def _wanted_symbols() -> FrozenSet[str]:
     # What the patcher reads (_plan): a twin with no entry in BLOCKING_SYMBOLS still shows
-    return elf.BLOCKING_SYMBOLS | frozenset(patcher.green_twins())
+    return elf.BLOCKING_SYMBOLS | frozenset(_functions.twins())
 
 
 def _imports_of(imports: elf.ElfImports, base: Optional[int] = None,
                 patched_slots: Optional[Mapping[int, Any]] = None) -> Tuple[ImportReport, ...]:
-    twins = patcher.green_twins()
+    twins = _functions.twins()
     rows = []
     for imp in imports.imports:
         slot_address = None if base is None else base + imp.r_offset
@@ -180,7 +183,7 @@ def _read_for_report(path: str) -> Tuple[Optional[elf.ElfImports], Optional[str]
     cannot patch it (None when it can).  Another machine's or class's library
     is still read and listed: only this process cannot patch it."""
     try:
-        return patcher.read_target_file(path, _wanted_symbols()), None
+        return read_target_file(path, _wanted_symbols()), None
     except StaticExecutableError as exc:
         return None, _without_path(str(exc), path)
     except WrongMachineError as exc:

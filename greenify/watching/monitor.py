@@ -7,7 +7,7 @@ hub.  The loop gets a heartbeat (a timer every threshold/2 that notes the
 time; it does not keep the loop alive); a monitor thread, started on the
 first watch, looks every threshold/2 whether each watched loop's heartbeat is
 older than the threshold.  When one is, it reads the loop thread's native
-state through greenify.blocked (/proc: the system call, the calling library
+state through greenify.watching.blocked (/proc: the system call, the calling library
 found on the stack, the descriptor) and the Python stack the thread is
 running (sys._current_frames()), and reports:
 
@@ -37,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from greenify import blocked
+from greenify.watching import blocked
 
 log = logging.getLogger("greenify.watch")
 
@@ -105,30 +105,6 @@ class BlockedReport:
         if self.suppressed_before:
             lines.append(f"  ({self.suppressed_before} other report(s) suppressed by the rate limit before this one)")
         return "\n".join(lines)
-
-
-try:
-    from gevent.events import EventLoopBlocked as _EventLoopBlocked
-except ImportError:  # asyncio only: the event class stands alone
-    _EventLoopBlocked = object
-
-
-class NativeCallBlocked(_EventLoopBlocked):
-    """The gevent event (``gevent.events.notify``) of one report.  A kind of
-    gevent's EventLoopBlocked (``blocking_time``, ``info`` lines, ``hub``;
-    ``greenlet`` is None: another thread's current greenlet cannot be read),
-    so code written for gevent's monitor consumes it too, plus ``report``.
-    Notified from the monitor thread, while the call still blocks."""
-
-    def __init__(self, report: BlockedReport, hub: Any = None) -> None:
-        self.report = report
-        self.greenlet = None
-        self.blocking_time = report.blocked_s
-        self.info = str(report).splitlines()
-        self.hub = hub
-
-    def __repr__(self) -> str:
-        return f"<NativeCallBlocked {self.report.library}: {self.report.symbol} {self.blocking_time:.2f} s>"
 
 
 @dataclass
@@ -268,6 +244,8 @@ def _notify_gevent(report: BlockedReport, hub: Any) -> None:
     events = sys.modules.get("gevent.events")
     if events is None:
         return
+    from greenify.watching.gevent_event import NativeCallBlocked  # gevent's events are imported already
+
     try:
         events.notify(NativeCallBlocked(report, hub))
     except Exception:  # noqa: BLE001 - a subscriber's error must not stop the monitor

@@ -1,5 +1,5 @@
 """Waiting on a gevent hub: the bridge's waiter for greenlets of a thread
-that has a hub (greenify/_bridge.py chooses it; imported once gevent is).
+that has a hub (greenify/waiting/bridge.py chooses it; imported once gevent is).
 
 Each hub gets one ``HubWaiter``, kept as ``hub._greenify``: the io watchers
 it reuses from one wait to the next, and a timer that wakes waits on
@@ -12,8 +12,9 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import gevent
 
-from greenify import _bridge, _fastwait
-from greenify._bridge import READ, SWEEP_INTERVAL_S, TIMED_OUT, WOKEN, WRITE, descriptor_closed
+from greenify.waiting import fastwait as _fastwait
+from greenify.waiting.interruptions import interrupted_by
+from greenify.waiting.protocol import READ, SWEEP_INTERVAL_S, TIMED_OUT, WOKEN, WRITE, descriptor_closed
 
 log = logging.getLogger("greenify")
 
@@ -80,7 +81,7 @@ class HubWaiter:
                 self.hub.switch()
                 return WOKEN
             except BaseException as exc:  # noqa: B902 - every exception thrown in must be kept, none may reach C
-                return _bridge.interrupted_by(current, exc)
+                return interrupted_by(current, exc)
             finally:
                 self._release(watcher, private)
         held = [self._watcher(watches[i].fd, watches[i].events) for i in range(nwatches)]
@@ -94,7 +95,7 @@ class HubWaiter:
             result = self.hub.switch()
             return TIMED_OUT if result == TIMED_OUT else WOKEN  # anything else: a spurious switch, probe again
         except BaseException as exc:  # noqa: B902
-            return _bridge.interrupted_by(current, exc)
+            return interrupted_by(current, exc)
         finally:
             for watcher, private in held:
                 self._release(watcher, private)

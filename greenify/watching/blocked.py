@@ -5,21 +5,21 @@ reads:
 
 * ``/proc/PID/task/TID/syscall``: the system call the thread sleeps in, its
   arguments, its stack and instruction pointers.  The call maps to the libc
-  functions greenify knows (csrc/green.h's lists, through greenify._functions)
+  functions greenify knows (csrc/green.h's lists, through greenify.functions)
   by the table below, one row per architecture;
 * the thread's stack, from ``/proc/PID/mem`` (a bad address is an error
   there, never a crash): the first word from the stack pointer up that lies
   in an executable mapping of an object other than libc, ld.so or greenify's
   own _green module, follows a call through a PLT stub or GOT slot, and lies
   in an object that imports one of the functions the system call stands for
-  (greenify.elf, the patcher's reader), is the return address into the
+  (greenify.patching.elf, the patcher's reader), is the return address into the
   library that made the call, and that import is the symbol; whether the
   object's slot for it points into _green tells if it is patched;
 * the descriptor(s) in the arguments (poll's and select's read in memory),
   described from ``/proc/PID/fd`` and, for sockets, getsockname/getpeername
   (this process) or ``/proc/PID/net/{tcp,tcp6,udp,udp6,unix}`` (another).
 
-greenify.monitor (the watch) and ``greenify-inspect --pid N --blocked`` both
+greenify.watching.monitor (the watch) and ``greenify-inspect --pid N --blocked`` both
 read threads through this module.  Reading another process's syscall file and
 memory needs ptrace permission on it (same user, or root).
 """
@@ -36,7 +36,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
-from greenify import _functions, elf, inventory, loaded
+from greenify import functions as _functions
+from greenify.patching import elf
+from greenify.patching import inventory
+from greenify.patching import loaded
 
 # System call number -> the functions of csrc/green.h's lists that issue it
 # (glibc's wrappers: recv is recvfrom, poll may be ppoll, sleep is

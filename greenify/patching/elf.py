@@ -30,7 +30,7 @@ from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tup
 
 from elftools.elf.enums import ENUM_D_TAG, ENUM_E_MACHINE, ENUM_E_TYPE, ENUM_P_TYPE_BASE
 
-from greenify import _functions
+from greenify import functions as _functions
 from greenify.errors import NotElfError, StaticExecutableError, TargetNotFoundError
 
 # e_machine -> {relocation type number: name}: the relocations whose slot

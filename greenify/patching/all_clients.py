@@ -6,10 +6,10 @@ as it loads, the way ``gevent.monkey.patch_all()`` does Python's sockets.
     print(report)                         # what was patched, what was left and why
     greenify.unpatch_all()                # puts back exactly what it wrote, stops watching loads
 
-What is patched is decided by greenify.policy (the one rule, also used by
-greenify-inspect); the writing is the patcher's (greenify.patcher, one write
+What is patched is decided by greenify.patching.policy (the one rule, also used by
+greenify-inspect); the writing is the patcher's (greenify.patching.patcher, one write
 path and lock), and objects loaded later reach the same rule through
-patch_on_load's dlopen hooks (greenify.onload.watch_loads).
+patch_on_load's dlopen hooks (greenify.patching.onload.watch_loads).
 """
 from __future__ import annotations
 
@@ -18,14 +18,16 @@ import os
 import re
 import textwrap
 import time
-import types
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
-from greenify import loaded, patcher, policy, slots
-from greenify.loaded import LoadedObject
-from greenify.onload import OnLoadPatch, watch_loads
-from greenify.patcher import ObjectReport
+from greenify.patching import loaded
+from greenify.patching import patcher
+from greenify.patching import policy
+from greenify.patching import slots
+from greenify.patching.loaded import LoadedObject
+from greenify.patching.onload import OnLoadPatch, watch_loads
+from greenify.patching.patcher import ObjectReport
 
 log = logging.getLogger("greenify")
 
@@ -162,7 +164,7 @@ def _look_at(state: _InEffect, objects: List[LoadedObject]) -> Tuple[int, int]:
 
 def patch_all(*, include: Names = None, exclude: Names = None) -> PatchAllReport:
     """Activate the green functions and patch every loaded object that does
-    a client's network I/O, by greenify.policy's rule (its docstring lists
+    a client's network I/O, by greenify.patching.policy's rule (its docstring lists
     what is never touched and why), with the TLS library that does such a
     client's encrypted I/O; then do the same for every object loaded later,
     as it loads.  ``include=``/``exclude=`` (library names, sonames, stems,

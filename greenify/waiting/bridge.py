@@ -1,74 +1,38 @@
 """The wait bridge: how a green function's wait is carried out.
 
 The green functions (C) decide *when* to wait; this module decides *how*.
-Its functions are entered from C through greenify/_entries.py, with the GIL
+Its functions are entered from C through greenify/entries.py, with the GIL
 held and no exception pending (csrc/green_python.c set the caller's aside),
 and never raise into C.
 
 Which waiter serves a wait, per wait: the current greenlet's own, if one was
 registered with ``use_waiter``; otherwise, if gevent has been imported, the
 thread has a hub (never created here) and the caller is not the hub, that
-hub (greenify/_gevent_waiter.py); otherwise none: the answer is CANNOT_WAIT
+hub (greenify/waiting/gevent_side.py); otherwise none: the answer is CANNOT_WAIT
 and the C side blocks natively, as libc would.  Importing greenify never
 imports gevent.
 
-An exception a waiter raises (``gevent.Timeout`` or ``Greenlet.kill``
-thrown into the waiting greenlet, an asyncio cancellation) is kept here and
-reported as INTERRUPTED; every further green call of that greenlet fails at
-once, and as soon as the C call is back in Python the very exception is
-raised in the greenlet (csrc/green_deliver.c).
+An exception a waiter raises is kept by interruptions.py; the outcomes,
+events and the Waiter protocol every side shares are in protocol.py.
 """
 from __future__ import annotations
 
 import atexit
-import errno
-import fcntl
 import sys
-from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, Optional
 
 from greenlet import getcurrent, greenlet
 
 from greenify._green import lib
 
-WOKEN: int = lib.GREEN_WOKEN
-TIMED_OUT: int = lib.GREEN_TIMED_OUT
-CANNOT_WAIT: int = lib.GREEN_CANNOT_WAIT
-INTERRUPTED: int = lib.GREEN_INTERRUPTED
-READ: int = lib.GREEN_READ
-WRITE: int = lib.GREEN_WRITE
+from greenify.waiting.interruptions import interrupted, interrupted_by, pending_interruptions, take_pending_interrupt
+from greenify.waiting.protocol import (CANNOT_WAIT, INTERRUPTED, READ, SWEEP_INTERVAL_S, TIMED_OUT, WOKEN, WRITE,
+                                       Waiter, descriptor_closed)
 
-
-# How often a waiter looks for waits on descriptors closed behind
-# greenify's back (os.close, an unpatched library): epoll silently drops
-# them, and their waiters would wait for ever.
-SWEEP_INTERVAL_S = 1.0
-
-
-def descriptor_closed(fd: int) -> bool:
-    """Whether ``fd`` no longer names an open file (the sweeps' test)."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_GETFD)
-    except OSError as exc:
-        return exc.errno == errno.EBADF
-    return False
-
-
-class Waiter(Protocol):
-    """How the green calls of one greenlet wait (see WAITER.md in the
-    project notes, and greenify.asyncio)."""
-
-    def wait(self, watches: Sequence[Tuple[int, int]], timeout: Optional[float]) -> int:
-        """In the greenlet inside the C call, GIL held, no exception pending:
-        wait until one of the (fd, READ|WRITE) watches may be ready (WOKEN) or
-        ``timeout`` seconds pass (TIMED_OUT; None: no deadline).  Raising
-        means the greenlet was interrupted: see the module's docstring."""
-
-    def closing(self, fd: int) -> None:
-        """fd is about to be closed by the close twin: wake whoever waits on it."""
-
-    def offload(self, job_runner: Callable[[], None]) -> bool:
-        """Arrange for job_runner() to be called once in a worker thread and
-        return True, or return False: C then calls libc itself."""
+__all__ = ["use_waiter", "drop_waiter", "waiter_for", "wait", "closing",
+           # from protocol.py and interruptions.py, for the entries and the sides
+           "CANNOT_WAIT", "INTERRUPTED", "READ", "SWEEP_INTERVAL_S", "TIMED_OUT", "WOKEN", "WRITE", "Waiter",
+           "descriptor_closed", "interrupted", "interrupted_by", "pending_interruptions", "take_pending_interrupt"]
 
 
 class _Registered:
@@ -98,7 +62,6 @@ class _Registered:
 # Greenlets with a waiter of their own.
 _waiters: Dict[greenlet, _Registered] = {}
 # Greenlets interrupted inside a C call, and what was thrown into them.
-_interrupted: Dict[greenlet, BaseException] = {}
 
 
 def _thread_root(glet: greenlet) -> greenlet:
@@ -131,7 +94,7 @@ def _find_gevent() -> Optional[Callable[[], object]]:
     hub_local = sys.modules.get("gevent._hub_local")  # a hub exists only once this is imported
     if hub_local is None or not hasattr(hub_local, "get_hub_if_exists"):
         return None
-    from greenify import _gevent_waiter as waiter_module
+    from greenify.waiting import gevent_side as waiter_module
     _gevent_waiter = waiter_module
     _get_hub_if_exists = hub_local.get_hub_if_exists
     return _get_hub_if_exists
@@ -158,17 +121,10 @@ def waiter_for(current: greenlet):
     return _hub_waiter(hub)
 
 
-def interrupted_by(current: greenlet, exc: BaseException) -> int:
-    """Keep ``exc``, thrown into ``current`` while it waited inside C."""
-    _interrupted[current] = exc
-    lib.green_set_interrupts_pending(len(_interrupted))
-    return INTERRUPTED
-
-
 def wait(watches, nwatches: int, timeout: float) -> int:
     """The wait of a green function (entry greenify_wait)."""
     current = getcurrent()
-    if _interrupted and current in _interrupted:
+    if interrupted():
         return INTERRUPTED
     waiter = waiter_for(current)
     if waiter is None:
@@ -191,36 +147,6 @@ def closing(fd: int) -> None:
     hub = get_hub() if get_hub is not None else None
     if hub is not None:
         _hub_waiter(hub).closing(fd)
-
-
-def interrupted() -> int:
-    """1 if the calling greenlet was interrupted and is still inside C
-    (entry greenify_interrupted)."""
-    return 1 if getcurrent() in _interrupted else 0
-
-
-def take_pending_interrupt() -> Optional[BaseException]:
-    """The exception to raise in the current greenlet now that its
-    interrupted C call is back in Python, or None (for csrc/green_deliver.c)."""
-    exc = _interrupted.pop(getcurrent(), None)
-    for gone in [glet for glet in _interrupted if glet.dead]:
-        del _interrupted[gone]
-    lib.green_set_interrupts_pending(len(_interrupted))
-    return exc
-
-
-def pending_interruptions() -> Dict[greenlet, BaseException]:
-    """Interruptions not delivered yet: greenlet -> exception (for tests:
-    after a test, none should be left)."""
-    return dict(_interrupted)
-
-
-def activate() -> None:
-    lib.green_set_active(1)
-
-
-def is_active() -> bool:
-    return bool(lib.green_is_active())
 
 
 # After the interpreter begins to finalize, C must never enter Python again:

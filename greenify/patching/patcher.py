@@ -3,10 +3,10 @@
     report = patch_library("libmariadb.so.3")   # every loaded match
     unpatch_library("libmariadb.so.3")          # puts back what was there
 
-The flow is one way: target -> loaded objects (greenify.loaded) -> their
-blocking imports, read from the file (greenify.elf) -> checks -> slots
+The flow is one way: target -> loaded objects (greenify.patching.loaded) -> their
+blocking imports, read from the file (greenify.patching.elf) -> checks -> slots
 written -> PatchReport.  Checking, writing, recording and restoring are
-greenify.slots', the one write path patch_on_load's dlopen hooks use too,
+greenify.patching.slots', the one write path patch_on_load's dlopen hooks use too,
 under its one lock: before anything is written for an object, the file must
 be the object that is loaded (same GNU build-id and PT_LOAD layout) and
 every slot must lie in the object's own writable loaded segments; the object
@@ -16,7 +16,6 @@ unpatching restores exactly what was there.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import types
@@ -24,10 +23,15 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from greenify import companions, elf, loaded, slots
-from greenify.errors import GreenifyError, ProtectedTargetError, UnknownFunctionError, WrongMachineError
-from greenify.loaded import LoadedObject, Target
-from greenify.slots import PatchedSlot
+from greenify import functions
+from greenify.patching import companions
+from greenify.patching import elf
+from greenify.patching import loaded
+from greenify.patching import slots
+from greenify.patching.imports import planned_symbols, read_object, read_target_file
+from greenify.errors import GreenifyError, ProtectedTargetError, UnknownFunctionError
+from greenify.patching.loaded import LoadedObject, Target
+from greenify.patching.slots import PatchedSlot
 
 log = logging.getLogger("greenify")
 
@@ -56,7 +60,7 @@ class ObjectReport:
     patched: List[PatchedSlot] = field(default_factory=list)          # written by this call
     already_patched: List[PatchedSlot] = field(default_factory=list)  # written by an earlier call
     skipped: List[SkippedImport] = field(default_factory=list)
-    reason: Optional[str] = None  # why an object the target did not name was patched (greenify.companions)
+    reason: Optional[str] = None  # why an object the target did not name was patched (greenify.patching.companions)
 
     def __bool__(self) -> bool:
         return bool(self.patched or self.already_patched)
@@ -96,17 +100,10 @@ class PatchReport:
 @lru_cache(maxsize=None)
 def green_twins() -> Dict[str, int]:
     """symbol -> address of its green twin, from the list of green
-    functions (csrc/green.h, read by greenify._functions)."""
-    from greenify import _functions
+    functions (csrc/green.h, read by greenify.functions)."""
+    from greenify import functions as _functions
 
     return _functions.twins()
-
-
-@lru_cache(maxsize=None)
-def _host() -> Tuple[str, int]:
-    """(e_machine, ELF class) of this process, from its own executable."""
-    e_machine, elf_class, _e_type = elf.read_identity("/proc/self/exe")
-    return e_machine, elf_class
 
 
 def _describe(target: Union[str, types.ModuleType]) -> str:
@@ -131,65 +128,20 @@ def wanted_functions(functions: "Optional[Iterable[str] | str]") -> Optional[Fro
     return frozenset(names)
 
 
-def read_target_file(path: str, symbols: Optional[Iterable[str]] = None) -> elf.ElfImports:
-    """Read and check an ELF file: it must be for this machine and class."""
-    e_machine, elf_class, _e_type = elf.read_identity(path)
-    host_machine, host_class = _host()
-    if (e_machine, elf_class) != (host_machine, host_class):
-        raise WrongMachineError(
-            f"{path}: ELF{elf_class} {e_machine}, but this process is ELF{host_class} {host_machine}", path)
-    return elf.read_blocking_imports(path, symbols)
+def loaded_clients(objects: Sequence[LoadedObject]) -> List[str]:
+    """The names of the loaded objects patch_all() would patch: what a user
+    who named something not loaded most likely meant."""
+    from greenify.patching import policy  # noqa: PLC0415 - policy reads objects through imports.py, as we do
 
-
-@lru_cache(maxsize=None)
-def planned_symbols(twins: Optional[FrozenSet[str]] = None) -> FrozenSet[str]:
-    """The symbols _plan reads: every blocking one, and every one with a twin."""
-    return elf.BLOCKING_SYMBOLS | (frozenset(green_twins()) if twins is None else twins)
-
-
-@lru_cache(maxsize=None)
-def _shared_symbols() -> FrozenSet[str]:
-    # Every symbol some reader of a loaded object asks for: the patcher's, the
-    # TLS twins', the dlopen hooks' (greenify.onload) and the TLS hand-over
-    # imports (greenify.companions).  One walk of the relocations finds them
-    # all: its cost hardly depends on how many names are wanted.
-    from greenify import onload
-
-    return (planned_symbols() | frozenset(companions.tls_twins()) | frozenset(onload.HOOKED_SYMBOLS)
-            | companions.HANDOVER_SYMBOLS)
-
-
-@lru_cache(maxsize=2048)
-def _read_object(path: str, build_id: Optional[bytes], identity: Tuple[int, int, int]) -> elf.ElfImports:
-    return read_target_file(path, _shared_symbols())
-
-
-def read_object(obj: LoadedObject, symbols: Optional[FrozenSet[str]] = None) -> elf.ElfImports:
-    """``read_target_file(obj.path, symbols)`` (default: what _plan reads),
-    the file read once for every reader: keyed by the loaded build-id and the
-    file's inode, size and mtime, so a file replaced on disk is read again
-    (and then fails check_object).  patch_all() looks at every loaded object,
-    and patch_on_load's hooks read each one too; this reads each once."""
-    symbols = planned_symbols() if symbols is None else symbols
-    try:
-        info = os.stat(obj.path)
-    except OSError:
-        return read_target_file(obj.path, symbols)  # says why, naming the file
-    if not symbols <= _shared_symbols():
-        return read_target_file(obj.path, symbols)
-    imports = _read_object(obj.path, obj.build_id, (info.st_ino, info.st_size, info.st_mtime_ns))
-    return dataclasses.replace(imports, imports=tuple(imp for imp in imports.imports if imp.symbol in symbols),
-                               self_defined=tuple(imp for imp in imports.self_defined if imp.symbol in symbols))
+    return [obj.name for obj in policy.candidates(objects)]
 
 
 def ensure_active(caller: str) -> None:
     """Activate the green functions if nobody has: patching without them
     would change nothing, silently (greenify.greenify() stays the explicit,
     idempotent spelling)."""
-    from greenify import _bridge
-
-    if not _bridge.is_active():
-        _bridge.activate()
+    if not functions.is_active():
+        functions.activate()
         log.info("greenify: %s activated the green functions (greenify.greenify() was not called)", caller)
 
 
@@ -233,7 +185,7 @@ def _resolve(target: Union[str, types.ModuleType]) -> Tuple[str, List[LoadedObje
     if "/" in target:
         loaded.check_path(target)
         read_target_file(target, symbols=())  # a bad file says so before "not loaded"
-    objects = loaded.find_loaded(target)
+    objects = loaded.find_loaded(target, loaded_clients)
     for obj in objects:
         reason = loaded.protected_reason(obj)
         if reason is not None:
@@ -256,7 +208,7 @@ def patch_library(target: Target, *, functions: "Optional[Iterable[str] | str]" 
         description, objects, left_out = _resolve(target)
         report = PatchReport(description, skipped_objects=left_out)
         # The TLS libraries that do the objects' socket I/O, found among them (a module target) or
-        # brought along, get twins of their own (greenify.companions)
+        # brought along, get twins of their own (greenify.patching.companions)
         tls = {companion.obj.realpath: companion for companion in companions.tls_companions_of(objects)}
         plans = [(obj,) + _plan(obj, wanted) for obj in objects if obj.realpath not in tls]
         for companion in tls.values():
@@ -271,7 +223,7 @@ def patch_library(target: Target, *, functions: "Optional[Iterable[str] | str]" 
 def patch_objects(objects: Sequence[LoadedObject], reasons: Dict[str, str],
                   all_objects: Optional[Sequence[LoadedObject]] = None,
                   functions: Optional[FrozenSet[str]] = None) -> Tuple[List[ObjectReport], List[Tuple[str, str]]]:
-    """Patch each of ``objects`` (already chosen: greenify.policy) and the
+    """Patch each of ``objects`` (already chosen: greenify.patching.policy) and the
     TLS libraries that do their socket I/O, each object all or nothing
     through the one write path.  One object that cannot be patched does not
     stop the others: it comes back in the second list with the error.
