@@ -54,8 +54,8 @@ def descriptor_closed(fd: int) -> bool:
 
 
 class Waiter(Protocol):
-    """How the green calls of one greenlet wait (see WAITER.md in the
-    project notes, and greenify.asyncio)."""
+    """How the green calls of one greenlet wait (see "Waiters" in
+    docs/internals.md, and greenify.asyncio)."""
 
     def wait(self, watches: Sequence[Tuple[int, int]], timeout: Optional[float]) -> int:
         """In the greenlet inside the C call, GIL held, no exception pending:

@@ -112,6 +112,31 @@ def test_every_example_that_does_not_run_says_why():
     print("\n".join(f"not run: {block.name}: {block.not_run}" for block in marked))
 
 
+def _slug(heading: str) -> str:
+    """A heading's anchor, as MkDocs (toc) and GitHub make it."""
+    text = re.sub(r"[^\w\s-]", "", heading.replace("`", "")).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def test_readme_links_name_existing_files_and_headings():
+    """The site's build checks the pages' links (mkdocs --strict); the
+    README is not one of its pages, so its links are checked here."""
+    with open(os.path.join(REPO, "README.md")) as readme:
+        links = re.findall(r"\]\(([^)#\s]+\.md)(?:#([^)\s]+))?\)", readme.read())
+    broken = []
+    for target, anchor in links:
+        path = os.path.join(REPO, target)
+        if not os.path.isfile(path):
+            broken.append(f"{target}: no such file")
+            continue
+        if anchor:
+            with open(path) as page:
+                headings = {_slug(line.lstrip("#")) for line in page.read().splitlines() if re.match(r"#+ ", line)}
+            if anchor not in headings:
+                broken.append(f"{target}#{anchor}: no such heading")
+    assert links and not broken, broken
+
+
 @pytest.fixture(scope="module")
 def example_environment(mariadb, postgres, MySQLdb, psycopg2) -> dict:  # noqa: N803 - the fixture's name
     """The environment the examples read their settings from: the suite's servers."""
@@ -136,5 +161,6 @@ def test_example_runs_as_pasted(block: Block, example_environment: dict, tmp_pat
                                   capture_output=True, text=True, timeout=EXAMPLE_TIMEOUT_S)
     except subprocess.TimeoutExpired as expired:
         pytest.fail(f"{block.name}: still running after {EXAMPLE_TIMEOUT_S} s\n{expired.stdout}\n{expired.stderr}")
+    print(f"{block.name}:\n{finished.stdout}")
     assert finished.returncode == 0, (f"{block.name} failed (exit status {finished.returncode}):\n"
                                       f"{block.code}\n--- stdout\n{finished.stdout}\n--- stderr\n{finished.stderr}")
