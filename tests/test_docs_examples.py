@@ -140,8 +140,12 @@ def test_readme_links_name_existing_files_and_headings():
 @pytest.fixture(scope="module")
 def example_environment(mariadb, postgres, MySQLdb, psycopg2) -> dict:  # noqa: N803 - the fixture's name
     """The environment the examples read their settings from: the suite's servers."""
+    import greenify
+
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    # the greenify this session tests (the checkout's, or make sanitize's build)
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(greenify.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH", "")]))
     env.update(MYSQL_HOST=mariadb.host, MYSQL_PORT=str(mariadb.port), MYSQL_USER=mariadb.user,
                MYSQL_PASSWORD=mariadb.password, MYSQL_DATABASE=mariadb.database,
                PGHOST=postgres.host, PGPORT=str(postgres.port), PGUSER=postgres.user,
