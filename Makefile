@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CC ?= cc
 
-.PHONY: build test demo bench check-readme driver-suites clean test-versions test-aarch64 wheel sanitize warnings record
+.PHONY: build test demo bench check-readme driver-suites clean test-versions test-aarch64 wheel sanitize warnings record docs
 
 build: $(VENV)/.installed $(VENV)/.drivers
 
@@ -75,25 +75,41 @@ bench: build
 # the checkout as it was.  `make record` copies the ones this checkout has over
 # the committed files (tests/compat-results.json, tests/tls-results.json,
 # tests/driver_suites/results.json, ci/results.json, bench/results.json and
-# .png, bench/asyncio-results.json) and renders the README's tables from them.
+# .png, bench/asyncio-results.json) and renders the generated tables from them.
 # Record a whole run only: a run of one test file leaves other rows "not run".
+# Where each generated part lives (tests/readme_sections.py): the compatibility
+# table in the README, the others in the documentation's pages.
+COMPAT_DOC ?= README.md
+TLS_DOC ?= docs/guide.md
+PLATFORMS_DOC ?= docs/platforms.md
+BENCH_DOC ?= docs/benchmarks.md
 record: $(VENV)/.base
-	$(PY) tests/compat.py --record README.md
-	$(PY) tests/tls_results.py --record README.md
-	$(PY) tests/driver_suites/run.py --record README.md
-	$(PY) ci/results.py readme README.md --record
-	$(PY) bench/run.py --record README.md
-	$(PY) bench/asyncio_bench.py --record README.md
+	$(PY) tests/compat.py --record $(COMPAT_DOC)
+	$(PY) tests/tls_results.py --record $(TLS_DOC)
+	$(PY) tests/driver_suites/run.py --record $(PLATFORMS_DOC)
+	$(PY) ci/results.py readme $(PLATFORMS_DOC) --record
+	$(PY) bench/run.py --record $(BENCH_DOC)
+	$(PY) bench/asyncio_bench.py --record $(BENCH_DOC)
 
-# Fails when any of the README's generated parts (tests/readme_sections.py)
-# differs from the recorded run it is rendered from.
+# Fails when any generated part of the README or the documentation
+# (tests/readme_sections.py) differs from the recorded run it is rendered from.
 check-readme: $(VENV)/.base
-	$(PY) tests/compat.py --check README.md
-	$(PY) tests/tls_results.py --check README.md
-	$(PY) tests/driver_suites/run.py --check README.md
-	$(PY) ci/results.py readme README.md --check
-	$(PY) bench/run.py --check README.md
-	$(PY) bench/asyncio_bench.py --check README.md
+	$(PY) tests/compat.py --check $(COMPAT_DOC)
+	$(PY) tests/tls_results.py --check $(TLS_DOC)
+	$(PY) tests/driver_suites/run.py --check $(PLATFORMS_DOC)
+	$(PY) ci/results.py readme $(PLATFORMS_DOC) --check
+	$(PY) bench/run.py --check $(BENCH_DOC)
+	$(PY) bench/asyncio_bench.py --check $(BENCH_DOC)
+
+# The documentation site (mkdocs.yml, docs/), built into .results/site with
+# warnings as errors: a broken link or anchor, a missing snippet or a page
+# left out of the navigation fails it.
+$(VENV)/.docs: pyproject.toml | $(VENV)/.base
+	$(PIP) install -q -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir .results/site
 
 # libgreenify builds without a warning under its own flags (build_ffi.py:
 # -Wall -Wextra), made errors here; built in $(CACHE)/warnings, not in place.

@@ -5,7 +5,7 @@ in one run, each variant in a process of its own, in alternating rounds.
     bench/asyncio_bench.py                # full run: a table and .results/bench/asyncio-results.json
     bench/asyncio_bench.py --quick        # a smoke run (100 queries, 1 round), not saved
     bench/asyncio_bench.py --markdown     # the README's table, from bench/asyncio-results.json
-    bench/asyncio_bench.py --record README.md  # record the last full run as bench/asyncio-results.json, render it
+    bench/asyncio_bench.py --record docs/benchmarks.md  # record the last full run as bench/asyncio-results.json, render it
 
 Cases:
   concurrency  N=1,000 tasks on one thread, each `SELECT SLEEP(0.5)` on a connection of its own;

@@ -7,7 +7,7 @@ their medians and shows the spread (min-max) of the rounds in brackets.
     make bench QUICK=1    # a smoke run in under a minute: .results/bench/quick.json and .png
     bench/run.py --peer-python /tmp/seed-venv/bin/python   # douban's greenify 0.5.0 as a column
     bench/run.py --markdown                                  # the README's tables, from bench/results.json
-    bench/run.py --record README.md   # record the last full run as bench/results.json (and .png), render it
+    bench/run.py --record docs/benchmarks.md   # record the last full run as bench/results.json (and .png), render it
 
 A run writes under .results/ (ignored by git); bench/results.json and
 bench/results.png are the recorded run the README's tables and chart come

@@ -1,11 +1,17 @@
-"""The README's generated parts, one rule for all of them.
+"""The generated parts of the README and the documentation, one rule for all.
 
-Each lies between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``, is
-written by the script that owns its source (compat: tests/compat.py; tls:
-tests/tls_results.py; driver-suites: tests/driver_suites/run.py; platforms:
-ci/results.py; bench: bench/run.py; asyncio-bench: bench/asyncio_bench.py) and is checked against that source by
-``make check-readme``, which CI runs: a figure in a generated part is never
-edited by hand.
+Each lies between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in the
+file that shows it, is written by the script that owns its source, and is
+checked against that source by ``make check-readme``, which CI runs: a
+figure in a generated part is never edited by hand.  The Makefile's
+``record`` and ``check-readme`` targets name each part's file:
+
+    compat          README.md           tests/compat.py
+    tls             docs/guide.md       tests/tls_results.py
+    driver-suites   docs/platforms.md   tests/driver_suites/run.py
+    platforms       docs/platforms.md   ci/results.py
+    bench           docs/benchmarks.md  bench/run.py
+    asyncio-bench   docs/benchmarks.md  bench/asyncio_bench.py
 
 Fresh and recorded results: a run (the tests, `make bench`, the platform
 targets) writes its results under ``.results/`` (ignored by git), at the path

@@ -7,10 +7,10 @@ from the recorded ones, tests/tls-results.json, which only `make record`
 replaces).  As a script:
 
     python tests/tls_results.py                     # print the Markdown table
-    python tests/tls_results.py --readme README.md  # rewrite it between the markers
-    python tests/tls_results.py --check README.md   # exit 1 if the README's table differs
+    python tests/tls_results.py --readme docs/guide.md  # rewrite it between the markers
+    python tests/tls_results.py --check docs/guide.md   # exit 1 if the README's table differs
     python tests/tls_results.py --fresh ...         # from the fresh results, not the recorded ones
-    python tests/tls_results.py --record README.md  # record the fresh results, rewrite the table
+    python tests/tls_results.py --record docs/guide.md  # record the fresh results, rewrite the table
 """
 from __future__ import annotations
 
