@@ -77,7 +77,7 @@ class _LoopWaiter:
         self.writers: Dict[int, List[_Wait]] = {}
         self.sweeper: Optional[asyncio.TimerHandle] = None
 
-    # -- the Waiter protocol (helpers/WAITER.md), called inside a run greenlet
+    # -- the Waiter protocol (greenify/waiting/protocol.py; docs/internals.md "Waiters"), called inside a run greenlet
 
     def wait(self, watches: Sequence[Tuple[int, int]], timeout: Optional[float]) -> int:
         current = getcurrent()
