@@ -74,6 +74,11 @@ def _libpq_version(psycopg2) -> str:
     return f"{number // 10000}.{number % 10000}"
 
 
+def _psycopg3_libpq_version(psycopg) -> str:
+    number = psycopg.pq.version()
+    return f"{number // 10000}.{number % 10000}"
+
+
 ROWS: Dict[str, Row] = {row.driver: row for row in [
     Row("MySQLdb", ("mysqlclient",), "libmariadb.so.3 (Debian's), as `MySQLdb._mysql` or `\"libmariadb\"`",
         "MySQLdb", lambda MySQLdb: MySQLdb._mysql.get_client_info()),
@@ -81,6 +86,9 @@ ROWS: Dict[str, Row] = {row.driver: row for row in [
         "MySQLdb", lambda MySQLdb: MySQLdb._mysql.get_client_info()),
     Row("psycopg2", ("psycopg2-binary",), "libpq bundled in `psycopg2_binary.libs`, as `\"libpq\"`",
         "psycopg2", _libpq_version),
+    Row("psycopg", ("psycopg", "psycopg-binary"),
+        "`psycopg_binary/_psycopg.so` (its `wait_c` calls `poll` itself) and the libpq it needs, as "
+        "`psycopg._cmodule._psycopg`", "psycopg", _psycopg3_libpq_version),
     Row("pylibmc", ("pylibmc",), "libmemcached bundled in `pylibmc.libs`, as `\"libmemcached\"`",
         "pylibmc", lambda pylibmc: pylibmc.libmemcached_version),
     Row("pycurl", ("pycurl",), "libcurl bundled in `pycurl.libs`, as `\"libcurl\"`",

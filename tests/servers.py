@@ -773,6 +773,20 @@ if pytest is not None:
     def pymysql():
         return require_module("pymysql", "PyMySQL")
 
+    @pytest.fixture(scope="session")
+    def psycopg():
+        return require_module("psycopg", "psycopg[binary]")
+
+    @pytest.fixture(scope="session")
+    def psycopg_c_module(psycopg):
+        """psycopg 3's compiled module (psycopg_binary._psycopg or psycopg_c._psycopg),
+        where its wait_c loop calls libc's poll()."""
+        module = psycopg._cmodule._psycopg
+        if module is None:
+            missing(f"psycopg {psycopg.__version__} runs its pure-Python implementation "
+                    f"({psycopg.pq.__impl__}): pip install 'psycopg[binary]'")
+        return module
+
     @pytest.fixture
     def patched_libmariadb(MySQLdb, greenified):
         """greenify active and libmariadb patched, through MySQLdb._mysql, for the test."""
