@@ -14,7 +14,9 @@ network call (connect, recv, send, poll, ...) that has a green twin, reached
 from a library that is not part of Python's standard library or of gevent,
 and not merely a dependency (DT_NEEDED) of another such object.  For MySQLdb that
 is libmariadb: _mysql.so imports no blocking call, and libcrypto's sockets
-sit under libmariadb.
+sit under libmariadb.  A driver that waits on such a library's sockets in
+its own code (psycopg 3's _psycopg.so calls poll over a non-blocking libpq)
+is recommended with it.
 """
 from __future__ import annotations
 
@@ -289,12 +291,35 @@ def _rank(libraries: Sequence[LibraryReport]) -> List[LibraryReport]:
             recommended = True
             note = f'pass it to patch_library("{library.patch_name}")'
         ranked.append(dataclasses.replace(library, recommended=recommended, note=note))
+    ranked = _recommend_drivers_that_wait(ranked, children, users_reach)
 
     def order(library: LibraryReport) -> Tuple[int, int, str]:
         group = 0 if library.recommended else 1 if library.holds_network_calls else 2 if library.can_patch else 3
         return group, -len(library.patchable), library.path
 
     return sorted(ranked, key=order)
+
+
+POLL_SYMBOLS: FrozenSet[str] = elf.with_fortified_forms(_functions.blocking_calls("poll"))
+
+
+def _recommend_drivers_that_wait(ranked: List[LibraryReport], children: Sequence[Sequence[int]],
+                                 users_reach: Set[int]) -> List[LibraryReport]:
+    """A driver that waits on its client library's sockets in its own code
+    (psycopg 3's ``wait_c`` calls ``poll`` in ``_psycopg.so`` over a
+    non-blocking libpq) must be patched with that library: recommend an
+    object outside Python and gevent that imports a poll call with a twin
+    and directly needs a recommended network client."""
+    result = list(ranked)
+    for position, library in enumerate(ranked):
+        if library.recommended or position not in users_reach or _is_runtime(library):
+            continue
+        waits = sorted({imp.symbol for imp in library.patchable if imp.symbol in POLL_SYMBOLS})
+        clients = [ranked[child].patch_name for child in children[position] if ranked[child].recommended]
+        if waits and clients:
+            result[position] = dataclasses.replace(library, recommended=True, note=(
+                f"waits ({', '.join(waits)}) on the sockets of {', '.join(clients)} itself: patch it too"))
+    return result
 
 
 def inspect_objects(objects: Sequence[LoadedObject], source: str, pid: Optional[int],

@@ -29,6 +29,7 @@ import pytest
 import greenify
 import greenify.asyncio as gasyncio
 import servers
+from client_support import patched_as_recommended
 from fault_support import INTERRUPT_BOUND_S, LONG_WAIT_S
 from test_asyncio import run_on
 from test_driver_faults import WAITERS, faulted_waiters, interrupted_by_timeout, killed_while_waiting
@@ -278,3 +279,11 @@ def test_under_asyncio_10_sleeps_finish_together_and_a_timeout_ends_one_at_once(
     assert_together(elapsed, COUNT)
     assert late < INTERRUPT_BOUND_S, f"the TimeoutError came {late:.2f} s after the timeout"
     fresh_query_works(psycopg, postgres)
+
+
+def test_what_greenify_inspect_recommends_for_psycopg_makes_it_concurrent(psycopg, postgres, psycopg_c_module):
+    with patched_as_recommended("psycopg") as names:
+        elapsed, rows = run_together(sleeper(psycopg, postgres), COUNT)
+    assert any(name.startswith("_psycopg") for name in names), names
+    assert rows == expected_rows(COUNT)
+    assert_together(elapsed, COUNT)
