@@ -8,7 +8,8 @@
  * one-shot trace function on the thread: at the first Python event after
  * the C call unwinds (the library's own error propagating, or the next
  * line), it raises the kept exception in place of that error, with the error
- * as its __context__.
+ * as its __context__.  Events in Python code the C call itself calls on its
+ * way out (a codec, a callback) are not that moment: the caller's frame is.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -71,6 +72,26 @@ static int inside_entry(PyFrameObject *frame)
     return found;
 }
 
+/* Whether `frame` runs below `caller` (the frame that called into C): a
+   codec or callback the C code calls on its way out (pyodbc decodes the
+   driver's message with encodings.utf_16_le), where the library would take
+   the exception for its own failure and swallow it. */
+static int called_from(PyFrameObject *frame, PyObject *caller)
+{
+    if (caller == Py_None || (PyObject *)frame == caller)
+        return 0;
+    PyFrameObject *current = PyFrame_GetBack(frame);
+    int found = 0;
+    while (current != NULL && !found) {
+        found = (PyObject *)current == caller;
+        PyFrameObject *back = PyFrame_GetBack(current);
+        Py_DECREF(current);
+        current = back;
+    }
+    Py_XDECREF(current);
+    return found;
+}
+
 /* The Python frame that called into C; per-opcode events on it make the
    exception fire right after the call returns, even mid-line. */
 static void trace_opcodes_of(PyObject *frame, int on)
@@ -116,7 +137,7 @@ static int deliver_trace(PyObject *saved, PyFrameObject *frame, int what, PyObje
         rc = previous(previous_obj, frame, what, arg);
     if ((what == PyTrace_CALL || what == PyTrace_EXCEPTION || what == PyTrace_LINE || what == PyTrace_RETURN ||
          what == PyTrace_OPCODE) &&
-        !inside_entry(frame)) {
+        !inside_entry(frame) && !called_from(frame, PyTuple_GET_ITEM(saved, SAVED_FRAME))) {
         PyObject *error_type = NULL, *error_value = NULL, *error_tb = NULL;
         if (rc != 0)
             PyErr_Fetch(&error_type, &error_value, &error_tb);
