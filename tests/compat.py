@@ -79,6 +79,16 @@ def _psycopg3_libpq_version(psycopg) -> str:
     return f"{number // 10000}.{number % 10000}"
 
 
+def _debian_versions(*packages: str) -> Callable[[object], str]:
+    """library_version for a row whose libraries come from Debian's packages."""
+    def versions(_module) -> str:
+        import subprocess
+        found = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Version}\\n", *packages],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return ", ".join(found.splitlines()) or "unknown"
+    return versions
+
+
 ROWS: Dict[str, Row] = {row.driver: row for row in [
     Row("MySQLdb", ("mysqlclient",), "libmariadb.so.3 (Debian's), as `MySQLdb._mysql` or `\"libmariadb\"`",
         "MySQLdb", lambda MySQLdb: MySQLdb._mysql.get_client_info()),
@@ -89,6 +99,14 @@ ROWS: Dict[str, Row] = {row.driver: row for row in [
     Row("psycopg", ("psycopg", "psycopg-binary"),
         "`psycopg_binary/_psycopg.so` (its `wait_c` calls `poll` itself) and the libpq it needs, as "
         "`psycopg._cmodule._psycopg`", "psycopg", _psycopg3_libpq_version),
+    Row("pyodbc, MariaDB ODBC", ("pyodbc",),
+        "libmariadb.so.3, which unixODBC's `dlopen` of the driver `libmaodbc.so` loads at connect time, as "
+        "`greenify.patch_on_load(\"libmariadb\")` before the first connect",
+        "pyodbc", _debian_versions("odbc-mariadb", "unixodbc")),
+    Row("pyodbc, PostgreSQL ODBC", ("pyodbc",),
+        "libpq.so.5, which unixODBC's `dlopen` of the driver `psqlodbcw.so` loads at connect time, as "
+        "`greenify.patch_on_load(\"libpq\")` before the first connect",
+        "pyodbc", _debian_versions("odbc-postgresql", "unixodbc")),
     Row("pylibmc", ("pylibmc",), "libmemcached bundled in `pylibmc.libs`, as `\"libmemcached\"`",
         "pylibmc", lambda pylibmc: pylibmc.libmemcached_version),
     Row("pycurl", ("pycurl",), "libcurl bundled in `pycurl.libs`, as `\"libcurl\"`",

@@ -665,6 +665,19 @@ def start_slow_http() -> Iterator[SlowHTTP]:
             process.stop()
 
 
+# --- ODBC drivers ----------------------------------------------------------------
+
+def odbc_driver(file_name: str, debian_package: str) -> str:
+    """The path of an ODBC driver library (unixODBC loads it at connect time
+    from DRIVER=path); skips (or fails) naming `debian_package`."""
+    for folder in sorted(glob.glob("/usr/lib/*/odbc")) + ["/usr/lib/odbc", "/usr/local/lib"]:
+        path = os.path.join(folder, file_name)
+        if os.path.exists(path):
+            return path
+    missing(f"the ODBC driver {file_name} is not installed: apt-get install {debian_package}")
+    raise AssertionError("unreachable")
+
+
 # --- waiting for greenlets ---------------------------------------------------
 
 GREENLET_DEADLINE_S = 30.0
@@ -786,6 +799,11 @@ if pytest is not None:
             missing(f"psycopg {psycopg.__version__} runs its pure-Python implementation "
                     f"({psycopg.pq.__impl__}): pip install 'psycopg[binary]'")
         return module
+
+    @pytest.fixture(scope="session")
+    def pyodbc():
+        """pyodbc, over unixODBC's driver manager (libodbc.so.2)."""
+        return require_module("pyodbc", "pyodbc (and apt-get install unixodbc)")
 
     @pytest.fixture
     def patched_libmariadb(MySQLdb, greenified):
