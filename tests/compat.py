@@ -89,6 +89,16 @@ def _debian_versions(*packages: str) -> Callable[[object], str]:
     return versions
 
 
+def _mysql_connector_client_version(_module) -> str:
+    # In a child: the extension does not load once `ssl` has loaded an older
+    # system OpenSSL (tests/mysql_connector_child.py).
+    import subprocess
+    found = subprocess.run([sys.executable, "-c", "import _mysql_connector; "
+                            "print(_mysql_connector.MySQL().get_client_info())"],
+                           capture_output=True, text=True, timeout=60)
+    return found.stdout.strip() or "unknown (the C extension does not load)"
+
+
 ROWS: Dict[str, Row] = {row.driver: row for row in [
     Row("MySQLdb", ("mysqlclient",), "libmariadb.so.3 (Debian's), as `MySQLdb._mysql` or `\"libmariadb\"`",
         "MySQLdb", lambda MySQLdb: MySQLdb._mysql.get_client_info()),
@@ -107,6 +117,9 @@ ROWS: Dict[str, Row] = {row.driver: row for row in [
         "libpq.so.5, which unixODBC's `dlopen` of the driver `psqlodbcw.so` loads at connect time, as "
         "`greenify.patch_on_load(\"libpq\")` before the first connect",
         "pyodbc", _debian_versions("odbc-postgresql", "unixodbc")),
+    Row("mysql.connector (C extension)", ("mysql-connector-python",),
+        "its MySQL client, linked statically into `_mysql_connector.so`, as `_mysql_connector` "
+        "(imported before `ssl`)", "mysql.connector", _mysql_connector_client_version),
     Row("pylibmc", ("pylibmc",), "libmemcached bundled in `pylibmc.libs`, as `\"libmemcached\"`",
         "pylibmc", lambda pylibmc: pylibmc.libmemcached_version),
     Row("pycurl", ("pycurl",), "libcurl bundled in `pycurl.libs`, as `\"libcurl\"`",
