@@ -99,6 +99,11 @@ def _mysql_connector_client_version(_module) -> str:
     return found.stdout.strip() or "unknown (the C extension does not load)"
 
 
+def _openldap_version(ldap) -> str:
+    number = ldap.get_option(ldap.OPT_API_INFO)["vendor_version"]  # 20513: 2.5.13
+    return f"OpenLDAP {number // 10000}.{number // 100 % 100}.{number % 100}"
+
+
 ROWS: Dict[str, Row] = {row.driver: row for row in [
     Row("MySQLdb", ("mysqlclient",), "libmariadb.so.3 (Debian's), as `MySQLdb._mysql` or `\"libmariadb\"`",
         "MySQLdb", lambda MySQLdb: MySQLdb._mysql.get_client_info()),
@@ -120,6 +125,9 @@ ROWS: Dict[str, Row] = {row.driver: row for row in [
     Row("mysql.connector (C extension)", ("mysql-connector-python",),
         "its MySQL client, linked statically into `_mysql_connector.so`, as `_mysql_connector` "
         "(imported before `ssl`)", "mysql.connector", _mysql_connector_client_version),
+    Row("python-ldap", ("python-ldap",),
+        "libldap-2.5.so.0 and liblber (Debian's; GnuTLS below them), as `ldap._ldap`",
+        "ldap", _openldap_version),
     Row("pylibmc", ("pylibmc",), "libmemcached bundled in `pylibmc.libs`, as `\"libmemcached\"`",
         "pylibmc", lambda pylibmc: pylibmc.libmemcached_version),
     Row("pycurl", ("pycurl",), "libcurl bundled in `pycurl.libs`, as `\"libcurl\"`",

@@ -11,7 +11,9 @@ the Debian or PyPI package that brings it.  With GREENIFY_REQUIRE_SERVERS=1
 run of skipped tests.
 
 The module is also a script: ``python servers.py slow-http`` runs the slow
-HTTP server in the process that the ``slow_http`` fixture starts.
+HTTP server in the process that the ``slow_http`` fixture starts, and
+``python servers.py slow-ldap SOCKET`` the responder behind slapd's slow
+back-sock database.
 """
 from __future__ import annotations
 
@@ -665,6 +667,127 @@ def start_slow_http() -> Iterator[SlowHTTP]:
             process.stop()
 
 
+# --- OpenLDAP's slapd ---------------------------------------------------------------
+
+@dataclass
+class Slapd:
+    """slapd with two databases: ``base_dn`` (mdb, entries `people` and
+    cn=person-0..person-{PEOPLE-1} under it) and ``slow_dn``, a back-sock
+    database answered by `serve_slow_ldap`: a search whose filter is
+    ``(cn=sleep-SECONDS-TAG)`` answers the entry cn=TAG,SLOW_DN after SECONDS,
+    each search in a thread of its own."""
+
+    host: str
+    port: int
+    base_dn: str
+    slow_dn: str
+    admin_dn: str
+    admin_password: str
+    log_path: str
+    startup_s: float
+    process: Process = field(repr=False)
+    responder: Process = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"ldap://{self.host}:{self.port}"
+
+
+SLAPD_PEOPLE = 200
+
+
+def serve_slow_ldap(socket_path: str) -> None:
+    """The slow LDAP responder: slapd's back-sock database connects to
+    `socket_path` once per request and writes it (slapd-sock(5)); a SEARCH
+    with ``filter: (cn=sleep-S-T)`` gets the entry cn=T after S seconds, any
+    other request an empty success."""
+    import socketserver
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            request = {}
+            kind = self.rfile.readline().decode().strip()
+            for line in iter(self.rfile.readline, b""):
+                line = line.decode().rstrip("\n")
+                if not line:
+                    break
+                name, _, value = line.partition(": ")
+                request.setdefault(name, value)
+            answer = ""
+            if kind == "SEARCH" and request.get("filter", "").startswith("(cn=sleep-"):
+                _, seconds, tag = request["filter"][1:-1].split("=", 1)[1].split("-", 2)
+                time.sleep(min(float(seconds), 60.0))
+                suffix = request.get("suffix", "")
+                answer = f"dn: cn={tag},{suffix}\nobjectClass: device\ncn: {tag}\n\n"
+            if kind != "UNBIND":  # an unbind gets no answer
+                self.wfile.write(f"{answer}RESULT\ncode: 0\n".encode())
+
+    class Server(socketserver.ThreadingUnixStreamServer):
+        daemon_threads = True
+        request_queue_size = 256
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    server = Server(socket_path, Handler)
+    print("listening", flush=True)
+    server.serve_forever()
+
+
+@contextlib.contextmanager
+def start_slapd() -> Iterator[Slapd]:
+    slapd = find_binary(["slapd"], "slapd")
+    slapadd = find_binary(["slapadd"], "slapd")
+    module_dir = next((folder for folder in ("/usr/lib/ldap", "/usr/lib/x86_64-linux-gnu/ldap", "/usr/lib/openldap")
+                       if os.path.exists(os.path.join(folder, "back_sock.so"))), None)
+    if module_dir is None:
+        missing("slapd's back_sock module is not installed: apt-get install slapd")
+    schema = "/etc/ldap/schema/core.schema"
+    if not os.path.exists(schema):
+        missing(f"{schema} is missing: apt-get install slapd")
+    started = time.monotonic()
+    with scratch_dir("greenify-slapd-") as base:
+        log_path = os.path.join(base, "slapd.log")
+        base_dn, slow_dn = "dc=greenify,dc=test", "dc=slow"
+        admin_dn, admin_password = f"cn=admin,{base_dn}", "greenify"
+        socket_path = os.path.join(base, "slow.sock")
+        data_dir = os.path.join(base, "data")
+        os.mkdir(data_dir)
+        config = os.path.join(base, "slapd.conf")
+        with open(config, "w") as out:
+            out.write(f"include {schema}\nmodulepath {module_dir}\nmoduleload back_mdb\nmoduleload back_sock\n"
+                      f"pidfile {base}/slapd.pid\nargsfile {base}/slapd.args\n"
+                      f"database mdb\nmaxsize 67108864\nsuffix \"{base_dn}\"\nrootdn \"{admin_dn}\"\n"
+                      f"rootpw {admin_password}\ndirectory {data_dir}\n"
+                      f"database sock\nsuffix \"{slow_dn}\"\nsocketpath {socket_path}\n")
+        entries = [f"dn: {base_dn}\nobjectClass: dcObject\nobjectClass: organization\ndc: greenify\no: greenify\n",
+                   f"dn: ou=people,{base_dn}\nobjectClass: organizationalUnit\nou: people\n"]
+        entries += [f"dn: cn=person-{index},ou=people,{base_dn}\nobjectClass: person\ncn: person-{index}\n"
+                    f"sn: {index}\ndescription: {'x' * (index % 50)}\n" for index in range(SLAPD_PEOPLE)]
+        ldif = os.path.join(base, "people.ldif")
+        with open(ldif, "w") as out:
+            out.write("\n".join(entries))
+        run_checked([slapadd, "-f", config, "-b", base_dn, "-l", ldif], log_path, "slapadd")
+        responder = Process("slow LDAP responder", [sys.executable, "-u", os.path.abspath(__file__), "slow-ldap",
+                                                     socket_path], os.path.join(base, "responder.log"))
+        responder.start()
+        try:
+            responder.wait_ready(lambda: os.path.exists(socket_path))
+
+            def command(port: int) -> List[str]:
+                return [slapd, "-f", config, "-h", f"ldap://{HOST}:{port}/", "-d", "256"]
+
+            def answers_bind(port: int) -> bool:
+                # an anonymous LDAPv3 bind request; a BindResponse (0x61) comes back
+                return tcp_answers(port, bytes.fromhex("300c020101600702010304008000"), b"\x30")
+
+            # SIGKILL: slapd's SIGTERM waits for the searches the responder still sleeps on.
+            with running_on_free_port("slapd", command, log_path, answers_bind, signal.SIGKILL) as (process, port):
+                yield Slapd(HOST, port, base_dn, slow_dn, admin_dn, admin_password, log_path,
+                            time.monotonic() - started, process, responder)
+        finally:
+            responder.stop()
+
+
 # --- ODBC drivers ----------------------------------------------------------------
 
 def odbc_driver(file_name: str, debian_package: str) -> str:
@@ -801,6 +924,15 @@ if pytest is not None:
         return module
 
     @pytest.fixture(scope="session")
+    def slapd() -> Iterator[Slapd]:
+        """OpenLDAP's slapd: 200 people under dc=greenify,dc=test and a slow back-sock database (Slapd)."""
+        yield from serve(start_slapd)
+
+    @pytest.fixture(scope="session")
+    def ldap():
+        return require_module("ldap", "python-ldap (and apt-get install libldap2-dev libsasl2-dev to build it)")
+
+    @pytest.fixture(scope="session")
     def pyodbc():
         """pyodbc, over unixODBC's driver manager (libodbc.so.2)."""
         return require_module("pyodbc", "pyodbc (and apt-get install unixodbc)")
@@ -816,3 +948,5 @@ if pytest is not None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["slow-http"]:
     serve_slow_http(*sys.argv[2:4])
+if __name__ == "__main__" and sys.argv[1:2] == ["slow-ldap"]:
+    serve_slow_ldap(sys.argv[2])
