@@ -687,6 +687,7 @@ class Slapd:
     startup_s: float
     process: Process = field(repr=False)
     responder: Process = field(repr=False)
+    tls: Optional[TLSFiles] = None  # StartTLS on the same port (slapd's TLS is GnuTLS on Debian)
 
     @property
     def url(self) -> str:
@@ -752,10 +753,12 @@ def start_slapd() -> Iterator[Slapd]:
         socket_path = os.path.join(base, "slow.sock")
         data_dir = os.path.join(base, "data")
         os.mkdir(data_dir)
+        tls = make_tls_files(base)
         config = os.path.join(base, "slapd.conf")
         with open(config, "w") as out:
             out.write(f"include {schema}\nmodulepath {module_dir}\nmoduleload back_mdb\nmoduleload back_sock\n"
                       f"pidfile {base}/slapd.pid\nargsfile {base}/slapd.args\n"
+                      f"TLSCertificateFile {tls.certificate}\nTLSCertificateKeyFile {tls.key}\n"
                       f"database mdb\nmaxsize 67108864\nsuffix \"{base_dn}\"\nrootdn \"{admin_dn}\"\n"
                       f"rootpw {admin_password}\ndirectory {data_dir}\n"
                       f"database sock\nsuffix \"{slow_dn}\"\nsocketpath {socket_path}\n")
@@ -783,7 +786,7 @@ def start_slapd() -> Iterator[Slapd]:
             # SIGKILL: slapd's SIGTERM waits for the searches the responder still sleeps on.
             with running_on_free_port("slapd", command, log_path, answers_bind, signal.SIGKILL) as (process, port):
                 yield Slapd(HOST, port, base_dn, slow_dn, admin_dn, admin_password, log_path,
-                            time.monotonic() - started, process, responder)
+                            time.monotonic() - started, process, responder, tls)
         finally:
             responder.stop()
 

@@ -14,6 +14,8 @@ number) unreported until the hub's once-a-second sweep: 0.3 s searches took
 1.0 s (fixed in csrc/green_poll.c, tests/test_green_poll_private_set.py).
 The call a user writes: ``greenify.patch_library(ldap._ldap)`` (the extension
 module; it follows DT_NEEDED to libldap, liblber, libsasl2 and GnuTLS).
+StartTLS (GnuTLS on Debian, the server's certificate verified) runs
+together too, with GnuTLS's own recv/sendmsg/poll patched under libldap.
 """
 from __future__ import annotations
 
@@ -110,6 +112,40 @@ def test_what_greenify_inspect_recommends_for_ldap_makes_it_concurrent(ldap, sla
     assert any(name.startswith("libldap") for name in names), names
     assert results == expected_results(slapd, COUNT)
     assert elapsed < TOGETHER_BOUND_S, f"{COUNT} searches took {elapsed:.2f} s with {names}"
+
+
+# --- StartTLS: libldap's TLS is GnuTLS on Debian ------------------------------------------
+
+def tls_slow_searcher(ldap, slapd, sleep_s: float = SLEEP_S):
+    """Searches over StartTLS, the server's certificate verified."""
+    def search(index: int):
+        connection = ldap.initialize(slapd.url)
+        connection.protocol_version = 3
+        connection.set_option(ldap.OPT_X_TLS_CACERTFILE, slapd.tls.certificate)
+        connection.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
+        connection.set_option(ldap.OPT_X_TLS_NEWCTX, 0)
+        connection.start_tls_s()
+        connection.simple_bind_s(slapd.admin_dn, slapd.admin_password)
+        try:
+            return connection.search_s(slapd.slow_dn, ldap.SCOPE_SUBTREE, f"(cn=sleep-{sleep_s}-{index})")
+        finally:
+            connection.unbind_s()
+    return search
+
+
+def test_patched_10_slow_searches_over_starttls_finish_together(ldap, slapd, patched_ldap):
+    gnutls = [obj for obj in patched_ldap.objects if os.path.basename(obj.path).startswith("libgnutls")]
+    assert gnutls and {"recv", "sendmsg"} <= {slot.symbol for slot in gnutls[0].patched}, repr(patched_ldap)
+    elapsed, results = run_together(tls_slow_searcher(ldap, slapd), COUNT)
+    assert results == expected_results(slapd, COUNT)
+    assert elapsed < TOGETHER_BOUND_S, f"{COUNT} StartTLS searches of {SLEEP_S} s took {elapsed:.2f} s"
+
+
+def test_a_timeout_in_a_slow_search_over_starttls_raises_itself_at_once(ldap, slapd, patched_ldap):
+    raised, timeout, took = interrupted_by_timeout(lambda: tls_slow_searcher(ldap, slapd, LONG_WAIT_S)(0))
+    assert raised is timeout
+    assert took < INTERRUPT_BOUND_S
+    assert tls_slow_searcher(ldap, slapd, 0)(3) == expected_results(slapd, 4)[3]
 
 
 # --- timeouts, kills and faults --------------------------------------------------------
