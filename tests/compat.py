@@ -104,6 +104,16 @@ def _openldap_version(ldap) -> str:
     return f"OpenLDAP {number // 10000}.{number // 100 % 100}.{number % 100}"
 
 
+def _bundled_version(libs_folder: str, stem: str) -> str:
+    """A bundled library's version, from its file name (libssh2-<hash>.so.1.0.1: 1.0.1, the soname's)."""
+    import glob
+    import site
+    for folder in site.getsitepackages():
+        for path in glob.glob(os.path.join(folder, libs_folder, f"{stem}-*.so.*")):
+            return "so." + os.path.basename(path).split(".so.", 1)[1]
+    return "unknown"
+
+
 ROWS: Dict[str, Row] = {row.driver: row for row in [
     Row("MySQLdb", ("mysqlclient",), "libmariadb.so.3 (Debian's), as `MySQLdb._mysql` or `\"libmariadb\"`",
         "MySQLdb", lambda MySQLdb: MySQLdb._mysql.get_client_info()),
@@ -128,6 +138,8 @@ ROWS: Dict[str, Row] = {row.driver: row for row in [
     Row("python-ldap", ("python-ldap",),
         "libldap-2.5.so.0 and liblber (Debian's; GnuTLS below them), as `ldap._ldap`",
         "ldap", _openldap_version),
+    Row("ssh2-python", ("ssh2-python",), "libssh2 bundled in `ssh2_python.libs`, as `\"libssh2\"`",
+        "ssh2.session", lambda session: _bundled_version("ssh2_python.libs", "libssh2")),
     Row("pylibmc", ("pylibmc",), "libmemcached bundled in `pylibmc.libs`, as `\"libmemcached\"`",
         "pylibmc", lambda pylibmc: pylibmc.libmemcached_version),
     Row("pycurl", ("pycurl",), "libcurl bundled in `pycurl.libs`, as `\"libcurl\"`",

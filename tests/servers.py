@@ -791,6 +791,57 @@ def start_slapd() -> Iterator[Slapd]:
             responder.stop()
 
 
+# --- OpenSSH's sshd ---------------------------------------------------------------------
+
+@dataclass
+class Sshd:
+    """sshd accepting `user` with the private key at `key_path` (PEM RSA, which
+    every libssh2 reads) and nothing else."""
+
+    host: str
+    port: int
+    user: str
+    key_path: str
+    public_key_path: str
+    log_path: str
+    startup_s: float
+    process: Process = field(repr=False)
+
+
+@contextlib.contextmanager
+def start_sshd() -> Iterator[Sshd]:
+    sshd = find_binary(["sshd"], "openssh-server")
+    keygen = find_binary(["ssh-keygen"], "openssh-client")
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    if RUNNING_AS_ROOT and not os.path.isdir("/run/sshd"):
+        # sshd's privilege separation folder, which Debian creates at boot (tmpfiles.d)
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    started = time.monotonic()
+    with scratch_dir("greenify-sshd-") as base:
+        log_path = os.path.join(base, "sshd.log")
+        host_key, user_key = os.path.join(base, "host_key"), os.path.join(base, "user_key")
+        for key in (host_key, user_key):
+            run_checked([keygen, "-q", "-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "", "-f", key],
+                        log_path, "ssh-keygen")
+        authorized = os.path.join(base, "authorized_keys")
+        shutil.copyfile(user_key + ".pub", authorized)
+        os.chmod(authorized, 0o600)
+
+        def command(port: int) -> List[str]:
+            return [sshd, "-D", "-e", "-f", "/dev/null", "-h", host_key,
+                    "-o", f"ListenAddress={HOST}", "-o", f"Port={port}", "-o", f"PidFile={base}/sshd.pid",
+                    "-o", f"AuthorizedKeysFile={authorized}", "-o", "PasswordAuthentication=no",
+                    "-o", "KbdInteractiveAuthentication=no", "-o", "UsePAM=no", "-o", "StrictModes=no",
+                    "-o", "PermitRootLogin=prohibit-password", "-o", "MaxStartups=200", "-o", "MaxSessions=50",
+                    "-o", "PrintMotd=no", "-o", "PrintLastLog=no", "-o", "UseDNS=no", "-o", "LogLevel=ERROR"]
+
+        def answers_banner(port: int) -> bool:
+            return tcp_answers(port, b"", b"SSH-2.0-")
+
+        with running_on_free_port("sshd", command, log_path, answers_banner) as (process, port):
+            yield Sshd(HOST, port, user, user_key, user_key + ".pub", log_path, time.monotonic() - started, process)
+
+
 # --- ODBC drivers ----------------------------------------------------------------
 
 def odbc_driver(file_name: str, debian_package: str) -> str:
@@ -934,6 +985,15 @@ if pytest is not None:
     @pytest.fixture(scope="session")
     def ldap():
         return require_module("ldap", "python-ldap (and apt-get install libldap2-dev libsasl2-dev to build it)")
+
+    @pytest.fixture(scope="session")
+    def sshd() -> Iterator[Sshd]:
+        """OpenSSH's sshd on a free port, key authentication only (Sshd)."""
+        yield from serve(start_sshd)
+
+    @pytest.fixture(scope="session")
+    def ssh2():
+        return require_module("ssh2.session", "ssh2-python")
 
     @pytest.fixture(scope="session")
     def pyodbc():
