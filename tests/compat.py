@@ -140,6 +140,8 @@ ROWS: Dict[str, Row] = {row.driver: row for row in [
         "ldap", _openldap_version),
     Row("ssh2-python", ("ssh2-python",), "libssh2 bundled in `ssh2_python.libs`, as `\"libssh2\"`",
         "ssh2.session", lambda session: _bundled_version("ssh2_python.libs", "libssh2")),
+    Row("gssapi", ("gssapi",), "libkrb5.so.3 (Debian's MIT krb5: KDC exchanges over UDP and TCP), as "
+        "`gssapi.raw.creds` (or `\"libkrb5\"`)", "gssapi", _debian_versions("libkrb5-3")),
     Row("pylibmc", ("pylibmc",), "libmemcached bundled in `pylibmc.libs`, as `\"libmemcached\"`",
         "pylibmc", lambda pylibmc: pylibmc.libmemcached_version),
     Row("pycurl", ("pycurl",), "libcurl bundled in `pycurl.libs`, as `\"libcurl\"`",

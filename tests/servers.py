@@ -13,7 +13,7 @@ run of skipped tests.
 The module is also a script: ``python servers.py slow-http`` runs the slow
 HTTP server in the process that the ``slow_http`` fixture starts, and
 ``python servers.py slow-ldap SOCKET`` the responder behind slapd's slow
-back-sock database.
+back-sock database, ``python servers.py slow-kdc ...`` the slow KDC proxy.
 """
 from __future__ import annotations
 
@@ -842,6 +842,145 @@ def start_sshd() -> Iterator[Sshd]:
             yield Sshd(HOST, port, user, user_key, user_key + ".pub", log_path, time.monotonic() - started, process)
 
 
+# --- MIT Kerberos' KDC ---------------------------------------------------------------------
+
+@dataclass
+class Kdc:
+    """krb5kdc for realm `realm` with the principal `user`@realm (password
+    `password`), and client profiles (krb5.conf files for KRB5_CONFIG) that
+    reach it directly, through a proxy that delays each request by
+    `delay_s` over UDP or over TCP, or through a port where nothing answers."""
+
+    host: str
+    port: int
+    realm: str
+    user: str
+    password: str
+    direct_config: str
+    slow_udp_config: str
+    slow_tcp_config: str
+    dead_config: str
+    delay_s: float
+    log_path: str
+    startup_s: float
+    process: Process = field(repr=False)
+    proxy: Process = field(repr=False)
+
+
+def serve_slow_kdc(kdc_port: int, delay_s: float, port_path: str) -> None:
+    """The slow KDC proxy: forwards each request, over UDP and over TCP, to
+    the KDC on `kdc_port` after `delay_s`, each in a thread of its own.
+    Writes its port (UDP and TCP alike) to `port_path` once it listens."""
+    import socketserver
+
+    class UDPHandler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            data, reply_socket = self.request
+            time.sleep(delay_s)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as upstream:
+                upstream.settimeout(10)
+                upstream.sendto(data, (HOST, kdc_port))
+                answer = upstream.recv(65536)
+            reply_socket.sendto(answer, self.client_address)
+
+    class TCPHandler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            def read_message(conn) -> bytes:  # a 4-byte length, then the message
+                data = b""
+                while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return b""
+                    data += chunk
+                return data
+
+            request = read_message(self.request)
+            if not request:
+                return
+            time.sleep(delay_s)
+            with socket.create_connection((HOST, kdc_port), timeout=10) as upstream:
+                upstream.sendall(request)
+                self.request.sendall(read_message(upstream))
+
+    class UDPServer(socketserver.ThreadingUDPServer):
+        daemon_threads = True
+
+    class TCPServer(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        request_queue_size = 256
+
+    tcp_server = TCPServer((HOST, 0), TCPHandler)
+    udp_server = UDPServer((HOST, tcp_server.server_address[1]), UDPHandler)
+    threading.Thread(target=udp_server.serve_forever, daemon=True).start()
+    with open(port_path + ".tmp", "w") as out:
+        out.write(str(tcp_server.server_address[1]))
+    os.replace(port_path + ".tmp", port_path)
+    tcp_server.serve_forever()
+
+
+@contextlib.contextmanager
+def start_kdc(delay_s: float = 0.3) -> Iterator[Kdc]:
+    krb5kdc = find_binary(["krb5kdc"], "krb5-kdc")
+    kdb5_util = find_binary(["kdb5_util"], "krb5-kdc")
+    kadmin_local = find_binary(["kadmin.local"], "krb5-admin-server")
+    realm, user, password = "GREENIFY.TEST", "greenify", "greenify-password"
+    started = time.monotonic()
+    with scratch_dir("greenify-kdc-") as base:
+        log_path = os.path.join(base, "kdc.log")
+
+        def client_config(name: str, port: int, tcp: bool) -> str:
+            path = os.path.join(base, name)
+            with open(path, "w") as out:
+                out.write(f"[libdefaults]\n default_realm = {realm}\n dns_lookup_kdc = false\n"
+                          f" dns_lookup_realm = false\n rdns = false\n"
+                          # 1: every request over TCP; the default sends small ones over UDP
+                          f"{' udp_preference_limit = 1' if tcp else ''}\n"
+                          f"[realms]\n {realm} = {{\n  kdc = {HOST}:{port}\n }}\n")
+            return path
+
+        def kdc_profile(port: int) -> str:
+            path = os.path.join(base, "kdc.conf")
+            with open(path, "w") as out:
+                out.write(f"[kdcdefaults]\n kdc_ports = {port}\n kdc_tcp_ports = {port}\n"
+                          f"[realms]\n {realm} = {{\n  database_name = {base}/principal\n"
+                          f"  key_stash_file = {base}/stash\n  acl_file = {base}/kadm5.acl\n"
+                          f"  kdc_ports = {port}\n  kdc_tcp_ports = {port}\n }}\n"
+                          f"[logging]\n kdc = FILE:{log_path}\n")
+            return path
+
+        setup_env = dict(os.environ, KRB5_CONFIG=client_config("krb5-direct.conf", 88, False),
+                         KRB5_KDC_PROFILE=kdc_profile(0))
+        run_checked([kdb5_util, "create", "-s", "-r", realm, "-P", "greenify-master"], log_path,
+                    "kdb5_util create", env=setup_env)
+        run_checked([kadmin_local, "-r", realm, "-q", f"addprinc -pw {password} {user}"], log_path,
+                    "kadmin.local addprinc", env=setup_env)
+
+        def command(port: int) -> List[str]:
+            kdc_profile(port)
+            return [krb5kdc, "-n", "-r", realm]
+
+        with running_on_free_port("krb5kdc", command, log_path, tcp_answers, env=setup_env) as (process, port):
+            port_path = os.path.join(base, "proxy-port")
+            proxy = Process("slow KDC proxy", [sys.executable, "-u", os.path.abspath(__file__), "slow-kdc",
+                                               str(port), str(delay_s), port_path], os.path.join(base, "proxy.log"))
+            proxy.start()
+            try:
+                proxy.wait_ready(lambda: os.path.exists(port_path))
+                with open(port_path) as port_file:
+                    proxy_port = int(port_file.read())
+                # a UDP and TCP port nobody answers on: bound, never read (UDP) or never accepting (TCP backlog)
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dead:
+                    dead.bind((HOST, 0))
+                    yield Kdc(HOST, port, realm, user, password,
+                              client_config("krb5-direct.conf", port, False),
+                              client_config("krb5-slow-udp.conf", proxy_port, False),
+                              client_config("krb5-slow-tcp.conf", proxy_port, True),
+                              client_config("krb5-dead.conf", dead.getsockname()[1], False),
+                              delay_s, log_path, time.monotonic() - started, process, proxy)
+            finally:
+                proxy.stop()
+
+
 # --- ODBC drivers ----------------------------------------------------------------
 
 def odbc_driver(file_name: str, debian_package: str) -> str:
@@ -996,6 +1135,15 @@ if pytest is not None:
         return require_module("ssh2.session", "ssh2-python")
 
     @pytest.fixture(scope="session")
+    def kdc() -> Iterator[Kdc]:
+        """MIT krb5kdc with a principal, and a proxy that delays each KDC request by 0.3 s (Kdc)."""
+        yield from serve(start_kdc)
+
+    @pytest.fixture(scope="session")
+    def gssapi():
+        return require_module("gssapi", "gssapi (and apt-get install libkrb5-dev to build it)")
+
+    @pytest.fixture(scope="session")
     def pyodbc():
         """pyodbc, over unixODBC's driver manager (libodbc.so.2)."""
         return require_module("pyodbc", "pyodbc (and apt-get install unixodbc)")
@@ -1013,3 +1161,5 @@ if __name__ == "__main__" and sys.argv[1:2] == ["slow-http"]:
     serve_slow_http(*sys.argv[2:4])
 if __name__ == "__main__" and sys.argv[1:2] == ["slow-ldap"]:
     serve_slow_ldap(sys.argv[2])
+if __name__ == "__main__" and sys.argv[1:2] == ["slow-kdc"]:
+    serve_slow_kdc(int(sys.argv[2]), float(sys.argv[3]), sys.argv[4])
