@@ -16,12 +16,16 @@ and not merely a dependency (DT_NEEDED) of another such object.  For MySQLdb tha
 is libmariadb: _mysql.so imports no blocking call, and libcrypto's sockets
 sit under libmariadb.  A driver that waits on such a library's sockets in
 its own code (psycopg 3's _psycopg.so calls poll over a non-blocking libpq)
-is recommended with it.
+is recommended with it.  Clients that patching cannot help (their own
+threads do the network I/O: librdkafka, grpcio's core, libzmq; or their
+client library is loaded at connect time: unixODBC) are listed with why and
+what to use instead, never recommended (_KNOWN_CLIENTS).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -239,6 +243,33 @@ def _is_runtime(library: LibraryReport) -> bool:
     return not _RUNTIME_FOLDERS.isdisjoint(os.path.dirname(library.path).split(os.sep))
 
 
+# Clients greenify cannot help as a patch would suggest, known by file name
+# (auditwheel's hashed copies included): why, and what to use instead.
+_KNOWN_CLIENTS: Tuple[Tuple["re.Pattern[str]", str], ...] = tuple((re.compile(pattern), note) for pattern, note in (
+    (r"librdkafka[-.]", "librdkafka (confluent-kafka) does its network I/O in threads of its own, and "
+     "Python's calls wait on its queues' condition variables: patching gains nothing. Instead call "
+     "poll()/consume()/flush() with a short timeout and gevent.sleep() between, or through gevent's "
+     "threadpool; under asyncio, aiokafka"),
+    (r"cygrpc\.", "grpcio's core does its network I/O in threads of its own (completion queues and "
+     "pollers): patching gains nothing. Instead call grpc.experimental.gevent.init_gevent() before "
+     "any channel exists; under asyncio, grpc.aio"),
+    (r"libzmq[-.]", "libzmq (pyzmq) does its network I/O in its own I/O threads; a socket's send/recv "
+     "waits on a mailbox: patching gains nothing. Instead import zmq.green as zmq under gevent, "
+     "zmq.asyncio under asyncio"),
+    (r"libodbc\.so", "unixODBC's driver manager loads each ODBC driver, and the client library the "
+     "driver needs (libmariadb, libpq, ...), at connect time: name that client library in "
+     'greenify.patch_on_load("libmariadb", "libpq") before the first connect, or inspect a '
+     "connected process with --pid"),
+))
+
+
+def known_client_note(library: LibraryReport) -> Optional[str]:
+    """Why patching `library` does not help and what to do instead, for the
+    clients of _KNOWN_CLIENTS; None for any other library."""
+    name = os.path.basename(library.path)
+    return next((note for pattern, note in _KNOWN_CLIENTS if pattern.match(name)), None)
+
+
 def _rank(libraries: Sequence[LibraryReport]) -> List[LibraryReport]:
     """Mark the recommended libraries, say why the others are not, and sort:
     recommended, other network libraries, other patchable, the rest."""
@@ -277,7 +308,9 @@ def _rank(libraries: Sequence[LibraryReport]) -> List[LibraryReport]:
     for position, library in enumerate(libraries):
         note: Optional[str] = None
         recommended = False
-        if library.protected is not None or library.error is not None or not library.imports:
+        if known_client_note(library) is not None:
+            note = known_client_note(library)
+        elif library.protected is not None or library.error is not None or not library.imports:
             pass
         elif not library.patchable:
             note = "no green twin for any of its blocking imports"
@@ -325,10 +358,11 @@ def _recommend_drivers_that_wait(ranked: List[LibraryReport], children: Sequence
 def inspect_objects(objects: Sequence[LoadedObject], source: str, pid: Optional[int],
                     in_this_process: bool = False) -> ProcessReport:
     """The ranked report of ``objects``; only those that import blocking
-    functions (or could not be read) are kept in it."""
+    functions (or could not be read, or are known clients) are kept in it."""
     reports = [_inspect_loaded(obj, in_this_process) for obj in objects]
     ranked = _rank(reports)
-    kept = tuple(library for library in ranked if library.imports or library.error is not None)
+    kept = tuple(library for library in ranked
+                 if library.imports or library.error is not None or known_client_note(library) is not None)
     executable = next((obj.path for obj in objects if obj.is_main_program), None)
     return ProcessReport(source, pid, executable, kept, len(objects))
 
