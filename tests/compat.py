@@ -79,6 +79,46 @@ def _libpq_version(psycopg2) -> str:
     return f"{number // 10000}.{number % 10000}"
 
 
+def _psycopg3_libpq_version(psycopg) -> str:
+    number = psycopg.pq.version()
+    return f"{number // 10000}.{number % 10000}"
+
+
+def _debian_versions(*packages: str) -> Callable[[object], str]:
+    """library_version for a row whose libraries come from Debian's packages."""
+    def versions(_module) -> str:
+        import subprocess
+        found = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Version}\\n", *packages],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return ", ".join(found.splitlines()) or "unknown"
+    return versions
+
+
+def _mysql_connector_client_version(_module) -> str:
+    # In a child: the extension does not load once `ssl` has loaded an older
+    # system OpenSSL (tests/mysql_connector_child.py).
+    import subprocess
+    found = subprocess.run([sys.executable, "-c", "import _mysql_connector; "
+                            "print(_mysql_connector.MySQL().get_client_info())"],
+                           capture_output=True, text=True, timeout=60)
+    return found.stdout.strip() or "unknown (the C extension does not load)"
+
+
+def _openldap_version(ldap) -> str:
+    number = ldap.get_option(ldap.OPT_API_INFO)["vendor_version"]  # 20513: 2.5.13
+    return f"OpenLDAP {number // 10000}.{number // 100 % 100}.{number % 100}"
+
+
+def _bundled_version(libs_folder: str, stem: str) -> str:
+    """A bundled library's version, from its file name (libssh2-<hash>.so.1.0.1: 1.0.1, the soname's)."""
+    import glob
+    import site
+    for folder in site.getsitepackages():
+        for path in glob.glob(os.path.join(folder, libs_folder, f"{stem}-*.so.*")):
+            return "so." + os.path.basename(path).split(".so.", 1)[1]
+    return "unknown"
+
+
 ROWS: Dict[str, Row] = {row.driver: row for row in [
     Row("MySQLdb", ("mysqlclient",), "libmariadb.so.3 (Debian's), as `MySQLdb._mysql` or `\"libmariadb\"`",
         "MySQLdb", lambda MySQLdb: MySQLdb._mysql.get_client_info()),
@@ -86,6 +126,27 @@ ROWS: Dict[str, Row] = {row.driver: row for row in [
         "MySQLdb", lambda MySQLdb: MySQLdb._mysql.get_client_info()),
     Row("psycopg2", ("psycopg2-binary",), "libpq bundled in `psycopg2_binary.libs`, as `\"libpq\"`",
         "psycopg2", _libpq_version),
+    Row("psycopg", ("psycopg", "psycopg-binary"),
+        "`psycopg_binary/_psycopg.so` (its `wait_c` calls `poll` itself) and the libpq it needs, as "
+        "`psycopg._cmodule._psycopg`", "psycopg", _psycopg3_libpq_version),
+    Row("pyodbc, MariaDB ODBC", ("pyodbc",),
+        "libmariadb.so.3, which unixODBC's `dlopen` of the driver `libmaodbc.so` loads at connect time, as "
+        "`greenify.patch_on_load(\"libmariadb\")` before the first connect",
+        "pyodbc", _debian_versions("odbc-mariadb", "unixodbc")),
+    Row("pyodbc, PostgreSQL ODBC", ("pyodbc",),
+        "libpq.so.5, which unixODBC's `dlopen` of the driver `psqlodbcw.so` loads at connect time, as "
+        "`greenify.patch_on_load(\"libpq\")` before the first connect",
+        "pyodbc", _debian_versions("odbc-postgresql", "unixodbc")),
+    Row("mysql.connector (C extension)", ("mysql-connector-python",),
+        "its MySQL client, linked statically into `_mysql_connector.so`, as `_mysql_connector` "
+        "(imported before `ssl`)", "mysql.connector", _mysql_connector_client_version),
+    Row("python-ldap", ("python-ldap",),
+        "libldap-2.5.so.0 and liblber (Debian's; GnuTLS below them), as `ldap._ldap`",
+        "ldap", _openldap_version),
+    Row("ssh2-python", ("ssh2-python",), "libssh2 bundled in `ssh2_python.libs`, as `\"libssh2\"`",
+        "ssh2.session", lambda session: _bundled_version("ssh2_python.libs", "libssh2")),
+    Row("gssapi", ("gssapi",), "libkrb5.so.3 (Debian's MIT krb5: KDC exchanges over UDP and TCP), as "
+        "`gssapi.raw.creds` (or `\"libkrb5\"`)", "gssapi", _debian_versions("libkrb5-3")),
     Row("pylibmc", ("pylibmc",), "libmemcached bundled in `pylibmc.libs`, as `\"libmemcached\"`",
         "pylibmc", lambda pylibmc: pylibmc.libmemcached_version),
     Row("pycurl", ("pycurl",), "libcurl bundled in `pycurl.libs`, as `\"libcurl\"`",

@@ -11,7 +11,9 @@ the Debian or PyPI package that brings it.  With GREENIFY_REQUIRE_SERVERS=1
 run of skipped tests.
 
 The module is also a script: ``python servers.py slow-http`` runs the slow
-HTTP server in the process that the ``slow_http`` fixture starts.
+HTTP server in the process that the ``slow_http`` fixture starts, and
+``python servers.py slow-ldap SOCKET`` the responder behind slapd's slow
+back-sock database, ``python servers.py slow-kdc ...`` the slow KDC proxy.
 """
 from __future__ import annotations
 
@@ -675,6 +677,333 @@ def start_slow_http() -> Iterator[SlowHTTP]:
             process.stop()
 
 
+# --- OpenLDAP's slapd ---------------------------------------------------------------
+
+@dataclass
+class Slapd:
+    """slapd with two databases: ``base_dn`` (mdb, entries `people` and
+    cn=person-0..person-{PEOPLE-1} under it) and ``slow_dn``, a back-sock
+    database answered by `serve_slow_ldap`: a search whose filter is
+    ``(cn=sleep-SECONDS-TAG)`` answers the entry cn=TAG,SLOW_DN after SECONDS,
+    each search in a thread of its own."""
+
+    host: str
+    port: int
+    base_dn: str
+    slow_dn: str
+    admin_dn: str
+    admin_password: str
+    log_path: str
+    startup_s: float
+    process: Process = field(repr=False)
+    responder: Process = field(repr=False)
+    tls: Optional[TLSFiles] = None  # StartTLS on the same port (slapd's TLS is GnuTLS on Debian)
+
+    @property
+    def url(self) -> str:
+        return f"ldap://{self.host}:{self.port}"
+
+
+SLAPD_PEOPLE = 200
+
+
+def serve_slow_ldap(socket_path: str) -> None:
+    """The slow LDAP responder: slapd's back-sock database connects to
+    `socket_path` once per request and writes it (slapd-sock(5)); a SEARCH
+    with ``filter: (cn=sleep-S-T)`` gets the entry cn=T after S seconds, any
+    other request an empty success."""
+    import socketserver
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            request = {}
+            kind = self.rfile.readline().decode().strip()
+            for line in iter(self.rfile.readline, b""):
+                line = line.decode().rstrip("\n")
+                if not line:
+                    break
+                name, _, value = line.partition(": ")
+                request.setdefault(name, value)
+            answer = ""
+            if kind == "SEARCH" and request.get("filter", "").startswith("(cn=sleep-"):
+                _, seconds, tag = request["filter"][1:-1].split("=", 1)[1].split("-", 2)
+                time.sleep(min(float(seconds), 60.0))
+                suffix = request.get("suffix", "")
+                answer = f"dn: cn={tag},{suffix}\nobjectClass: device\ncn: {tag}\n\n"
+            if kind != "UNBIND":  # an unbind gets no answer
+                self.wfile.write(f"{answer}RESULT\ncode: 0\n".encode())
+
+    class Server(socketserver.ThreadingUnixStreamServer):
+        daemon_threads = True
+        request_queue_size = 256
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    server = Server(socket_path, Handler)
+    print("listening", flush=True)
+    server.serve_forever()
+
+
+@contextlib.contextmanager
+def start_slapd() -> Iterator[Slapd]:
+    slapd = find_binary(["slapd"], "slapd")
+    slapadd = find_binary(["slapadd"], "slapd")
+    module_dir = next((folder for folder in ("/usr/lib/ldap", "/usr/lib/x86_64-linux-gnu/ldap", "/usr/lib/openldap")
+                       if os.path.exists(os.path.join(folder, "back_sock.so"))), None)
+    if module_dir is None:
+        missing("slapd's back_sock module is not installed: apt-get install slapd")
+    schema = "/etc/ldap/schema/core.schema"
+    if not os.path.exists(schema):
+        missing(f"{schema} is missing: apt-get install slapd")
+    started = time.monotonic()
+    with scratch_dir("greenify-slapd-") as base:
+        log_path = os.path.join(base, "slapd.log")
+        base_dn, slow_dn = "dc=greenify,dc=test", "dc=slow"
+        admin_dn, admin_password = f"cn=admin,{base_dn}", "greenify"
+        socket_path = os.path.join(base, "slow.sock")
+        data_dir = os.path.join(base, "data")
+        os.mkdir(data_dir)
+        tls = make_tls_files(base)
+        config = os.path.join(base, "slapd.conf")
+        with open(config, "w") as out:
+            out.write(f"include {schema}\nmodulepath {module_dir}\nmoduleload back_mdb\nmoduleload back_sock\n"
+                      f"pidfile {base}/slapd.pid\nargsfile {base}/slapd.args\n"
+                      f"TLSCertificateFile {tls.certificate}\nTLSCertificateKeyFile {tls.key}\n"
+                      f"database mdb\nmaxsize 67108864\nsuffix \"{base_dn}\"\nrootdn \"{admin_dn}\"\n"
+                      f"rootpw {admin_password}\ndirectory {data_dir}\n"
+                      f"database sock\nsuffix \"{slow_dn}\"\nsocketpath {socket_path}\n")
+        entries = [f"dn: {base_dn}\nobjectClass: dcObject\nobjectClass: organization\ndc: greenify\no: greenify\n",
+                   f"dn: ou=people,{base_dn}\nobjectClass: organizationalUnit\nou: people\n"]
+        entries += [f"dn: cn=person-{index},ou=people,{base_dn}\nobjectClass: person\ncn: person-{index}\n"
+                    f"sn: {index}\ndescription: {'x' * (index % 50)}\n" for index in range(SLAPD_PEOPLE)]
+        ldif = os.path.join(base, "people.ldif")
+        with open(ldif, "w") as out:
+            out.write("\n".join(entries))
+        run_checked([slapadd, "-f", config, "-b", base_dn, "-l", ldif], log_path, "slapadd")
+        responder = Process("slow LDAP responder", [sys.executable, "-u", os.path.abspath(__file__), "slow-ldap",
+                                                     socket_path], os.path.join(base, "responder.log"))
+        responder.start()
+        try:
+            responder.wait_ready(lambda: os.path.exists(socket_path))
+
+            def command(port: int) -> List[str]:
+                return [slapd, "-f", config, "-h", f"ldap://{HOST}:{port}/", "-d", "256"]
+
+            def answers_bind(port: int) -> bool:
+                # an anonymous LDAPv3 bind request; a BindResponse (0x61) comes back
+                return tcp_answers(port, bytes.fromhex("300c020101600702010304008000"), b"\x30")
+
+            # SIGKILL: slapd's SIGTERM waits for the searches the responder still sleeps on.
+            with running_on_free_port("slapd", command, log_path, answers_bind, signal.SIGKILL) as (process, port):
+                yield Slapd(HOST, port, base_dn, slow_dn, admin_dn, admin_password, log_path,
+                            time.monotonic() - started, process, responder, tls)
+        finally:
+            responder.stop()
+
+
+# --- OpenSSH's sshd ---------------------------------------------------------------------
+
+@dataclass
+class Sshd:
+    """sshd accepting `user` with the private key at `key_path` (PEM RSA, which
+    every libssh2 reads) and nothing else."""
+
+    host: str
+    port: int
+    user: str
+    key_path: str
+    public_key_path: str
+    log_path: str
+    startup_s: float
+    process: Process = field(repr=False)
+
+
+@contextlib.contextmanager
+def start_sshd() -> Iterator[Sshd]:
+    sshd = find_binary(["sshd"], "openssh-server")
+    keygen = find_binary(["ssh-keygen"], "openssh-client")
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    if RUNNING_AS_ROOT and not os.path.isdir("/run/sshd"):
+        # sshd's privilege separation folder, which Debian creates at boot (tmpfiles.d)
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    started = time.monotonic()
+    with scratch_dir("greenify-sshd-") as base:
+        log_path = os.path.join(base, "sshd.log")
+        host_key, user_key = os.path.join(base, "host_key"), os.path.join(base, "user_key")
+        for key in (host_key, user_key):
+            run_checked([keygen, "-q", "-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "", "-f", key],
+                        log_path, "ssh-keygen")
+        authorized = os.path.join(base, "authorized_keys")
+        shutil.copyfile(user_key + ".pub", authorized)
+        os.chmod(authorized, 0o600)
+
+        def command(port: int) -> List[str]:
+            return [sshd, "-D", "-e", "-f", "/dev/null", "-h", host_key,
+                    "-o", f"ListenAddress={HOST}", "-o", f"Port={port}", "-o", f"PidFile={base}/sshd.pid",
+                    "-o", f"AuthorizedKeysFile={authorized}", "-o", "PasswordAuthentication=no",
+                    "-o", "KbdInteractiveAuthentication=no", "-o", "UsePAM=no", "-o", "StrictModes=no",
+                    "-o", "PermitRootLogin=prohibit-password", "-o", "MaxStartups=200", "-o", "MaxSessions=50",
+                    "-o", "PrintMotd=no", "-o", "PrintLastLog=no", "-o", "UseDNS=no", "-o", "LogLevel=ERROR"]
+
+        def answers_banner(port: int) -> bool:
+            return tcp_answers(port, b"", b"SSH-2.0-")
+
+        with running_on_free_port("sshd", command, log_path, answers_banner) as (process, port):
+            yield Sshd(HOST, port, user, user_key, user_key + ".pub", log_path, time.monotonic() - started, process)
+
+
+# --- MIT Kerberos' KDC ---------------------------------------------------------------------
+
+@dataclass
+class Kdc:
+    """krb5kdc for realm `realm` with the principal `user`@realm (password
+    `password`), and client profiles (krb5.conf files for KRB5_CONFIG) that
+    reach it directly, through a proxy that delays each request by
+    `delay_s` over UDP or over TCP, or through a port where nothing answers."""
+
+    host: str
+    port: int
+    realm: str
+    user: str
+    password: str
+    direct_config: str
+    slow_udp_config: str
+    slow_tcp_config: str
+    dead_config: str
+    delay_s: float
+    log_path: str
+    startup_s: float
+    process: Process = field(repr=False)
+    proxy: Process = field(repr=False)
+
+
+def serve_slow_kdc(kdc_port: int, delay_s: float, port_path: str) -> None:
+    """The slow KDC proxy: forwards each request, over UDP and over TCP, to
+    the KDC on `kdc_port` after `delay_s`, each in a thread of its own.
+    Writes its port (UDP and TCP alike) to `port_path` once it listens."""
+    import socketserver
+
+    class UDPHandler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            data, reply_socket = self.request
+            time.sleep(delay_s)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as upstream:
+                upstream.settimeout(10)
+                upstream.sendto(data, (HOST, kdc_port))
+                answer = upstream.recv(65536)
+            reply_socket.sendto(answer, self.client_address)
+
+    class TCPHandler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            def read_message(conn) -> bytes:  # a 4-byte length, then the message
+                data = b""
+                while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return b""
+                    data += chunk
+                return data
+
+            request = read_message(self.request)
+            if not request:
+                return
+            time.sleep(delay_s)
+            with socket.create_connection((HOST, kdc_port), timeout=10) as upstream:
+                upstream.sendall(request)
+                self.request.sendall(read_message(upstream))
+
+    class UDPServer(socketserver.ThreadingUDPServer):
+        daemon_threads = True
+
+    class TCPServer(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        request_queue_size = 256
+
+    tcp_server = TCPServer((HOST, 0), TCPHandler)
+    udp_server = UDPServer((HOST, tcp_server.server_address[1]), UDPHandler)
+    threading.Thread(target=udp_server.serve_forever, daemon=True).start()
+    with open(port_path + ".tmp", "w") as out:
+        out.write(str(tcp_server.server_address[1]))
+    os.replace(port_path + ".tmp", port_path)
+    tcp_server.serve_forever()
+
+
+@contextlib.contextmanager
+def start_kdc(delay_s: float = 0.3) -> Iterator[Kdc]:
+    krb5kdc = find_binary(["krb5kdc"], "krb5-kdc")
+    kdb5_util = find_binary(["kdb5_util"], "krb5-kdc")
+    kadmin_local = find_binary(["kadmin.local"], "krb5-admin-server")
+    realm, user, password = "GREENIFY.TEST", "greenify", "greenify-password"
+    started = time.monotonic()
+    with scratch_dir("greenify-kdc-") as base:
+        log_path = os.path.join(base, "kdc.log")
+
+        def client_config(name: str, port: int, tcp: bool) -> str:
+            path = os.path.join(base, name)
+            with open(path, "w") as out:
+                out.write(f"[libdefaults]\n default_realm = {realm}\n dns_lookup_kdc = false\n"
+                          f" dns_lookup_realm = false\n rdns = false\n"
+                          # 1: every request over TCP; the default sends small ones over UDP
+                          f"{' udp_preference_limit = 1' if tcp else ''}\n"
+                          f"[realms]\n {realm} = {{\n  kdc = {HOST}:{port}\n }}\n")
+            return path
+
+        def kdc_profile(port: int) -> str:
+            path = os.path.join(base, "kdc.conf")
+            with open(path, "w") as out:
+                out.write(f"[kdcdefaults]\n kdc_ports = {port}\n kdc_tcp_ports = {port}\n"
+                          f"[realms]\n {realm} = {{\n  database_name = {base}/principal\n"
+                          f"  key_stash_file = {base}/stash\n  acl_file = {base}/kadm5.acl\n"
+                          f"  kdc_ports = {port}\n  kdc_tcp_ports = {port}\n }}\n"
+                          f"[logging]\n kdc = FILE:{log_path}\n")
+            return path
+
+        setup_env = dict(os.environ, KRB5_CONFIG=client_config("krb5-direct.conf", 88, False),
+                         KRB5_KDC_PROFILE=kdc_profile(0))
+        run_checked([kdb5_util, "create", "-s", "-r", realm, "-P", "greenify-master"], log_path,
+                    "kdb5_util create", env=setup_env)
+        run_checked([kadmin_local, "-r", realm, "-q", f"addprinc -pw {password} {user}"], log_path,
+                    "kadmin.local addprinc", env=setup_env)
+
+        def command(port: int) -> List[str]:
+            kdc_profile(port)
+            return [krb5kdc, "-n", "-r", realm]
+
+        with running_on_free_port("krb5kdc", command, log_path, tcp_answers, env=setup_env) as (process, port):
+            port_path = os.path.join(base, "proxy-port")
+            proxy = Process("slow KDC proxy", [sys.executable, "-u", os.path.abspath(__file__), "slow-kdc",
+                                               str(port), str(delay_s), port_path], os.path.join(base, "proxy.log"))
+            proxy.start()
+            try:
+                proxy.wait_ready(lambda: os.path.exists(port_path))
+                with open(port_path) as port_file:
+                    proxy_port = int(port_file.read())
+                # a UDP and TCP port nobody answers on: bound, never read (UDP) or never accepting (TCP backlog)
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dead:
+                    dead.bind((HOST, 0))
+                    yield Kdc(HOST, port, realm, user, password,
+                              client_config("krb5-direct.conf", port, False),
+                              client_config("krb5-slow-udp.conf", proxy_port, False),
+                              client_config("krb5-slow-tcp.conf", proxy_port, True),
+                              client_config("krb5-dead.conf", dead.getsockname()[1], False),
+                              delay_s, log_path, time.monotonic() - started, process, proxy)
+            finally:
+                proxy.stop()
+
+
+# --- ODBC drivers ----------------------------------------------------------------
+
+def odbc_driver(file_name: str, debian_package: str) -> str:
+    """The path of an ODBC driver library (unixODBC loads it at connect time
+    from DRIVER=path); skips (or fails) naming `debian_package`."""
+    for folder in sorted(glob.glob("/usr/lib/*/odbc")) + ["/usr/lib/odbc", "/usr/local/lib"]:
+        path = os.path.join(folder, file_name)
+        if os.path.exists(path):
+            return path
+    missing(f"the ODBC driver {file_name} is not installed: apt-get install {debian_package}")
+    raise AssertionError("unreachable")
+
+
 # --- waiting for greenlets ---------------------------------------------------
 
 GREENLET_DEADLINE_S = 30.0
@@ -783,6 +1112,52 @@ if pytest is not None:
     def pymysql():
         return require_module("pymysql", "PyMySQL")
 
+    @pytest.fixture(scope="session")
+    def psycopg():
+        return require_module("psycopg", "psycopg[binary]")
+
+    @pytest.fixture(scope="session")
+    def psycopg_c_module(psycopg):
+        """psycopg 3's compiled module (psycopg_binary._psycopg or psycopg_c._psycopg),
+        where its wait_c loop calls libc's poll()."""
+        module = psycopg._cmodule._psycopg
+        if module is None:
+            missing(f"psycopg {psycopg.__version__} runs its pure-Python implementation "
+                    f"({psycopg.pq.__impl__}): pip install 'psycopg[binary]'")
+        return module
+
+    @pytest.fixture(scope="session")
+    def slapd() -> Iterator[Slapd]:
+        """OpenLDAP's slapd: 200 people under dc=greenify,dc=test and a slow back-sock database (Slapd)."""
+        yield from serve(start_slapd)
+
+    @pytest.fixture(scope="session")
+    def ldap():
+        return require_module("ldap", "python-ldap (and apt-get install libldap2-dev libsasl2-dev to build it)")
+
+    @pytest.fixture(scope="session")
+    def sshd() -> Iterator[Sshd]:
+        """OpenSSH's sshd on a free port, key authentication only (Sshd)."""
+        yield from serve(start_sshd)
+
+    @pytest.fixture(scope="session")
+    def ssh2():
+        return require_module("ssh2.session", "ssh2-python")
+
+    @pytest.fixture(scope="session")
+    def kdc() -> Iterator[Kdc]:
+        """MIT krb5kdc with a principal, and a proxy that delays each KDC request by 0.3 s (Kdc)."""
+        yield from serve(start_kdc)
+
+    @pytest.fixture(scope="session")
+    def gssapi():
+        return require_module("gssapi", "gssapi (and apt-get install libkrb5-dev to build it)")
+
+    @pytest.fixture(scope="session")
+    def pyodbc():
+        """pyodbc, over unixODBC's driver manager (libodbc.so.2)."""
+        return require_module("pyodbc", "pyodbc (and apt-get install unixodbc)")
+
     @pytest.fixture
     def patched_libmariadb(MySQLdb, greenified):
         """greenify active and libmariadb patched, through MySQLdb._mysql, for the test."""
@@ -794,3 +1169,7 @@ if pytest is not None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["slow-http"]:
     serve_slow_http(*sys.argv[2:4])
+if __name__ == "__main__" and sys.argv[1:2] == ["slow-ldap"]:
+    serve_slow_ldap(sys.argv[2])
+if __name__ == "__main__" and sys.argv[1:2] == ["slow-kdc"]:
+    serve_slow_kdc(int(sys.argv[2]), float(sys.argv[3]), sys.argv[4])

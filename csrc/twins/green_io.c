@@ -449,8 +449,10 @@ static ssize_t recv_whole(const struct socket_call *call, struct msghdr *peek, s
         if (status != GREEN_WOKEN)
             break; /* timed out (the kernel returns what is there, or EAGAIN), or no hub */
     }
-    if (arrivals.fd >= 0)
+    if (arrivals.fd >= 0) {
+        green_wake_waiters_on(arrivals.fd); /* its number comes back: see poll_waiter_close */
         close(arrivals.fd);
+    }
     if (n < 0 && errno != EAGAIN)
         return -1;
     if (status == GREEN_INTERRUPTED)

@@ -111,8 +111,14 @@ static int poll_waiter_init(struct poll_waiter *waiter, const struct pollfd *fds
 
 static void poll_waiter_close(struct poll_waiter *waiter)
 {
-    if (waiter->epoll_fd >= 0)
+    if (waiter->epoll_fd >= 0) {
+        /* The next private set will most likely get the same number: the
+           hub must forget this one's registration, or it never reports the
+           next one ready (libldap's POLLIN|POLLPRI waits woke only at the
+           hub's once-a-second sweep). */
+        green_wake_waiters_on(waiter->epoll_fd);
         close(waiter->epoll_fd);
+    }
 }
 
 /* poll and ppoll after a zero-timeout probe found nothing ready. */

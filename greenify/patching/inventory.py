@@ -14,12 +14,18 @@ network call (connect, recv, send, poll, ...) that has a green twin, reached
 from a library that is not part of Python's standard library or of gevent,
 and not merely a dependency (DT_NEEDED) of another such object.  For MySQLdb that
 is libmariadb: _mysql.so imports no blocking call, and libcrypto's sockets
-sit under libmariadb.
+sit under libmariadb.  A driver that waits on such a library's sockets in
+its own code (psycopg 3's _psycopg.so calls poll over a non-blocking libpq)
+is recommended with it.  Clients that patching cannot help (their own
+threads do the network I/O: librdkafka, grpcio's core, libzmq; or their
+client library is loaded at connect time: unixODBC) are listed with why and
+what to use instead, never recommended (_KNOWN_CLIENTS).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -240,6 +246,33 @@ def _is_runtime(library: LibraryReport) -> bool:
     return not _RUNTIME_FOLDERS.isdisjoint(os.path.dirname(library.path).split(os.sep))
 
 
+# Clients greenify cannot help as a patch would suggest, known by file name
+# (auditwheel's hashed copies included): why, and what to use instead.
+_KNOWN_CLIENTS: Tuple[Tuple["re.Pattern[str]", str], ...] = tuple((re.compile(pattern), note) for pattern, note in (
+    (r"librdkafka[-.]", "librdkafka (confluent-kafka) does its network I/O in threads of its own, and "
+     "Python's calls wait on its queues' condition variables: patching gains nothing. Instead call "
+     "poll()/consume()/flush() with a short timeout and gevent.sleep() between, or through gevent's "
+     "threadpool; under asyncio, aiokafka"),
+    (r"cygrpc\.", "grpcio's core does its network I/O in threads of its own (completion queues and "
+     "pollers): patching gains nothing. Instead call grpc.experimental.gevent.init_gevent() before "
+     "any channel exists; under asyncio, grpc.aio"),
+    (r"libzmq[-.]", "libzmq (pyzmq) does its network I/O in its own I/O threads; a socket's send/recv "
+     "waits on a mailbox: patching gains nothing. Instead import zmq.green as zmq under gevent, "
+     "zmq.asyncio under asyncio"),
+    (r"libodbc\.so", "unixODBC's driver manager loads each ODBC driver, and the client library the "
+     "driver needs (libmariadb, libpq, ...), at connect time: name that client library in "
+     'greenify.patch_on_load("libmariadb", "libpq") before the first connect, or inspect a '
+     "connected process with --pid"),
+))
+
+
+def known_client_note(library: LibraryReport) -> Optional[str]:
+    """Why patching `library` does not help and what to do instead, for the
+    clients of _KNOWN_CLIENTS; None for any other library."""
+    name = os.path.basename(library.path)
+    return next((note for pattern, note in _KNOWN_CLIENTS if pattern.match(name)), None)
+
+
 def _rank(libraries: Sequence[LibraryReport]) -> List[LibraryReport]:
     """Mark the recommended libraries, say why the others are not, and sort:
     recommended, other network libraries, other patchable, the rest."""
@@ -278,7 +311,9 @@ def _rank(libraries: Sequence[LibraryReport]) -> List[LibraryReport]:
     for position, library in enumerate(libraries):
         note: Optional[str] = None
         recommended = False
-        if library.protected is not None or library.error is not None or not library.imports:
+        if known_client_note(library) is not None:
+            note = known_client_note(library)
+        elif library.protected is not None or library.error is not None or not library.imports:
             pass
         elif not library.patchable:
             note = "no green twin for any of its blocking imports"
@@ -292,6 +327,7 @@ def _rank(libraries: Sequence[LibraryReport]) -> List[LibraryReport]:
             recommended = True
             note = f'pass it to patch_library("{library.patch_name}")'
         ranked.append(dataclasses.replace(library, recommended=recommended, note=note))
+    ranked = _recommend_drivers_that_wait(ranked, children, users_reach)
 
     def order(library: LibraryReport) -> Tuple[int, int, str]:
         group = 0 if library.recommended else 1 if library.holds_network_calls else 2 if library.can_patch else 3
@@ -300,13 +336,36 @@ def _rank(libraries: Sequence[LibraryReport]) -> List[LibraryReport]:
     return sorted(ranked, key=order)
 
 
+POLL_SYMBOLS: FrozenSet[str] = elf.with_fortified_forms(_functions.blocking_calls("poll"))
+
+
+def _recommend_drivers_that_wait(ranked: List[LibraryReport], children: Sequence[Sequence[int]],
+                                 users_reach: Set[int]) -> List[LibraryReport]:
+    """A driver that waits on its client library's sockets in its own code
+    (psycopg 3's ``wait_c`` calls ``poll`` in ``_psycopg.so`` over a
+    non-blocking libpq) must be patched with that library: recommend an
+    object outside Python and gevent that imports a poll call with a twin
+    and directly needs a recommended network client."""
+    result = list(ranked)
+    for position, library in enumerate(ranked):
+        if library.recommended or position not in users_reach or _is_runtime(library):
+            continue
+        waits = sorted({imp.symbol for imp in library.patchable if imp.symbol in POLL_SYMBOLS})
+        clients = [ranked[child].patch_name for child in children[position] if ranked[child].recommended]
+        if waits and clients:
+            result[position] = dataclasses.replace(library, recommended=True, note=(
+                f"waits ({', '.join(waits)}) on the sockets of {', '.join(clients)} itself: patch it too"))
+    return result
+
+
 def inspect_objects(objects: Sequence[LoadedObject], source: str, pid: Optional[int],
                     in_this_process: bool = False) -> ProcessReport:
     """The ranked report of ``objects``; only those that import blocking
-    functions (or could not be read) are kept in it."""
+    functions (or could not be read, or are known clients) are kept in it."""
     reports = [_inspect_loaded(obj, in_this_process) for obj in objects]
     ranked = _rank(reports)
-    kept = tuple(library for library in ranked if library.imports or library.error is not None)
+    kept = tuple(library for library in ranked
+                 if library.imports or library.error is not None or known_client_note(library) is not None)
     executable = next((obj.path for obj in objects if obj.is_main_program), None)
     return ProcessReport(source, pid, executable, kept, len(objects))
 

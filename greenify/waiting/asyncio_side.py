@@ -148,12 +148,23 @@ class _LoopWaiter:
         if self.readers or self.writers:
             self.sweeper = self.loop.call_later(SWEEP_INTERVAL_S, self._sweep)
 
+    # The loop calls these when a descriptor is ready.  uvloop calls them
+    # inside libuv's uv__io_poll, which keeps a pointer to its on-stack array
+    # of epoll events in the loop while it dispatches; a greenlet resumed
+    # there lies over that stack, and its next add_reader/remove_reader
+    # (uv_poll_start/stop -> uv__platform_invalidate_fd) reads and writes
+    # the greenlet's own frames through it (a segfault under
+    # mysql-connector's deep TLS read).  So the waiters are woken from the
+    # loop's ready queue instead, outside the poll.
     def _readable(self, fd: int) -> None:
-        for wait in list(self.readers.get(fd, ())):
-            wait.wake(WOKEN)
+        self.loop.call_soon(self._wake, self.readers, fd)
 
     def _writable(self, fd: int) -> None:
-        for wait in list(self.writers.get(fd, ())):
+        self.loop.call_soon(self._wake, self.writers, fd)
+
+    @staticmethod
+    def _wake(table: Dict[int, List[_Wait]], fd: int) -> None:
+        for wait in list(table.get(fd, ())):
             wait.wake(WOKEN)
 
     def _unwatch(self, wait: _Wait) -> None:
