@@ -14,7 +14,7 @@ import greenify
 def recommended_calls(*modules: str) -> List[str]:
     """The names `greenify-inspect --json --import MODULES` tells a user to
     pass to greenify.patch_library, in its order."""
-    result = subprocess.run([sys.executable, "-m", "greenify.inspect", "--json", "--import", *modules],
+    result = subprocess.run([sys.executable, "-m", "greenify.tools.inspector", "--json", "--import", *modules],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"greenify-inspect --import {' '.join(modules)}: {result.stderr}"
     names = json.loads(result.stdout)["patch_library"]

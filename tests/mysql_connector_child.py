@@ -72,7 +72,7 @@ def scenario_patched(server: dict, count: int) -> dict:
 
 def scenario_recommended(server: dict, count: int) -> dict:
     import subprocess
-    inspected = subprocess.run([sys.executable, "-m", "greenify.inspect", "--json", "--import",
+    inspected = subprocess.run([sys.executable, "-m", "greenify.tools.inspector", "--json", "--import",
                                 "_mysql_connector", "mysql.connector"], capture_output=True, text=True, timeout=120)
     names = json.loads(inspected.stdout)["patch_library"]
     reports = [greenify.patch_library(name) for name in names]
@@ -80,7 +80,7 @@ def scenario_recommended(server: dict, count: int) -> dict:
         return {**together(sleeper(server), count), "names": names}
     finally:
         for report in reports:
-            greenify.patcher.unpatch_report(report)
+            greenify.patching.patcher.unpatch_report(report)
 
 
 def scenario_timeout(server: dict, count: int) -> dict:

@@ -120,7 +120,7 @@ def patched_on_load(backend):
     finally:
         handle.cancel()
         for report in handle.reports:
-            greenify.patcher.unpatch_report(report)
+            greenify.patching.patcher.unpatch_report(report)
 
 
 def sleeper(pyodbc, backend: Backend, sleep_s: float = SLEEP_S):
@@ -147,7 +147,7 @@ def assert_together(elapsed: float, count: int) -> None:
 ON_LOAD_SCRIPT = """
 import json, subprocess, sys, time
 import gevent, greenify
-from greenify import loaded
+from greenify.patching import loaded
 connection_string, client_library, sql, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 greenify.greenify()
 handle = greenify.patch_on_load(client_library)
@@ -165,7 +165,7 @@ started = time.monotonic()
 greenlets = [gevent.spawn(query, index) for index in range(count)]
 gevent.joinall(greenlets, raise_error=True)
 elapsed = time.monotonic() - started
-inspected = subprocess.run([sys.executable, "-m", "greenify.inspect", "--json", "--pid", str(__import__("os").getpid())],
+inspected = subprocess.run([sys.executable, "-m", "greenify.tools.inspector", "--json", "--pid", str(__import__("os").getpid())],
                            capture_output=True, text=True, timeout=60)
 print(json.dumps({"loaded_at_import": loaded_at_import, "elapsed": elapsed,
                   "rows": [glet.value for glet in greenlets],
