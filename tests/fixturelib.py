@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
-from greenify import demo
+from greenify.tools import demo
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 

@@ -169,7 +169,7 @@ def test_the_header_calls_every_green_function_and_is_libc_until_given_the_api(t
     # own function until Greenify_Use() (at run time); the build of greenify
     # checked the table's members against green_twins.h (csrc/green_capi.c)
     program = tmp_path / "capi_check"
-    subprocess.run([compiler(), "-Wall", "-Wextra", "-Werror", *flags, f"-I{greenify.get_include()}", f"-I{CSRC}",
+    subprocess.run([compiler(), "-Wall", "-Wextra", "-Werror", *flags, f"-I{greenify.get_include()}", f"-I{CSRC / 'wait'}", f"-I{CSRC / 'twins'}",
                     "-o", str(program), str(FIXTURES / "capi_check.c")], check=True, capture_output=True)
     checked = subprocess.run([str(program)], capture_output=True, text=True)
     assert (checked.returncode, checked.stdout) == (0, "ok\n")

@@ -40,7 +40,7 @@ def system_library(path: Path) -> Path:
 def read_in_child(path: Path) -> Dict[str, object]:
     """read_blocking_imports(path) in a child process, bounded by CHILD_TIMEOUT:
     {"result": describe(...)} or {"error": "Class: message"}."""
-    script = ("import json, sys\nfrom elf_mutations import describe\nfrom greenify import elf, errors\n"
+    script = ("import json, sys\nfrom elf_mutations import describe\nfrom greenify import errors\nfrom greenify.patching import elf\n"
               "try:\n    print(json.dumps({'result': describe(elf.read_blocking_imports(sys.argv[1]))}))\n"
               "except errors.GreenifyError as exc:\n    print(json.dumps({'error': f'{type(exc).__name__}: {exc}'}))\n")
     try:

@@ -25,7 +25,7 @@ from green_support import (buffer, call_green, memory_growth_unmeasurable_under_
                            rss_kb, run_concurrently, socketpair, sweep_interval_s, tcp_pair)
 from fault_support import FAULT_BOUND_S
 from servers import missing
-from greenify import demo
+from greenify.tools import demo
 from greenify._green import ffi, lib
 
 STRESS = os.environ.get("STRESS") == "1"
