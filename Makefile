@@ -63,12 +63,12 @@ demo: $(VENV)/.base
 # greenified, against the suite's servers; fails if greenify breaks a test.
 # Its results go to .results/ (`make record` puts them in the README).
 driver-suites: build
-	$(PY) tests/driver_suites/run.py
+	$(PY) -m tests.driver_suites.run
 
 bench: build
 	$(PIP) install -q -e '.[bench]'
-	$(PY) bench/run.py $(if $(QUICK),--quick) $(if $(PEER),--peer-python $(PEER))
-	$(PY) bench/asyncio_bench.py $(if $(QUICK),--quick)
+	$(PY) -m bench.run $(if $(QUICK),--quick) $(if $(PEER),--peer-python $(PEER))
+	$(PY) -m bench.asyncio_bench $(if $(QUICK),--quick)
 
 # Runs write their results under .results/ (ignored): `make test`, `make
 # bench`, `make driver-suites`, `make test-versions`, `make test-aarch64` leave
@@ -77,29 +77,29 @@ bench: build
 # tests/driver_suites/results.json, ci/results.json, bench/results.json and
 # .png, bench/asyncio-results.json) and renders the generated tables from them.
 # Record a whole run only: a run of one test file leaves other rows "not run".
-# Where each generated part lives (tests/readme_sections.py): the compatibility
+# Where each generated part lives (tests/support/readme_sections.py): the compatibility
 # table in the README, the others in the documentation's pages.
 COMPAT_DOC ?= README.md
 TLS_DOC ?= docs/guide.md
 PLATFORMS_DOC ?= docs/platforms.md
 BENCH_DOC ?= docs/benchmarks.md
 record: $(VENV)/.base
-	$(PY) tests/compat.py --record $(COMPAT_DOC)
-	$(PY) tests/tls_results.py --record $(TLS_DOC)
-	$(PY) tests/driver_suites/run.py --record $(PLATFORMS_DOC)
-	$(PY) ci/results.py readme $(PLATFORMS_DOC) --record
-	$(PY) bench/run.py --record $(BENCH_DOC)
-	$(PY) bench/asyncio_bench.py --record $(BENCH_DOC)
+	$(PY) -m tests.support.compat --record $(COMPAT_DOC)
+	$(PY) -m tests.support.tls_results --record $(TLS_DOC)
+	$(PY) -m tests.driver_suites.run --record $(PLATFORMS_DOC)
+	$(PY) -m ci.results readme $(PLATFORMS_DOC) --record
+	$(PY) -m bench.run --record $(BENCH_DOC)
+	$(PY) -m bench.asyncio_bench --record $(BENCH_DOC)
 
 # Fails when any generated part of the README or the documentation
-# (tests/readme_sections.py) differs from the recorded run it is rendered from.
+# (tests/support/readme_sections.py) differs from the recorded run it is rendered from.
 check-readme: $(VENV)/.base
-	$(PY) tests/compat.py --check $(COMPAT_DOC)
-	$(PY) tests/tls_results.py --check $(TLS_DOC)
-	$(PY) tests/driver_suites/run.py --check $(PLATFORMS_DOC)
-	$(PY) ci/results.py readme $(PLATFORMS_DOC) --check
-	$(PY) bench/run.py --check $(BENCH_DOC)
-	$(PY) bench/asyncio_bench.py --check $(BENCH_DOC)
+	$(PY) -m tests.support.compat --check $(COMPAT_DOC)
+	$(PY) -m tests.support.tls_results --check $(TLS_DOC)
+	$(PY) -m tests.driver_suites.run --check $(PLATFORMS_DOC)
+	$(PY) -m ci.results readme $(PLATFORMS_DOC) --check
+	$(PY) -m bench.run --check $(BENCH_DOC)
+	$(PY) -m bench.asyncio_bench --check $(BENCH_DOC)
 
 # The documentation site (mkdocs.yml, docs/), built into .results/site with
 # warnings as errors: a broken link or anchor, a missing snippet or a page
@@ -120,7 +120,7 @@ warnings: $(VENV)/.base
 # `make fuzz` (EXAMPLES=n per mode, default 2000; SEED=n to replay a run).
 .PHONY: fuzz
 fuzz: $(VENV)/.installed
-	GREENIFY_FUZZ_EXAMPLES=$(or $(EXAMPLES),2000) $(PY) -m pytest tests/test_differential.py -q -s --timeout 0 \
+	GREENIFY_FUZZ_EXAMPLES=$(or $(EXAMPLES),2000) $(PY) -m pytest tests/twins/test_differential.py -q -s --timeout 0 \
 		$(if $(SEED),--hypothesis-seed=$(SEED))
 
 clean:
@@ -131,14 +131,15 @@ clean:
 # copies it to ci/results.json and writes the README's statement from it.
 CACHE ?= .cache
 # the green functions, interruption, patching, faults and the C API
-VERSION_TESTS ?= tests/test_green_io.py tests/test_green_poll.py tests/test_green_epoll.py \
-	tests/test_green_sleep.py tests/test_green_where.py tests/test_fast_wait.py tests/test_refused_poll.py \
-	tests/test_interrupt.py \
-	tests/test_patch.py tests/test_patch_errors.py tests/test_patch_on_load.py \
-	tests/test_patch_targets.py tests/test_faults.py tests/test_fork.py tests/test_capi.py
+VERSION_TESTS ?= tests/twins/test_green_io.py tests/twins/test_green_poll.py tests/twins/test_green_epoll.py \
+	tests/twins/test_green_sleep.py tests/wait/test_green_where.py tests/wait/test_fast_wait.py tests/twins/test_refused_poll.py \
+	tests/wait/test_interrupt.py \
+	tests/patching/test_patch.py tests/patching/test_patch_errors.py tests/patching/test_patch_on_load.py \
+	tests/patching/test_patch_targets.py tests/wait/test_faults.py tests/wait/test_fork.py tests/twins/test_capi.py \
+	tests/wait/test_wake_after_reuse.py tests/wait/test_interrupt_reaches_caller.py tests/twins/test_errno_untouched.py
 # ... and on aarch64 also the ELF reader, the inspector and MySQLdb
-AARCH64_TESTS ?= $(VERSION_TESTS) tests/test_elf.py tests/test_inspect.py \
-	tests/test_mysqldb.py tests/test_mysqldb_interrupt.py
+AARCH64_TESTS ?= $(VERSION_TESTS) tests/patching/test_elf.py tests/tools/test_inspect.py \
+	tests/drivers/test_mysqldb.py tests/drivers/test_mysqldb_interrupt.py
 AARCH64_ROOT ?= $(CACHE)/aarch64-root
 
 # The suite against a build of libgreenify with ASan (heap and globals) and
@@ -148,10 +149,10 @@ AARCH64_ROOT ?= $(CACHE)/aarch64-root
 # the inspector's case that imports a module from its current folder, which
 # PYTHONSAFEPATH (ci/sanitize.sh) keeps off sys.path.  Any sanitizer report
 # fails the run.
-SANITIZE_TESTS ?= tests --ignore=tests/test_differential.py \
-	--ignore=tests/test_elf.py --ignore=tests/test_elf_damaged.py \
-	--deselect 'tests/test_inspect.py::test_bad_input_is_one_line_on_stderr_and_exit_status_2[module that fails to import]'
-SANITIZE_UBSAN_TESTS ?= tests/test_differential.py
+SANITIZE_TESTS ?= tests --ignore=tests/twins/test_differential.py \
+	--ignore=tests/patching/test_elf.py --ignore=tests/patching/test_elf_damaged.py \
+	--deselect 'tests/tools/test_inspect.py::test_bad_input_is_one_line_on_stderr_and_exit_status_2[module that fails to import]'
+SANITIZE_UBSAN_TESTS ?= tests/twins/test_differential.py
 sanitize: build
 	PY=$(PY) CACHE=$(CACHE) ci/sanitize.sh $(SANITIZE_TESTS) -- $(SANITIZE_UBSAN_TESTS)
 

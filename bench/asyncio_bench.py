@@ -2,10 +2,10 @@
 against asyncio.to_thread (the default executor) and aiomysql, side by side
 in one run, each variant in a process of its own, in alternating rounds.
 
-    bench/asyncio_bench.py                # full run: a table and .results/bench/asyncio-results.json
-    bench/asyncio_bench.py --quick        # a smoke run (100 queries, 1 round), not saved
-    bench/asyncio_bench.py --markdown     # the README's table, from bench/asyncio-results.json
-    bench/asyncio_bench.py --record docs/benchmarks.md  # record the last full run as bench/asyncio-results.json, render it
+    python -m bench.asyncio_bench                # full run: a table and .results/bench/asyncio-results.json
+    python -m bench.asyncio_bench --quick        # a smoke run (100 queries, 1 round), not saved
+    python -m bench.asyncio_bench --markdown     # the README's table, from bench/asyncio-results.json
+    python -m bench.asyncio_bench --record docs/benchmarks.md  # record the last full run as bench/asyncio-results.json, render it
 
 Cases:
   concurrency  N=1,000 tasks on one thread, each `SELECT SLEEP(0.5)` on a connection of its own;
@@ -33,8 +33,7 @@ from typing import Dict, List
 
 HERE = Path(__file__).resolve().parent
 RESULTS_PATH = HERE / "asyncio-results.json"  # recorded: the README's table; replaced only by --record
-sys.path.insert(0, str(HERE.parent / "tests"))
-import readme_sections  # noqa: E402 - after the path it lives on
+from tests.support import readme_sections  # noqa: E402 - run as `python -m bench.asyncio_bench` from the root
 
 FRESH_PATH = Path(readme_sections.fresh_path(str(RESULTS_PATH)))  # what the last full run measured
 SLEEP_S = 0.5
@@ -180,8 +179,7 @@ def spread(values: List[float]) -> dict:
 
 
 def measure(options) -> dict:
-    sys.path.insert(0, str(HERE))
-    from run import MAX_CONNECTIONS, mariadb_server
+    from bench.run import MAX_CONNECTIONS, mariadb_server
     count = 100 if options.quick else 1000
     if count > MAX_CONNECTIONS - 50:
         raise SystemExit(f"{count} connections need max_connections above {MAX_CONNECTIONS}")
@@ -256,7 +254,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-README_SECTION = "asyncio-bench"  # the README's generated table (tests/readme_sections.py)
+README_SECTION = "asyncio-bench"  # the README's generated table (tests/support/readme_sections.py)
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """One variant of the MariaDB cases, in a process of its own.
 
-bench/run.py starts this script once per variant and round, so that
+python -m bench.run starts this script once per variant and round, so that
 gevent's monkey patching (PyMySQL) and a patched libmariadb (greenified)
 never leak into another variant's figures.  It is also what the peer
 interpreter (--peer-python) runs: there `import greenify` finds douban's
@@ -33,7 +33,7 @@ import resource
 import sys
 import time
 
-USER = PASSWORD = DATABASE = "greenify"  # what tests/servers.py creates
+USER = PASSWORD = DATABASE = "greenify"  # what tests/support/servers.py creates
 SLEEP_S = 0.5
 TABLE_ROWS = 1000
 

@@ -5,9 +5,9 @@ their medians and shows the spread (min-max) of the rounds in brackets.
 
     make bench            # everything: a table, .results/bench/results.json and .png
     make bench QUICK=1    # a smoke run in under a minute: .results/bench/quick.json and .png
-    bench/run.py --peer-python /tmp/seed-venv/bin/python   # douban's greenify 0.5.0 as a column
-    bench/run.py --markdown                                  # the README's tables, from bench/results.json
-    bench/run.py --record docs/benchmarks.md   # record the last full run as bench/results.json (and .png), render it
+    python -m bench.run --peer-python /tmp/seed-venv/bin/python   # douban's greenify 0.5.0 as a column
+    python -m bench.run --markdown                                  # the README's tables, from bench/results.json
+    python -m bench.run --record docs/benchmarks.md   # record the last full run as bench/results.json (and .png), render it
 
 A run writes under .results/ (ignored by git); bench/results.json and
 bench/results.png are the recorded run the README's tables and chart come
@@ -27,7 +27,7 @@ Cases:
   syscalls     system calls per query and per wait of both throughput workloads (perf stat)
   profile      where the client's CPU goes in the 1,000-row workload (perf)
 
-The MariaDB cases start a server as the tests do (tests/servers.py) and run
+The MariaDB cases start a server as the tests do (tests/support/servers.py) and run
 each variant in a process of its own (bench/db_worker.py).  With
 --peer-python, cases fastpath, switch, concurrency and throughput also run
 under that interpreter's `greenify` (douban's 0.5.0), whose green functions
@@ -56,8 +56,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS_PATH = HERE / "results.json"  # recorded: the README's tables
-sys.path.insert(0, str(REPO / "tests"))
-import readme_sections  # noqa: E402 - after the path it lives on
+from tests.support import readme_sections  # noqa: E402 - run as `python -m bench.run` from the root
 
 FRESH_PATH = Path(readme_sections.fresh_path(str(RESULTS_PATH)))  # a full run's results
 QUICK_PATH = FRESH_PATH.with_name("quick.json")  # a quick run's, never recorded
@@ -398,12 +397,11 @@ VARIANTS = {  # name -> label, as db_worker.py knows them
 
 @contextlib.contextmanager
 def mariadb_server() -> Iterator[object]:
-    """A MariaDB started as the tests start theirs (tests/servers.py), then
+    """A MariaDB started as the tests start theirs (tests/support/servers.py), then
     opened to more than 1,000 clients: servers.py starts it with
     --max-connections=500, and max_connections can be raised on the running
     server, as can its RLIMIT_NOFILE."""
-    sys.path.insert(0, str(REPO / "tests"))
-    import servers
+    from tests.support import servers
     with servers.start_mariadb() as db:
         progress(f"MariaDB on {db.host}:{db.port}, ready in {db.startup_s:.1f} s")
         soft, hard = resource.prlimit(db.process.pid, resource.RLIMIT_NOFILE)
@@ -749,7 +747,7 @@ def case_syscalls(options) -> List[dict]:
 
 
 RESULTS_EXTRA: Dict[str, dict] = {}
-README_SECTION = "bench"  # the README's generated tables (tests/readme_sections.py)
+README_SECTION = "bench"  # the README's generated tables (tests/support/readme_sections.py)
 CASES = {"fastpath": case_fastpath, "switch": case_switch, "patch": case_patch, "memory": case_memory,
          "concurrency": case_concurrency, "throughput": case_throughput, "cpu": case_cpu, "syscalls": case_syscalls,
          "profile": case_profile, "patch_all": case_patch_all}

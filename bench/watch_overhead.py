@@ -1,8 +1,8 @@
 """What greenify.watch() costs: the process's CPU per 10-row MySQLdb query
 through a patched libmariadb, with the watch off and on (threshold 0.1 s).
 
-    bench/watch_overhead.py                 # 15 rounds each, writes bench/watch-results.json
-    bench/watch_overhead.py --rounds 3      # a smoke run
+    python -m bench.watch_overhead                 # 15 rounds each, writes bench/watch-results.json
+    python -m bench.watch_overhead --rounds 3      # a smoke run
 
 One process, one MariaDB server (started as the tests start it), 10
 greenlets on connections of their own each running QUERIES_PER_ROUND/10
@@ -63,9 +63,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15, help="rounds of each variant (default 15)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO / "tests"))
-    sys.path.insert(0, str(REPO))
-    import servers
+    from tests.support import servers
     import MySQLdb
     import greenify
 

@@ -15,14 +15,14 @@
 #          redzones included, to and from the heap, which stack instrumentation
 #          reports as stack-buffer-underflow in the wait functions.  Leak
 #          detection is off: CPython does not free everything at exit.
-#   ubsan  -fsanitize=undefined alone, for tests/test_differential.py: it passes
+#   ubsan  -fsanitize=undefined alone, for tests/twins/test_differential.py: it passes
 #          bad pointers to libc on purpose, and ASan's own interceptor of
 #          accept() dereferences the bad addrlen before libc can refuse it.
 #
 # Reports go to $CACHE/sanitize/reports/ (log_path), so that one in a Python
 # subprocess whose output a test reads is not lost either; the run fails if
 # that folder holds any, and halt_on_error stops a process at its first.
-# The servers the suite starts do not inherit LD_PRELOAD (tests/servers.py).
+# The servers the suite starts do not inherit LD_PRELOAD (tests/support/servers.py).
 #
 # usage: ci/sanitize.sh ASAN_TEST... -- UBSAN_TEST...
 set -euo pipefail

@@ -11,7 +11,7 @@
 #      /proc, /sys and /dev bind-mounted (unmounted on any exit), and the run
 #      recorded in .results/ci/results.json as `aarch64` (`make record`).
 #
-# MariaDB runs natively on the host (ci/host_mariadb.py, tests/servers.py's
+# MariaDB runs natively on the host (ci/host_mariadb.py, tests/support/servers.py's
 # own server): emulated, mariadb-install-db alone takes over a minute.  The
 # tests inside the root reach it over loopback (qemu-user shares the host's
 # network) through GREENIFY_TEST_MARIADB.  Needs root and binfmt_misc
@@ -89,7 +89,7 @@ done <ci/aarch64-deselect.txt
 step "starting MariaDB on the host"
 fifo=$(mktemp -u)
 mkfifo "$fifo"
-python3 ci/host_mariadb.py >"$fifo" &
+python3 -m ci.host_mariadb >"$fifo" &
 server_pid=$!
 read -r mariadb_address <"$fifo" || { echo "test-aarch64: ci/host_mariadb.py did not start MariaDB" >&2; exit 1; }
 rm -f "$fifo"
@@ -98,7 +98,7 @@ step "pytest $* (${#deselect[@]} deselected: ci/aarch64-deselect.txt; MariaDB at
 status=0
 in_root /bin/sh -c 'cd /src && exec "$@"' sh "$venv/bin/python" -m pytest -q -p no:cacheprovider \
     --junitxml=/src/aarch64.xml "${deselect[@]}" "$@" || status=$?
-python3 ci/results.py record --name aarch64 --junit "$root/src/aarch64.xml" \
+python3 -m ci.results record --name aarch64 --junit "$root/src/aarch64.xml" \
     --python "$(in_root "$venv/bin/python" -c 'import platform; print(platform.python_version())')" \
     --machine "$(in_root uname -m)" --note "Debian 12 arm64 root under qemu-user" \
     --deselect ci/aarch64-deselect.txt || status=1

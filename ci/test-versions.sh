@@ -51,7 +51,7 @@ for python in "${pythons[@]}"; do
     echo "test-versions: CPython $full ($python), venv ready in $((SECONDS - started)) s"
     junit=$cache/junit-$minor.xml
     "$venv/bin/python" -m pytest -q -p no:cacheprovider --junitxml="$junit" "$@" || true
-    "$venv/bin/python" ci/results.py record --name "$minor" --junit "$junit" --python "$full" \
+    "$venv/bin/python" -m ci.results record --name "$minor" --junit "$junit" --python "$full" \
         --machine "$("$venv/bin/python" -c 'import platform; print(platform.machine())')" || status=1
     echo "test-versions: CPython $full done in $((SECONDS - started)) s"
 done

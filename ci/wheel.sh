@@ -12,7 +12,7 @@
 #      mysqlclient, which PyPI has only as source, comes as a wheel built
 #      beforehand (building MySQLdb needs a compiler whatever greenify does);
 #   4. ci/wheel_check.py, run outside this tree, starts a MariaDB
-#      (tests/servers.py) and runs `python -m greenify.demo`, the demo with
+#      (tests/support/servers.py) and runs `python -m greenify.demo`, the demo with
 #      --mysql against it, and `greenify-inspect --import MySQLdb` in that venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -4,6 +4,7 @@ against a real MariaDB, and greenify-inspect --import MySQLdb.
 
 usage: VENV/bin/python ci/wheel_check.py TESTS_DIR
 """
+import importlib.util
 import os
 import subprocess
 import sys
@@ -30,8 +31,11 @@ if not os.path.realpath(greenify.__file__).startswith(os.path.realpath(site_pack
 print("wheel_check: greenify from", greenify.__file__)
 
 run(sys.executable, "-m", "greenify.demo")
-sys.path.insert(0, tests_dir)
-import servers  # noqa: E402 - tests/servers.py: a MariaDB on a free port
+# tests/support/servers.py, loaded from its file: this check runs outside the
+# checkout (the installed wheel's greenify, not the source tree's)
+_spec = importlib.util.spec_from_file_location("servers", os.path.join(tests_dir, "support", "servers.py"))
+servers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(servers)
 
 with servers.start_mariadb() as mariadb:
     run(sys.executable, "-m", "greenify.demo", "--mysql", f"{mariadb.host}:{mariadb.port}",

@@ -1,13 +1,8 @@
-"""Shared fixtures: each concern lives in its own module beside this file."""
-import os
-import sys
-
+"""Shared fixtures: each concern lives in its own module of tests/support/."""
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-pytest_plugins = [name for name in ("fixturelib", "servers", "compat", "protections")
-                  if os.path.exists(os.path.join(os.path.dirname(__file__), name + ".py"))]
+pytest_plugins = ["tests.support.fixturelib", "tests.support.servers", "tests.support.compat",
+                  "tests.support.protections"]
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +17,7 @@ def no_interruption_left_behind():
     """After the test: every interruption thrown into a green wait was delivered."""
     yield
     import gevent
-    from green_support import no_interruption_pending
+    from tests.support.green_support import no_interruption_pending
     gevent.sleep(0.01)
     assert no_interruption_pending(), "an interruption was never delivered"
 

@@ -3,7 +3,7 @@ instead of run.py's ``patch_library`` call, compared with the stock outcomes
 run.py recorded (tests/driver_suites/results.json: run ``make driver-suites``
 first).  Writes nothing in the repository; prints one line per suite.
 
-    python tests/driver_suites/under_patch_all.py [--only mysqlclient|psycopg2]
+    python -m tests.driver_suites.under_patch_all [--only mysqlclient|psycopg2]
 """
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import run as suites  # noqa: E402 - run.py puts tests/ on the path too
+if __package__:
+    from tests.driver_suites import run as suites
+else:  # a suite's child, run as a file: its folder is on the path
+    import run as suites  # noqa: E402
 
 
 def _greenify_with_patch_all(library: str, module: str) -> None:
@@ -48,8 +50,7 @@ def child(suite: str, source: str, out_path: str) -> None:
 
 
 def run(suite: str) -> int:
-    import servers
-
+    from tests.support import servers
     installed, sdist, library, _module = suites.SUITES[suite]
     source = suites.fetch_sdist(sdist, importlib.metadata.version(installed))
     stock = suites.load_results()["suites"][suite]["outcomes"]["stock"]

@@ -1,0 +1,1 @@
+"""greenify's test suite, in folders that mirror the layers; tests/support/ is its support package."""

@@ -1,0 +1,1 @@
+"""Real drivers against real servers, greenified: the compatibility table's proofs."""
