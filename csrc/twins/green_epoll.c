@@ -29,7 +29,7 @@ static int epoll_until(int function, int epfd, struct epoll_event *events, int m
         }
         if (status == GREEN_INTERRUPTED) {
             errno = saved_errno;
-            return 0; /* a timeout: libraries give up on the call rather than retry */
+            return green_interrupted_readiness(); /* 0: a timeout, which libraries give up on */
         }
         ready = epoll_pwait(epfd, events, maxevents, 0, sigmask);
         if (ready != 0 || status == GREEN_TIMED_OUT) {
@@ -46,7 +46,7 @@ int green_epoll_pwait(int epfd, struct epoll_event *events, int maxevents, int t
     if (!green_state.active)
         return epoll_pwait(epfd, events, maxevents, timeout, sigmask);
     if (green_interrupted_here())
-        return 0;
+        return green_interrupted_readiness();
     saved_errno = errno;
     ready = epoll_pwait(epfd, events, maxevents, 0, sigmask);
     if (ready != 0 || timeout == 0) /* events, or an error (EBADF, EINVAL, EFAULT) as the kernel gives it */
@@ -60,7 +60,7 @@ int green_epoll_wait(int epfd, struct epoll_event *events, int maxevents, int ti
     if (!green_state.active)
         return epoll_wait(epfd, events, maxevents, timeout);
     if (green_interrupted_here())
-        return 0;
+        return green_interrupted_readiness();
     saved_errno = errno;
     ready = epoll_wait(epfd, events, maxevents, 0);
     if (ready != 0 || timeout == 0)

@@ -144,7 +144,7 @@ static int poll_until(int function, struct pollfd *fds, nfds_t nfds, int64_t dea
         if (status == GREEN_INTERRUPTED) {
             poll_waiter_close(&waiter);
             errno = saved_errno;
-            return 0; /* a timeout: libraries give up on the call rather than retry */
+            return green_interrupted_readiness(); /* 0: a timeout, which libraries give up on */
         }
         ready = ppoll(fds, nfds, &zero_timeout, sigmask);
         if (ready != 0 || status == GREEN_TIMED_OUT) {
@@ -202,7 +202,7 @@ static int poll_fail_fast(struct pollfd *fds, nfds_t nfds)
 {
     for (nfds_t i = 0; i < nfds; i++)
         fds[i].revents = 0;
-    return 0;
+    return green_interrupted_readiness();
 }
 
 int green_poll(struct pollfd *fds, nfds_t nfds, int timeout)
@@ -373,7 +373,7 @@ static int select_until(int function, int nfds, struct select_sets *sets, int64_
         const struct timespec *wait_left;
         if (status == GREEN_INTERRUPTED) {
             select_sets_clear(sets);
-            ready = 0;
+            ready = green_interrupted_readiness();
             break;
         }
         select_sets_restore(sets);
@@ -398,7 +398,7 @@ static int select_fail_fast(int nfds, fd_set *readfds, fd_set *writefds, fd_set 
     struct select_sets sets;
     select_sets_save(&sets, nfds, readfds, writefds, exceptfds);
     select_sets_clear(&sets);
-    return 0;
+    return green_interrupted_readiness();
 }
 
 int green_select(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds, struct timeval *timeout)

@@ -146,6 +146,14 @@ int green_must_fail_fast(void);
 
 /* The check every green call makes first: one load of a global while no
    greenlet anywhere is interrupted, the bridge's answer otherwise. */
+/* What poll, select and epoll answer an interrupted greenlet (after the
+   interrupted wait, and when it asks again): "nothing ready" (0) the first
+   time, a timeout libraries give up on; -1 with GREEN_INTERRUPTED_ERRNO
+   after that, so that a library that loops on timeouts (psycopg 3's wait_c
+   polls in 0.1 s ticks) cannot spin in C for ever: the error takes it back
+   to Python, where the interruption is delivered. */
+int green_interrupted_readiness(void);
+
 static inline int green_interrupted_here(void)
 {
     return unlikely(green_state.interrupts_pending) && green_must_fail_fast();

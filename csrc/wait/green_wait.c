@@ -55,6 +55,18 @@ static void shut_interrupted_connections(const struct green_watch *watches, int 
 
 /* green_wait, and green_wait_io's first wait, whose deadline is only when
    it reads the socket's timeout (deadline_ends_call 0). */
+/* Readiness answers given to this thread's interrupted greenlet since its
+   last wait began (green_interrupted_readiness). */
+static __thread unsigned interrupted_answers;
+
+int green_interrupted_readiness(void)
+{
+    if (interrupted_answers++ == 0)
+        return 0;
+    errno = GREEN_INTERRUPTED_ERRNO;
+    return -1;
+}
+
 static int wait_until(struct green_call *call, const struct green_watch *watches, int nwatches, int64_t deadline_ns,
                       int deadline_ends_call)
 {
@@ -65,6 +77,7 @@ static int wait_until(struct green_call *call, const struct green_watch *watches
 
     if (!green_state.active || green_state.finalizing)
         return GREEN_CANNOT_WAIT;
+    interrupted_answers = 0;
     started_ns = green_now_ns();
     if (deadline_ns != GREEN_NO_DEADLINE) {
         int64_t left = deadline_ns - started_ns;
