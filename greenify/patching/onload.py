@@ -230,20 +230,27 @@ def watch_loads(name: str, on_new: Callable[[List[LoadedObject]], None]) -> OnLo
     registration = OnLoadPatch((name,), on_new=on_new)
     with _working():
         objects = loaded.loaded_objects()
-        first = not _registrations
-        _registrations.append(registration)
-        if first:
-            lib.onload_set_enabled(1)
-        try:
-            _install_hooks(objects)
-            _seen.update(slots.object_key(obj) for obj in objects)
-            on_new(objects)  # its errors are the caller's to see
-            _catch_up()  # loaded meanwhile, through slots not hooked yet
-        except BaseException:
-            _cancel(registration)
-            raise
+        _register(registration, objects, lambda: on_new(objects))  # on_new's errors are the caller's to see
     log.info("greenify: %s: watching loads", name)
     return registration
+
+
+def _register(registration: OnLoadPatch, objects: List[LoadedObject], now: Callable[[], None]) -> None:
+    """Add ``registration``, hook every loaded object's dlopen, do ``now()``
+    (what it asks of the objects loaded already), then catch up with what was
+    loaded meanwhile; undone if any of it raises.  Called under _working()."""
+    first = not _registrations
+    _registrations.append(registration)
+    if first:
+        lib.onload_set_enabled(1)
+    try:
+        _install_hooks(objects)
+        _seen.update(slots.object_key(obj) for obj in objects)
+        now()
+        _catch_up()  # loaded meanwhile, through slots not hooked yet
+    except BaseException:
+        _cancel(registration)
+        raise
 
 
 def _check_target(target: object) -> str:
@@ -275,23 +282,12 @@ def patch_on_load(*targets: "str | bytes | os.PathLike[str]",
                 reason = loaded.protected_reason(obj)
                 if reason is not None:
                     raise ProtectedTargetError(f"{name}: greenify never patches {obj.path}: {reason}", name)
-        first = not _registrations
-        _registrations.append(registration)
-        if first:
-            lib.onload_set_enabled(1)
-        try:
-            _install_hooks(objects)
-            _seen.update(slots.object_key(obj) for obj in objects)
+
+        def patch_loaded_now() -> None:
             for name in names:
-                if now[name]:
-                    registration.reports.append(
-                        patcher.patch_library(name, functions=registration.functions))
-                else:
-                    registration.reports.append(PatchReport(name))
-            _catch_up()  # loaded meanwhile, through slots not hooked yet
-        except BaseException:
-            _cancel(registration)
-            raise
+                registration.reports.append(patcher.patch_library(name, functions=registration.functions)
+                                            if now[name] else PatchReport(name))
+        _register(registration, objects, patch_loaded_now)
     log.info("greenify: patching on load: %s", ", ".join(names))
     return registration
 
