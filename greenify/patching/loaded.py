@@ -250,12 +250,18 @@ _LDCONFIG_ENTRY = re.compile(r"^\s*(\S+) \(([^)]*)\)(?: OS ABI: [^=]*)? => (.+)$
 _DEFAULT_DIRS = ("/lib64", "/usr/lib64", "/lib", "/usr/lib")
 
 
+def unloaded_object(path: str) -> LoadedObject:
+    """A file described as a loaded object would be, without loading it
+    (base 0, no segments): what the readers of loaded objects take."""
+    return LoadedObject(path, 0, (), None)
+
+
 def _library_files(folder: str) -> List[LoadedObject]:
     try:
         names = sorted(os.listdir(folder))
     except OSError:
         return []
-    return [LoadedObject(os.path.join(folder, name), 0, (), None) for name in names if ".so" in name]
+    return [unloaded_object(os.path.join(folder, name)) for name in names if ".so" in name]
 
 
 def _ldconfig_cache() -> List[LoadedObject]:
@@ -275,7 +281,7 @@ def _ldconfig_cache() -> List[LoadedObject]:
     abi = _LDCONFIG_ABI.get(platform.machine())
     if abi and any(abi in tags for _name, tags, _path in entries):
         entries = [entry for entry in entries if abi in entry[1]]
-    return [LoadedObject(path, 0, (), None) for _name, _tags, path in entries]
+    return [unloaded_object(path) for _name, _tags, path in entries]
 
 
 def search_path() -> List[LoadedObject]:
@@ -319,6 +325,17 @@ def same_client_as(name: str) -> List[str]:
     return [other for pair in _CLIENT_PAIRS if stem in pair for other in pair if other != stem]
 
 
+def imported_module(name: str) -> Optional[types.ModuleType]:
+    """The imported extension module (or package) a dotted name such as
+    ``MySQLdb._mysql`` names, or None: a library's name (``libpq.so.5``) is
+    never one, since modules are looked up only where ``sys.modules`` has
+    the name and the module has a file."""
+    import sys
+
+    module = sys.modules.get(name) if "/" not in name else None
+    return module if module is not None and getattr(module, "__file__", None) else None
+
+
 def find_loaded(target: Target,
                 clients: Optional[Callable[[Sequence[LoadedObject]], List[str]]] = None) -> List[LoadedObject]:
     """The loaded objects ``target`` names (see the module docstring).  Raises
@@ -328,6 +345,9 @@ def find_loaded(target: Target,
     if isinstance(target, types.ModuleType):
         return module_objects(target)[0]
     target_str = os.fspath(target)
+    module = imported_module(target_str)
+    if module is not None:  # "MySQLdb._mysql": the dotted name of an imported extension module
+        return module_objects(module)[0]
     objects = loaded_objects()
     if "/" in target_str:
         check_path(target_str)

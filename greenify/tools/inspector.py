@@ -21,12 +21,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, FrozenSet, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from greenify.watching import blocked
-from greenify.patching import elf
 from greenify.patching import loaded
+from greenify import functions
+from greenify.patching import companions, elf
 from greenify.patching.companions import is_tls_library
+from greenify.patching.imports import read_object
 from greenify.errors import GreenifyError
 from greenify.patching.loaded import LoadedObject
 from greenify.patching.inventory import LibraryReport, inspect_file, inspect_objects, objects_from_maps
@@ -60,6 +62,8 @@ def resolve_target(target: str) -> str:
         if found:
             return found[0].path
     hint = f"; to read the file in this folder, write ./{target}" if os.path.exists(target) else ""
+    if not hint and "." in target and ".so" not in target and not target.startswith("lib"):
+        hint = f"; for a Python module, import it and list what it loads: {PROGRAM} --import {target}"
     raise BadInput(f"{target}: no library of that name in LD_LIBRARY_PATH, the ldconfig cache "
                    f"or the default folders{hint}")
 
@@ -147,55 +151,18 @@ def _read_until_eof(pipe: Any, child: "subprocess.Popen[bytes]") -> bytes:
 # ------------------------------------------------------------ TLS below
 
 # What a TLS library calls to move a connection's bytes or wait for them:
-# OpenSSL's socket BIO uses read/write on the socket, GnuTLS recv/sendmsg.
-TLS_IO_SYMBOLS: FrozenSet[str] = elf.with_fortified_forms({
-    "read", "write", "readv", "writev", "recv", "recvfrom", "recvmsg", "send", "sendto", "sendmsg",
-    "poll", "ppoll", "select", "pselect", "epoll_wait", "epoll_pwait"})
-
-
 @dataclass(frozen=True)
 class TlsIo:
-    """A TLS library under a client that does the client's socket I/O over
-    encrypted connections: the calls it imports for that."""
+    """A TLS library that does a client's socket I/O over encrypted
+    connections, as the patcher decides it (greenify.patching.companions: the
+    library that gets the TLS twins), and the calls it imports for that."""
 
-    name: str          # as DT_NEEDED names it
+    name: str
     path: str
     io_calls: Tuple[str, ...]
 
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "path": self.path, "io_calls": list(self.io_calls)}
-
-
-def tls_io_libraries(needed: Sequence[str], locate: Callable[[str], Optional[str]]) -> List[TlsIo]:
-    """The TLS libraries among ``needed`` (a client's DT_NEEDED) and their
-    own TLS dependencies (libssl -> libcrypto) that import socket I/O calls:
-    where an encrypted connection's reads, writes and waits really happen.
-    ``locate`` finds the file a DT_NEEDED name loads (None: not found)."""
-    found: List[TlsIo] = []
-    seen = set()
-    pending = [name for name in needed if is_tls_library(name)]
-    while pending:
-        name = pending.pop(0)
-        path = locate(name)
-        if name in seen or path is None:
-            continue
-        seen.add(name)
-        try:
-            imports = elf.read_blocking_imports(path, TLS_IO_SYMBOLS)
-        except GreenifyError:
-            continue  # unreadable: its own entry (if listed) says why
-        calls = tuple(sorted({imp.symbol for imp in imports.imports}))
-        if calls:
-            found.append(TlsIo(name, path, calls))
-        pending += [dependency for dependency in imports.needed if is_tls_library(dependency)]
-    return found
-
-
-def _locator(objects: Sequence[LoadedObject]) -> Callable[[str], Optional[str]]:
-    def locate(name: str) -> Optional[str]:
-        found = loaded.match_name(name, objects)
-        return found[0].path if found else None
-    return locate
 
 
 # ---------------------------------------------------------------- output
@@ -259,13 +226,7 @@ def _inspect_files(targets: Sequence[str], as_json: bool, painter: Painter) -> i
     status = EXIT_OK
     entries: List[Dict[str, Any]] = []
     blocks: List[List[str]] = []
-    search_path: List[LoadedObject] = []
-
-    def locate(name: str) -> Optional[str]:
-        # a DT_NEEDED name, found as the loader would (the search path, read once)
-        if not search_path:
-            search_path.extend(_search_path())
-        return _locator(search_path)(name)
+    search_path: List[LoadedObject] = []  # where the loader would find a DT_NEEDED name, read once
 
     for target in targets:
         try:
@@ -278,7 +239,9 @@ def _inspect_files(targets: Sequence[str], as_json: bool, painter: Painter) -> i
             continue
         if not library.can_patch:
             status = max(status, EXIT_NOTHING_TO_PATCH)
-        tls = _tls_of(library, locate)
+        if not search_path:
+            search_path.extend(_search_path())
+        tls = _tls_of(library, search_path)
         entries.append({"target": target, "bad_input": False, **library.to_dict(),
                         "tls": [entry.to_dict() for entry in tls]})
         blocks.append(render_file(target, library, painter, tls))
@@ -299,8 +262,7 @@ def _inspect_process(args: argparse.Namespace, painter: Painter) -> int:
         pid = args.pid
     process = inspect_objects(objects, source, pid)
     status = EXIT_OK if process.recommended else EXIT_NOTHING_TO_PATCH
-    locate = _locator(objects)
-    tls = {library.path: _tls_of(library, locate) for library in process.libraries}
+    tls = {library.path: _tls_of(library, objects) for library in process.libraries}
     patch_all = patch_all_verdicts(objects)
     if args.json:
         mode = "import" if modules else "pid"
@@ -314,12 +276,24 @@ def _inspect_process(args: argparse.Namespace, painter: Painter) -> int:
     return status
 
 
-def _tls_of(library: LibraryReport, locate: Callable[[str], Optional[str]]) -> List[TlsIo]:
-    """For a library (not itself TLS) that greenify could patch here: the TLS
-    libraries that do its encrypted connections' socket I/O."""
+def _tls_of(library: LibraryReport, objects: Sequence[LoadedObject]) -> List[TlsIo]:
+    """For a library (not itself TLS) that greenify could patch: the TLS
+    libraries that do its encrypted connections' socket I/O, found among
+    ``objects`` by the patcher's own rule (greenify.patching.companions), with
+    the calls each imports that their TLS twins replace."""
     if library.error is not None or library.protected is not None or is_tls_library(library.path):
         return []
-    return tls_io_libraries(library.needed, locate)
+    real = os.path.realpath(library.path)
+    client = next((obj for obj in objects if obj.realpath == real), None) or loaded.unloaded_object(library.path)
+    twinned = frozenset(functions.tls_twins()) & elf.BLOCKING_SYMBOLS  # the I/O calls (close is no I/O)
+    found = []
+    for companion in companions.tls_companions(client, objects):
+        try:
+            calls = sorted({imp.symbol for imp in read_object(companion.obj, twinned).imports})
+        except GreenifyError:
+            continue  # unreadable: its own entry (if listed) says why
+        found.append(TlsIo(companion.obj.name, companion.obj.path, tuple(calls)))
+    return found
 
 
 def _print_json(document: Dict[str, Any]) -> None:

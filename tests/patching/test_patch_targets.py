@@ -109,3 +109,20 @@ def test_green_twins_are_discovered_by_name():
                 "__recvfrom_chk", "__poll_chk", "__ppoll_chk"}
     assert expected <= set(twins)
     assert not {"set_active", "is_active", "set_finalizing"} & set(twins)
+
+
+def test_the_dotted_name_of_an_imported_module_names_what_the_module_does(tmp_path):
+    """patch_library("MySQLdb._mysql") as patch_library(MySQLdb._mysql): the
+    target's one resolution (greenify.patching.loaded.find_loaded) takes the
+    dotted name of an imported extension module."""
+    import sys
+
+    module = build_extension_module(tmp_path, library="fxdotted")
+    sys.modules["fx_dotted.ext"] = module
+    try:
+        by_module = [obj.path for obj in loaded.find_loaded(module)]
+        assert [obj.path for obj in loaded.find_loaded("fx_dotted.ext")] == by_module
+        with greenify.patched("fx_dotted.ext") as report:
+            assert any(Path(path).name == "libfxdotted.so" for path in patched_paths(report))
+    finally:
+        del sys.modules["fx_dotted.ext"]
