@@ -124,20 +124,7 @@ def _imported(obj: LoadedObject, symbols: FrozenSet[str]) -> FrozenSet[str]:
 def needed_below(client: LoadedObject, objects: Sequence[LoadedObject]) -> List[LoadedObject]:
     """The loaded objects ``client`` needs, directly or not (DT_NEEDED), in
     breadth-first order, without the client itself."""
-    found: Dict[str, LoadedObject] = {client.realpath: client}
-    pending = [client]
-    while pending:
-        obj = pending.pop(0)
-        try:
-            needed = read_object(obj, frozenset()).needed
-        except Exception:  # noqa: BLE001 - as in loaded.module_objects
-            continue
-        for name in needed:
-            for dependency in loaded._needed_objects(name, objects):  # noqa: SLF001 - module_objects' rule
-                if dependency.realpath not in found:
-                    found[dependency.realpath] = dependency
-                    pending.append(dependency)
-    return [obj for path, obj in found.items() if path != client.realpath]
+    return loaded.needed_closure([client], objects, needed_of=lambda obj: read_object(obj, frozenset()).needed)[1:]
 
 
 def tls_companions(client: LoadedObject, objects: Optional[Sequence[LoadedObject]] = None) -> List[Companion]:

@@ -295,10 +295,10 @@ class _Image:
         return self.data[offset:stop].decode("utf-8", "replace")
 
 
-@contextlib.contextmanager
-def _open_elf(path: str) -> Iterator["mmap.mmap | bytes"]:
-    """The bytes of ``path``, mapped, once it is known to be a non-empty
-    regular file.  The type is checked on the open descriptor, which is
+def _open_regular(path: str) -> Tuple[int, os.stat_result]:
+    """A descriptor of ``path`` and its status, once it is known to be a
+    regular file: the one check of a target's path (greenify.patching.loaded
+    uses it too).  The type is checked on the open descriptor, which is
     opened without blocking: a FIFO or a device is refused, not waited on."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
@@ -316,6 +316,24 @@ def _open_elf(path: str) -> Iterator["mmap.mmap | bytes"]:
             raise TargetNotFoundError(f"{path}: is a directory, not a shared library", path)
         if not stat.S_ISREG(info.st_mode):
             raise TargetNotFoundError(f"{path}: not a regular file", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def check_file(path: str) -> None:
+    """Raise TargetNotFoundError unless ``path`` is an existing regular file."""
+    fd, _info = _open_regular(path)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def _open_elf(path: str) -> Iterator["mmap.mmap | bytes"]:
+    """The bytes of ``path``, mapped, once it is known to be a non-empty
+    regular file (_open_regular)."""
+    fd, info = _open_regular(path)
+    try:
         if info.st_size == 0:  # also what /proc/self/mem and other /proc files report
             raise NotElfError(f"{path}: not an ELF file: it is empty (or a /proc file, which has no size)", path)
         try:

@@ -194,28 +194,52 @@ def module_objects(module: types.ModuleType,
     roots = match_path(file, objects)
     if not roots:
         raise NotLoadedError(f"module {target} ({file})", _similar(file, objects))
-    chosen: Dict[str, LoadedObject] = {}
-    left_out: Dict[str, Tuple[LoadedObject, str]] = {}
-    pending = list(roots)
-    while pending:
-        obj = pending.pop(0)
-        if obj.realpath in chosen or obj.realpath in left_out:
-            continue
+    chosen: List[LoadedObject] = []
+    left_out: List[Tuple[LoadedObject, str]] = []
+
+    def enter(obj: LoadedObject) -> bool:
         reason = protected_reason(obj)
         if reason is None and _GLIBC_PARTS.match(obj.name):
             reason = "part of glibc"
         if reason is not None:
-            left_out[obj.realpath] = (obj, reason)
+            left_out.append((obj, reason))
+            return False
+        chosen.append(obj)
+        return True
+
+    needed_closure(roots, objects, enter=enter)
+    return chosen, left_out
+
+
+def _needed_of_file(obj: LoadedObject) -> Tuple[str, ...]:
+    return elf.read_blocking_imports(obj.path, symbols=()).needed
+
+
+def needed_closure(roots: Sequence[LoadedObject], objects: Sequence[LoadedObject],
+                   needed_of: Callable[[LoadedObject], Sequence[str]] = _needed_of_file,
+                   enter: Callable[[LoadedObject], bool] = lambda obj: True) -> List[LoadedObject]:
+    """``roots`` and the objects among ``objects`` they need, directly or
+    not (DT_NEEDED, found as the loader found them), breadth-first, each
+    once: the one walk of DT_NEEDED.  An object for which ``enter(obj)`` is
+    false is listed but not walked into; one whose DT_NEEDED cannot be read
+    is listed, and its own error is reported by whoever reads it next."""
+    seen: Dict[str, LoadedObject] = {}
+    pending = list(roots)
+    while pending:
+        obj = pending.pop(0)
+        if obj.realpath in seen:
             continue
-        chosen[obj.realpath] = obj
+        seen[obj.realpath] = obj
+        if not enter(obj):
+            continue
         try:
-            needed = elf.read_blocking_imports(obj.path, symbols=()).needed
+            needed = needed_of(obj)
         except Exception as exc:  # noqa: BLE001 - the patcher reports the file's own error later
             log.debug("greenify: cannot read DT_NEEDED of %s: %s", obj.path, exc)
             continue
         for name in needed:
             pending.extend(_needed_objects(name, objects))
-    return list(chosen.values()), list(left_out.values())
+    return list(seen.values())
 
 
 def _needed_objects(name: str, objects: Sequence[LoadedObject]) -> List[LoadedObject]:
@@ -375,11 +399,6 @@ def _hint(clients: Optional[Callable[[Sequence[LoadedObject]], List[str]]],
 
 
 def check_path(path: str) -> None:
-    """Raise TargetNotFoundError unless ``path`` is an existing regular file."""
-    if not os.path.exists(path):
-        raise TargetNotFoundError(f"{path}: no such file", path)
-    if os.path.isdir(path):
-        raise TargetNotFoundError(f"{path}: is a directory, not a shared library", path)
-    if not os.path.isfile(path):
-        raise TargetNotFoundError(f"{path}: not a regular file", path)
-
+    """Raise TargetNotFoundError unless ``path`` is an existing regular file
+    (the one check of a target's path: greenify.patching.elf.check_file)."""
+    elf.check_file(path)

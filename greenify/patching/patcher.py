@@ -183,8 +183,7 @@ def _resolve(target: Union[str, types.ModuleType]) -> Tuple[str, List[LoadedObje
         objects, left_out = loaded.module_objects(target)
         return description, objects, [(obj.path, reason) for obj, reason in left_out]
     if "/" in target:
-        loaded.check_path(target)
-        read_target_file(target, symbols=())  # a bad file says so before "not loaded"
+        read_target_file(target, symbols=())  # a bad path or file says so before "not loaded"
     objects = loaded.find_loaded(target, loaded_clients)
     for obj in objects:
         reason = loaded.protected_reason(obj)
