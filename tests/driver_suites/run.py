@@ -47,15 +47,16 @@ RESULTS_PATH = os.path.join(HERE, "results.json")  # recorded
 
 
 def _sections():
-    """tests/support/_sections().py, for the parent (run as `python -m
+    """tests/support/readme_sections.py, for the parent (run as `python -m
     tests.driver_suites.run`).  Not imported at the top: a suite's child runs
     this file as a script, where `tests` must be the driver's own package."""
     from tests.support import readme_sections
 
     return readme_sections
 
+
 CACHE = os.path.join(ROOT, "build", "driver-suites")
-README_SECTION = "driver-suites"  # the README's generated part (tests/support/_sections().py)
+README_SECTION = "driver-suites"  # the README's generated part (tests/support/readme_sections.py)
 SUITE_TIMEOUT_S = 900
 # What psycopg2's suite needs beyond the defaults: two-phase commit
 # (test_tpc) and logical replication (test_replication).
