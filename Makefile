@@ -69,6 +69,7 @@ bench: build
 	$(PIP) install -q -e '.[bench]'
 	$(PY) -m bench.run $(if $(QUICK),--quick) $(if $(PEER),--peer-python $(PEER))
 	$(PY) -m bench.asyncio_bench $(if $(QUICK),--quick)
+	$(PY) -m bench.watch_overhead $(if $(QUICK),--rounds 3 --output .results/bench/watch-quick.json)
 
 # Runs write their results under .results/ (ignored): `make test`, `make
 # bench`, `make driver-suites`, `make test-versions`, `make test-aarch64` leave
@@ -90,6 +91,7 @@ record: $(VENV)/.base
 	$(PY) -m ci.results readme $(PLATFORMS_DOC) --record
 	$(PY) -m bench.run --record $(BENCH_DOC)
 	$(PY) -m bench.asyncio_bench --record $(BENCH_DOC)
+	$(PY) -m bench.watch_overhead --record
 
 # Fails when any generated part of the README or the documentation
 # (tests/support/readme_sections.py) differs from the recorded run it is rendered from.

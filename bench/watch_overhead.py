@@ -23,6 +23,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+from tests.support import readme_sections  # noqa: E402 - run as `python -m bench.watch_overhead`
+
 RESULTS = HERE / "watch-results.json"
 GREENLETS = 10
 QUERIES_PER_ROUND = 20000
@@ -61,8 +63,14 @@ def run_round(connections, watch_on: bool) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="rounds of each variant (default 15)")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=Path(readme_sections.fresh_path(str(RESULTS))),
+                        help="where the results go (default: under .results/, which `make record` copies to "
+                             "bench/watch-results.json)")
+    parser.add_argument("--record", action="store_true", help="copy the last run's results to bench/watch-results.json")
     args = parser.parse_args()
+    if args.record:
+        readme_sections.record(str(RESULTS))
+        return 0
     from tests.support import servers
     import MySQLdb
     import greenify
@@ -96,7 +104,7 @@ def main() -> int:
         "on_over_off": on / off, "limit": 1 + LIMIT, "within_limit": on / off <= 1 + LIMIT,
         "rounds_us": {variant: [value * 1e6 for value in values] for variant, values in rounds.items()},
     }
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    readme_sections.replace_file(str(args.output), json.dumps(result, indent=2) + "\n")
     print(f"off {off * 1e6:.1f} us/query, on {on * 1e6:.1f} us/query: on/off = {on / off:.3f} "
           f"(limit {1 + LIMIT:.2f}) -> {args.output}")
     return 0 if result["within_limit"] else 1

@@ -26,6 +26,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
 from elftools.elf.enums import ENUM_D_TAG, ENUM_E_MACHINE, ENUM_E_TYPE, ENUM_P_TYPE_BASE
@@ -444,15 +445,20 @@ def _read(image: _Image, wanted: FrozenSet[str]) -> ElfImports:
     # Where a wanted name can start in DT_STRTAB: a symbol is named by its
     # offset there, so symbols are matched by offset without decoding names,
     # and a file whose table holds none of them has no relocation to read.
-    name_at = strings.offsets_of(wanted) if wanted and reloc_types and "DT_SYMTAB" in tags else {}
-    if name_at:
+    if wanted and reloc_types and "DT_SYMTAB" in tags:
         symbols = _Symbols(image, tags, strings)
+        by_bytes, longest = _wanted_bytes(wanted)
+        wanted_name: Dict[int, Optional[str]] = {}  # symbol index -> its name if wanted, else None
         seen: Set[int] = set()
         for r_offset, r_sym, r_type, r_addend in _relocations(image, tags):
             type_name = reloc_types.get(r_type)
             if type_name is None or r_sym == 0 or r_offset in seen:
                 continue
-            name = name_at.get(symbols.name_offset(r_sym))
+            if r_sym in wanted_name:
+                name = wanted_name[r_sym]
+            else:  # the symbol's name compared as bytes, never decoded: most are not wanted
+                name = wanted_name[r_sym] = by_bytes.get(strings.raw(f"name of symbol {r_sym}",
+                                                                     symbols.name_offset(r_sym), longest))
             if name is None:
                 continue
             seen.add(r_offset)
@@ -464,6 +470,13 @@ def _read(image: _Image, wanted: FrozenSet[str]) -> ElfImports:
                       e_type=_E_TYPE_NAMES.get(header.e_type, str(header.e_type)),
                       build_id=build_id, segments=tuple(loads), soname=soname, needed=needed,
                       imports=tuple(imports), self_defined=tuple(self_defined))
+
+
+@lru_cache(maxsize=16)
+def _wanted_bytes(names: FrozenSet[str]) -> Tuple[Dict[bytes, str], int]:
+    """The wanted names as bytes -> name, and the longest one's length."""
+    encoded = {name.encode(): name for name in names}
+    return encoded, max(map(len, encoded), default=0)
 
 
 class _StringTable:
@@ -478,20 +491,20 @@ class _StringTable:
             if tags.get("DT_STRSZ"):
                 self.end = min(self.end, self.start + tags["DT_STRSZ"])
 
-    def offsets_of(self, names: FrozenSet[str]) -> Dict[int, str]:
-        """{offset in the table: name} for every place one of ``names``
-        starts as a whole NUL-terminated string (a shorter name may share
-        the tail of a longer one)."""
+    def raw(self, what: str, offset: int, longest: int) -> Optional[bytes]:
+        """The bytes of the string at ``offset`` if it is at most ``longest``
+        long, else None (no wanted name is longer)."""
         if self.start is None:
-            return {}
-        table, found = bytes(self.image.data[self.start:self.end]), {}  # bytes.find: one fast scan per name
-        for name in names:
-            pattern = name.encode() + b"\0"
-            at = table.find(pattern)
-            while at >= 0:
-                found[at] = name
-                at = table.find(pattern, at + 1)
-        return found
+            raise self.image.damaged(f"{what} names a string, but the dynamic segment has no DT_STRTAB")
+        at = self.start + offset
+        if not 0 <= offset or at >= self.end:
+            raise self.image.damaged(f"{what}: no string at offset {offset:#x} within its table")
+        stop = self.image.data.find(b"\0", at, min(self.end, at + longest + 1))
+        if stop < 0:
+            if self.image.data.find(b"\0", at, self.end) < 0:
+                raise self.image.damaged(f"{what}: no string at offset {offset:#x} within its table")
+            return None
+        return self.image.data[at:stop]
 
     def get(self, what: str, offset: int) -> str:
         if self.start is None:
@@ -546,6 +559,9 @@ class _Symbols:
         if syment != sym.size:
             raise image.damaged(f"DT_SYMENT is {syment}, not {sym.size} ({sym.name})")
         self.symtab = tags["DT_SYMTAB"]
+        # the file part of the PT_LOAD that holds the table's start: entries
+        # within it are located without a segment search each
+        self._table_at, self._table_end = image.offset_and_end("DT_SYMTAB", self.symtab)
         self.st_name = sym.index["st_name"]
         self.st_shndx = sym.index["st_shndx"]
         self._names: Dict[int, str] = {}
@@ -553,7 +569,9 @@ class _Symbols:
         self._version_names: Optional[Dict[int, str]] = None
 
     def _entry(self, index: int) -> Tuple[int, ...]:
-        at = self.image.offset(f"DT_SYMTAB entry {index}", self.symtab + index * self.sym.size, self.sym.size)
+        at = self._table_at + index * self.sym.size
+        if not (self._table_at <= at and at + self.sym.size <= self._table_end):  # beyond the table's PT_LOAD
+            at = self.image.offset(f"DT_SYMTAB entry {index}", self.symtab + index * self.sym.size, self.sym.size)
         return self.sym.struct.unpack_from(self.image.data, at)
 
     def name_offset(self, index: int) -> int:

@@ -28,7 +28,7 @@ import greenify
 import greenify.asyncio as gasyncio
 from tests.support import servers
 from tests.support.client_support import patched_as_recommended
-from tests.support.fault_support import FAULT_BOUND_S, INTERRUPT_BOUND_S, Ticker
+from tests.support.fault_support import INTERRUPT_BOUND_S, Ticker
 from tests.wait.test_asyncio import run_on
 from tests.drivers.test_driver_faults import TICKER_GAP_BOUND_S, WAITERS, interrupted_by_timeout, killed_while_waiting
 from tests.drivers.test_drivers import UNPATCHED, assert_serial, run_together
@@ -123,6 +123,9 @@ def stalled_kdc():
     yield from servers.serve(lambda: servers.start_kdc(delay_s=30.0))
 
 
+KRB5_RETRY_BOUND_S = 5.0
+
+
 def test_a_killed_kdc_proxy_fails_each_waiting_tcp_exchange_promptly_with_gssapis_error(gssapi, stalled_kdc,
                                                                                       patched_krb5, monkeypatch):
     from gssapi.exceptions import GSSError
@@ -149,7 +152,11 @@ def test_a_killed_kdc_proxy_fails_each_waiting_tcp_exchange_promptly_with_gssapi
     finally:
         ticker.stop()
     assert all(isinstance(error, GSSError) for _, error in outcomes), outcomes
-    assert max(end for end, _ in outcomes) - killed_at < FAULT_BOUND_S
+    # libkrb5 falls back to UDP on the dead proxy's port; in about half the runs (before greenify's
+    # changes of this test's session too) it then keeps its own 3 s pass timeout before giving up.
+    # The hub runs meanwhile (the ticker below); the bound allows libkrb5's retry, not a stall.
+    took = sorted(round(end - killed_at, 3) for end, _ in outcomes)
+    assert took[-1] < KRB5_RETRY_BOUND_S, took
     assert ticker.longest_gap(since, until) < TICKER_GAP_BOUND_S
 
 
