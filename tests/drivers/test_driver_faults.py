@@ -233,7 +233,7 @@ def test_a_killed_memcached_fails_each_waiter_promptly(pylibmc, own_memcached):
         return time.monotonic()
 
     with greenify.patched("libmemcached"):
-        os.kill(own_memcached.process.pid, signal.SIGSTOP)
+        servers.stop_process(own_memcached.process.pid)
         outcomes = faulted_waiters(get, kill_server)
     # pylibmc's get gives None for a server that went away mid-read, as unpatched
     assert all(value is None or isinstance(value, pylibmc.Error) for _, value in outcomes), outcomes

@@ -90,6 +90,7 @@ def server_params(mariadb, postgres, memcached, slow_http) -> dict:
 
 DRIVER_WAITS = '''
 import gevent, MySQLdb, psycopg2, pylibmc, pycurl, io, signal, subprocess
+from tests.support.servers import stop_process
 def mysql(index, tls=False):
     connection = MySQLdb.connect(**PARAMS["mysql_tls" if tls else "mysql"])
     try:
@@ -130,10 +131,7 @@ def memcached_while_paused(pause_s):
     ticker = gevent.spawn(tick)
     gevent.sleep(0)
     pid = PARAMS["memcached_pid"]
-    os.kill(pid, signal.SIGSTOP)
-    while not all(open(f"/proc/{pid}/task/{task}/stat").read().rsplit(")", 1)[1].split()[0] in "Tt"
-                  for task in os.listdir(f"/proc/{pid}/task")):
-        time.sleep(0.001)  # a thread running on another core stops at its next entry to the kernel
+    stop_process(pid)  # every thread stopped, not only signalled
     subprocess.Popen(["sh", "-c", f"sleep {pause_s}; kill -CONT {pid}"])
     started = time.monotonic()
     value = client.get("paused")

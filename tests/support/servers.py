@@ -215,13 +215,31 @@ class Process:
             if not block_left:
                 os.kill(self.pid, signal.SIGCONT)
 
-        os.kill(self.pid, signal.SIGSTOP)
+        stop_process(self.pid)
         start_new_thread(resume_later, ())
         try:
             yield
         finally:
             block_left.append(True)
             os.kill(self.pid, signal.SIGCONT)
+
+
+def stop_process(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until every one of its threads has stopped:
+    the signal is delivered asynchronously, and a thread running on another
+    core stops only at its next entry into the kernel, so a request already
+    being read could still be answered after kill() returned."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            states = [open(f"/proc/{pid}/task/{task}/stat").read().rsplit(")", 1)[1].split()[0]
+                      for task in os.listdir(f"/proc/{pid}/task")]
+        except OSError:  # a thread ended meanwhile: look again
+            continue
+        if all(state in "Tt" for state in states):
+            return
+        time.sleep(0.001)
 
 
 PORT_ATTEMPTS = 3
