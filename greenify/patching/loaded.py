@@ -238,11 +238,12 @@ def needed_closure(roots: Sequence[LoadedObject], objects: Sequence[LoadedObject
             log.debug("greenify: cannot read DT_NEEDED of %s: %s", obj.path, exc)
             continue
         for name in needed:
-            pending.extend(_needed_objects(name, objects))
+            pending.extend(needed_objects(name, objects))
     return list(seen.values())
 
 
-def _needed_objects(name: str, objects: Sequence[LoadedObject]) -> List[LoadedObject]:
+def needed_objects(name: str, objects: Sequence[LoadedObject]) -> List[LoadedObject]:
+    """The objects among ``objects`` that the DT_NEEDED ``name`` loaded."""
     # The loader records the path it found for a DT_NEEDED name, so the
     # file name usually equals it; otherwise compare sonames.
     found = [obj for obj in objects if obj.name == name]

@@ -65,6 +65,9 @@ log = logging.getLogger("greenify")
 
 # The calls that make a library a network client (rule 4).
 NETWORK_CLIENT_CALLS: FrozenSet[str] = elf.with_fortified_forms(_functions.blocking_calls("socket", "resolver"))
+# Readiness waits: a driver that waits on its client library's sockets in
+# its own code (psycopg 3's _psycopg.so calls poll over a non-blocking libpq).
+READINESS_CALLS: FrozenSet[str] = elf.with_fortified_forms(_functions.blocking_calls("poll"))
 
 # glibc's libraries besides libc (rule 2), by file name.
 _GLIBC_PARTS = re.compile(r"^(libm|libmvec|libpthread|libdl|librt|libresolv|libanl|libutil|libnsl|libBrokenLocale|"
@@ -228,10 +231,31 @@ def decide(obj: LoadedObject, include: Optional[Selection] = None, exclude: Opti
     network = sorted(set(twinned) & NETWORK_CLIENT_CALLS)
     if network:
         return Decision(True, PATCH, f"network client: imports {', '.join(network)}")
+    waits = sorted(set(twinned) & READINESS_CALLS)
+    client = _needed_network_client(imports, objects) if waits else None
+    if client is not None:
+        return Decision(True, PATCH, f"waits ({', '.join(waits)}) on the sockets of {client}, a network client it "
+                                     "needs")
     if twinned:
         return Decision(False, NOT_A_CLIENT, f"not a network client: imports only {', '.join(twinned)} (files, pipes, "
                                              "timers); include= it to patch it")
     return Decision(False, NO_BLOCKING, "imports no blocking call that has a green twin")
+
+
+def _needed_network_client(imports: elf.ElfImports, objects: Sequence[LoadedObject]) -> Optional[str]:
+    """The name of a network client among the objects ``imports``' object
+    needs directly (DT_NEEDED), which patch_all() patches, or None."""
+    for name in imports.needed:
+        for dependency in loaded.needed_objects(name, objects):
+            if never_reason(dependency) is not None or tls_reason(dependency) is not None:
+                continue
+            try:
+                twinned = _twinned(read_object(dependency))
+            except (GreenifyError, OSError):
+                continue
+            if set(twinned) & NETWORK_CLIENT_CALLS:
+                return dependency.name
+    return None
 
 
 def candidates(objects: Sequence[LoadedObject]) -> List[LoadedObject]:

@@ -112,6 +112,19 @@ def test_patched_psycopg_10_sleeps_finish_together_with_the_rows_of_stock(psycop
     assert_together(elapsed, COUNT)
 
 
+def test_patch_all_patches_psycopgs_own_wait_and_its_sleeps_finish_together(psycopg, postgres, psycopg_c_module):
+    """patch_all()'s rule takes a driver that waits in poll on the sockets of
+    a network client it needs (_psycopg.so over libpq), not libpq alone."""
+    report = greenify.patch_all()
+    try:
+        assert any("_psycopg" in path for path in report.patched_paths), str(report)
+        elapsed, rows = run_together(sleeper(psycopg, postgres), COUNT)
+    finally:
+        greenify.unpatch_all()
+    assert rows == expected_rows(COUNT)
+    assert_together(elapsed, COUNT)
+
+
 def test_patched_psycopg_copy_and_server_side_cursor_return_the_rows_of_stock(psycopg, postgres, psycopg_c_module):
     def work(index: int):
         with psycopg.connect(postgres.dsn) as connection:
