@@ -1,6 +1,6 @@
 """The drivers' own test suites, as their maintainers wrote them, stock and greenified.
 
-    python -m tests.driver_suites.run                     # both suites (make driver-suites)
+    python -m tests.driver_suites.run                     # all suites (make driver-suites)
     python -m tests.driver_suites.run --only psycopg2     # one of them
     python -m tests.driver_suites.run --readme docs/platforms.md  # render results.json into the README
     python -m tests.driver_suites.run --check docs/platforms.md   # exit 1 if the README's table is not results.json's
@@ -9,13 +9,16 @@
 
 For psycopg2 (the psycopg2-binary installed) and mysqlclient: downloads the
 sdist of the installed version from PyPI (``pip download --no-binary :all:
---no-deps``, kept in build/driver-suites/), extracts its tests, starts the
-test suite's own PostgreSQL and MariaDB (tests/support/servers.py), and runs each
+--no-deps``, kept in build/driver-suites/) and extracts its tests.  For
+psycopg 3, whose sdist ships no tests: a named subset of its GitHub tests,
+copied into psycopg-tests/ (its README says from where).  Starts the test
+suite's own PostgreSQL and MariaDB (tests/support/servers.py), and runs each
 suite twice, each time in a fresh interpreter:
 
 * stock: the suite as its maintainers run it;
 * greenified: ``greenify.greenify()``, the driver's C library patched
-  (``patch_library("libpq")`` / ``patch_library("libmariadb")``), a greenlet
+  (``patch_library("libpq")`` / ``patch_library("libmariadb")`` /
+  ``patch_library(psycopg._cmodule._psycopg)``, as SUITES says), a greenlet
   that ticks every millisecond, and the suite run inside a greenlet, so that
   every wait in the C library really switches to the hub and back.
 
@@ -38,7 +41,8 @@ import sys
 import tarfile
 import tempfile
 import time
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -64,12 +68,56 @@ POSTGRES_SETTINGS = ("max_prepared_transactions=10", "wal_level=logical", "max_w
                      "max_replication_slots=10")
 TICK_S = 0.001
 
-# suite -> (the installed distribution whose version is taken, the sdist to
-# download, the driver's C library as patch_library names it, the module
-# that loads it)
+
+
+@dataclass(frozen=True)
+class Suite:
+    installed: str  # the distribution whose version is tested
+    sdist: Optional[str]  # the sdist whose tests run; None: a copy in this folder (copy)
+    module: str  # imported before patching
+    target: str  # what patch_library patches: a library name, or a module's attribute path
+    library: str  # the file patching it must reach (under_patch_all checks patch_all reaches it)
+    runner: str  # "unittest": the sdist's tests.test_suite(); "pytest": pytest_args
+    pytest_args: Tuple[str, ...] = ("tests",)
+    copy: Optional[str] = None  # the folder under this one holding the tests
+    # pytest: which parametrized cases (their params) are left out, by name in the docs
+    deselect: Optional[Callable[[Dict[str, object]], bool]] = None
+
+    @property
+    def patched(self) -> str:
+        """The call, as the docs show it."""
+        return f'patch_library("{self.target}")' if "." not in self.target else f"patch_library({self.target})"
+
+
+# psycopg 3's files (psycopg-tests/): connecting, cursors, COPY, transactions,
+# pipelines, notifications, cancellation and closing across threads, and its
+# wait functions.  Deselected, to keep the run near 40 s a mode:
+# * tests marked `proxy` (they need pproxy and a tools/ script outside tests/),
+#   `timing` (timed assertions, which a busy machine breaks; psycopg's own way
+#   to turn them off) and `subprocess` (psycopg in a child interpreter, stock
+#   in both modes, behind 2 s start-up deadlines);
+# * test_cursor's test_leak (72 cases counting objects after a gc);
+# * test_waiting's cases of the pure-Python wait functions (wait_select,
+#   wait_epoll, ...), which greenify does not touch, and of `wait`, which is
+#   wait_c again; and its 2 s intervals (the 0.2 s ones take the same paths).
+#   Its cases of wait_c, the compiled wait loop that calls poll() (what
+#   greenify patches), stay.
+PSYCOPG_FILES = ("test_connection.py", "test_cursor.py", "test_copy.py", "test_transaction.py",
+                 "test_pipeline.py", "test_notify.py", "test_concurrency.py", "test_waiting.py")
+PSYCOPG_MARKS = "not proxy and not timing and not subprocess"
+PSYCOPG_NAMES = "not test_leak"
+
+
+def psycopg_case_deselected(params: Dict[str, object]) -> bool:
+    """test_waiting's parametrized cases left out (see above)."""
+    return params.get("waitfn", "wait_c") != "wait_c" or params.get("interval") == 2
+
 SUITES = {
-    "psycopg2": ("psycopg2-binary", "psycopg2", "libpq", "psycopg2"),
-    "mysqlclient": ("mysqlclient", "mysqlclient", "libmariadb", "MySQLdb"),
+    "psycopg2": Suite("psycopg2-binary", "psycopg2", "psycopg2", "libpq", "libpq", "unittest"),
+    "mysqlclient": Suite("mysqlclient", "mysqlclient", "MySQLdb", "libmariadb", "libmariadb", "pytest"),
+    "psycopg": Suite("psycopg", None, "psycopg", "psycopg._cmodule._psycopg", "_psycopg", "pytest",
+                     ("-m", PSYCOPG_MARKS, "-k", PSYCOPG_NAMES, *(f"tests/{name}" for name in PSYCOPG_FILES)),
+                     copy="psycopg-tests", deselect=psycopg_case_deselected),
 }
 
 
@@ -93,18 +141,29 @@ def fetch_sdist(name: str, version: str) -> str:
 
 # --- running a suite (in the child interpreter) -----------------------------------
 
-def _greenify(library: str, module: str) -> None:
+def patch_target(suite: Suite):
+    """What patch_library is given: a library name, or the module attribute named."""
     import importlib
 
+    module = importlib.import_module(suite.module)
+    if "." not in suite.target:
+        return suite.target
+    target = module
+    for attribute in suite.target.split(".")[1:]:
+        target = getattr(target, attribute)
+    return target
+
+
+def _greenify(suite: Suite) -> None:
     import gevent
 
     import greenify
 
-    importlib.import_module(module)
+    target = patch_target(suite)
     greenify.greenify()
-    report = greenify.patch_library(library)
+    report = greenify.patch_library(target)
     if not report:
-        raise SystemExit(f"nothing patched for {library}: {report!r}")
+        raise SystemExit(f"nothing patched for {suite.target}: {report!r}")
 
     def tick() -> None:
         while True:
@@ -151,7 +210,8 @@ def _run_psycopg2(source: str) -> Dict[str, str]:
     return outcomes
 
 
-def _run_mysqlclient(source: str) -> Dict[str, str]:
+def _run_pytest(source: str, args: Tuple[str, ...],
+                deselect: Optional[Callable[[Dict[str, object]], bool]]) -> Dict[str, str]:
     import pytest
 
     outcomes: Dict[str, str] = {}
@@ -173,11 +233,29 @@ def _run_mysqlclient(source: str) -> Dict[str, str]:
             elif report.when == "call" and report.passed:
                 outcomes[report.nodeid] = "passed"
 
-    config = os.path.join(source, "driver-suites-pytest.ini")
+        def pytest_collection_modifyitems(self, config, items):
+            if deselect is None:
+                return
+            kept, deselected = [], []
+            for item in items:
+                params = getattr(getattr(item, "callspec", None), "params", {})
+                (deselected if deselect(params) else kept).append(item)
+            if deselected:
+                config.hook.pytest_deselected(items=deselected)
+                items[:] = kept
+
+    # A fresh folder for the settings and the cache (psycopg's conftest uses
+    # the cache to notice a crashed run): the sdist's own settings stay out,
+    # so do ours, and nothing is written into the source.
+    scratch = tempfile.mkdtemp(prefix="driver-suite-")
+    config = os.path.join(scratch, "pytest.ini")
     with open(config, "w") as ini:
-        ini.write("[pytest]\n")  # the sdist's own settings stay out; so do ours
+        ini.write("[pytest]\n")
     os.chdir(source)
-    pytest.main(["-c", config, "-p", "no:cacheprovider", "-q", "tests"], plugins=[Recorder()])
+    sys.path.insert(0, source)  # its `tests` before any other (greenify's own, on PYTHONPATH)
+    pytest.main(["-c", config, "--rootdir", source, "--confcutdir", source, "-o", f"cache_dir={scratch}/cache", "-q", *args],
+                plugins=[Recorder()])
+    shutil.rmtree(scratch, ignore_errors=True)
     return outcomes
 
 
@@ -186,14 +264,20 @@ def _first_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def child(suite: str, mode: str, source: str, out_path: str) -> None:
+def child(name: str, mode: str, source: str, out_path: str) -> None:
     import gevent
 
+    suite = SUITES[name]
     if mode == "greenified":
-        _greenify(*SUITES[suite][2:4])
-    run = _run_psycopg2 if suite == "psycopg2" else _run_mysqlclient
+        _greenify(suite)
+    if suite.runner == "unittest":
+        def run() -> Dict[str, str]:
+            return _run_psycopg2(source)
+    else:
+        def run() -> Dict[str, str]:
+            return _run_pytest(source, suite.pytest_args, suite.deselect)
     started = time.monotonic()
-    outcomes = gevent.spawn(run, source).get() if mode == "greenified" else run(source)
+    outcomes = gevent.spawn(run).get() if mode == "greenified" else run()
     document = {"seconds": round(time.monotonic() - started, 1), "outcomes": outcomes}
     if mode == "greenified":
         import greenify
@@ -246,11 +330,35 @@ def _prepare_mariadb(mariadb, source: str) -> Dict[str, str]:
     return {"TESTDB": "driver-suites.cnf"}
 
 
+def _prepare_psycopg(postgres) -> Dict[str, str]:
+    import psycopg2
+
+    admin = psycopg2.connect(f"host={postgres.host} port={postgres.port} user=postgres dbname=postgres "
+                             "sslmode=disable")
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute("DROP DATABASE IF EXISTS psycopg_test")
+        cursor.execute("CREATE DATABASE psycopg_test")
+    admin.close()
+    # plain TCP, as psycopg's own CI connects
+    return {"PSYCOPG_TEST_DSN": f"host={postgres.host} port={postgres.port} user=postgres dbname=psycopg_test "
+                                "sslmode=disable"}
+
+
+def suite_source(suite: Suite) -> Tuple[str, str]:
+    """The folder holding the suite's `tests`, and how the docs name it."""
+    version = importlib.metadata.version(suite.installed)
+    if suite.copy:
+        return os.path.join(HERE, suite.copy), f"{suite.installed} {version} (its GitHub tests, a subset)"
+    return fetch_sdist(suite.sdist, version), f"{suite.sdist} {version} (tests of the sdist)"
+
+
 def run_suite(suite: str, source: str, env: Dict[str, str], mode: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, os.path.abspath(__file__), "--child", suite, mode, source, out.name]
         print(f"--- {suite}, {mode}", flush=True)
         started = time.monotonic()
+        os.makedirs(CACHE, exist_ok=True)
         log_path = os.path.join(CACHE, f"{suite}-{mode}.log")
         with open(log_path, "w") as log:
             process = subprocess.run(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
@@ -287,19 +395,30 @@ def main_run(only: Optional[List[str]]) -> int:
     results = load_results(_sections().latest(RESULTS_PATH))
     status = 0
     with contextlib.ExitStack() as stack:
+        started: Dict[str, object] = {}
+
+        def server(kind: str):
+            """One PostgreSQL and one MariaDB for all the suites, started when first needed."""
+            if kind not in started:
+                start = (servers.start_postgres(POSTGRES_SETTINGS) if kind == "postgres"
+                         else servers.start_mariadb())
+                started[kind] = stack.enter_context(start)
+            return started[kind]
+
         for suite in only or list(SUITES):
-            installed, sdist, library, _module = SUITES[suite]
-            version = importlib.metadata.version(installed)
-            source = fetch_sdist(sdist, version)
+            source, tests_name = suite_source(SUITES[suite])
+            version = importlib.metadata.version(SUITES[suite].installed)
             if suite == "psycopg2":
-                env = _prepare_postgres(stack.enter_context(servers.start_postgres(POSTGRES_SETTINGS)))
+                env = _prepare_postgres(server("postgres"))
+            elif suite == "psycopg":
+                env = _prepare_psycopg(server("postgres"))
             else:
-                env = _prepare_mariadb(stack.enter_context(servers.start_mariadb()), source)
+                env = _prepare_mariadb(server("mariadb"), source)
             runs = {mode: run_suite(suite, source, env, mode) for mode in ("stock", "greenified")}
             comparison = compare(runs["stock"]["outcomes"], runs["greenified"]["outcomes"])
             results["suites"][suite] = {
-                "sdist": f"{sdist} {version}", "installed": f"{installed} {version}",
-                "patched": f'patch_library("{library}")',
+                "sdist": tests_name, "installed": f"{SUITES[suite].installed} {version}",
+                "patched": SUITES[suite].patched,
                 "stock": count(runs["stock"]["outcomes"]), "greenified": count(runs["greenified"]["outcomes"]),
                 "seconds": {mode: runs[mode]["seconds"] for mode in runs},
                 "greenified_waits": runs["greenified"].get("waits"),
@@ -342,7 +461,8 @@ def markdown_table(results: dict) -> str:
         return text + (f", {entry['xfailed']} expected failures" if entry["xfailed"] else "")
 
     for suite, row in results["suites"].items():
-        lines.append(f"| {row['sdist']} (tests of the sdist) | `{row['patched']}` | {counts(row['stock'])} "
+        tests_name = row["sdist"] if "(" in row["sdist"] else f"{row['sdist']} (tests of the sdist)"
+        lines.append(f"| {tests_name} | `{row['patched']}` | {counts(row['stock'])} "
                      f"| {counts(row['greenified'])} | {len(row['regressions'])} |")
     for suite, row in results["suites"].items():
         for test, outcome in row["regressions"].items():

@@ -3,7 +3,7 @@ instead of run.py's ``patch_library`` call, compared with the stock outcomes
 run.py recorded (tests/driver_suites/results.json: run ``make driver-suites``
 first).  Writes nothing in the repository; prints one line per suite.
 
-    python -m tests.driver_suites.under_patch_all [--only mysqlclient|psycopg2]
+    python -m tests.driver_suites.under_patch_all [--only mysqlclient|psycopg2|psycopg]
 """
 from __future__ import annotations
 
@@ -25,16 +25,16 @@ else:  # a suite's child, run as a file: its folder is on the path
     import run as suites  # noqa: E402
 
 
-def _greenify_with_patch_all(library: str, module: str) -> None:
-    """run.py's _greenify, with patch_all() for patch_library(library)."""
+def _greenify_with_patch_all(suite: "suites.Suite") -> None:
+    """run.py's _greenify, with patch_all() for patch_library(suite's target)."""
     import gevent
 
     import greenify
 
-    importlib.import_module(module)
+    importlib.import_module(suite.module)
     report = greenify.patch_all()
-    if not any(os.path.basename(path).startswith(library) for path in report.patched_paths):
-        raise SystemExit(f"patch_all() did not patch {library}:\n{report}")
+    if not any(os.path.basename(path).startswith(suite.library) for path in report.patched_paths):
+        raise SystemExit(f"patch_all() did not patch {suite.library}:\n{report}")
     print(report, flush=True)
 
     def tick() -> None:
@@ -51,12 +51,13 @@ def child(suite: str, source: str, out_path: str) -> None:
 
 def run(suite: str) -> int:
     from tests.support import servers
-    installed, sdist, library, _module = suites.SUITES[suite]
-    source = suites.fetch_sdist(sdist, importlib.metadata.version(installed))
+    source, _tests_name = suites.suite_source(suites.SUITES[suite])
     stock = suites.load_results()["suites"][suite]["outcomes"]["stock"]
     with contextlib.ExitStack() as stack, tempfile.NamedTemporaryFile(suffix=".json") as out:
         if suite == "psycopg2":
             env = suites._prepare_postgres(stack.enter_context(servers.start_postgres(suites.POSTGRES_SETTINGS)))
+        elif suite == "psycopg":
+            env = suites._prepare_psycopg(stack.enter_context(servers.start_postgres(suites.POSTGRES_SETTINGS)))
         else:
             env = suites._prepare_mariadb(stack.enter_context(servers.start_mariadb()), source)
         started = time.monotonic()
