@@ -77,7 +77,7 @@ class Suite:
     module: str  # imported before patching
     target: str  # what patch_library patches: a library name, or a module's attribute path
     library: str  # the file patching it must reach (under_patch_all checks patch_all reaches it)
-    runner: str  # "unittest": the sdist's tests.test_suite(); "pytest": pytest_args
+    runner: str  # "unittest": the sdist's tests.test_suite(); "discover": Tests/t_*.py; "pytest": pytest_args
     pytest_args: Tuple[str, ...] = ("tests",)
     copy: Optional[str] = None  # the folder under this one holding the tests
     # pytest: which parametrized cases (their params) are left out, by name in the docs
@@ -115,6 +115,8 @@ def psycopg_case_deselected(params: Dict[str, object]) -> bool:
 SUITES = {
     "psycopg2": Suite("psycopg2-binary", "psycopg2", "psycopg2", "libpq", "libpq", "unittest"),
     "mysqlclient": Suite("mysqlclient", "mysqlclient", "MySQLdb", "libmariadb", "libmariadb", "pytest"),
+    # the whole of python-ldap's Tests/, as its tox.ini runs them; they start their own slapd (slapdtest)
+    "python-ldap": Suite("python-ldap", "python-ldap", "ldap", "ldap._ldap", "_ldap", "discover"),
     "psycopg": Suite("psycopg", None, "psycopg", "psycopg._cmodule._psycopg", "_psycopg", "pytest",
                      ("-m", PSYCOPG_MARKS, "-k", PSYCOPG_NAMES, *(f"tests/{name}" for name in PSYCOPG_FILES)),
                      copy="psycopg-tests", deselect=psycopg_case_deselected),
@@ -126,16 +128,18 @@ SUITES = {
 def fetch_sdist(name: str, version: str) -> str:
     """The extracted sdist folder of name==version, downloaded once."""
     folder = os.path.join(CACHE, f"{name}-{version}")
-    if os.path.isdir(os.path.join(folder, "tests")):
+    if os.path.isdir(folder):
         return folder
     os.makedirs(CACHE, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as download:
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
                         "--no-build-isolation", "--dest", download, f"{name}=={version}"], check=True)
         (archive,) = [os.path.join(download, entry) for entry in os.listdir(download)]
+        extracted = os.path.join(download, "extracted")
         with tarfile.open(archive) as tar:
-            tar.extractall(download, filter="data")
-        shutil.move(os.path.join(download, f"{name}-{version}"), folder)
+            tar.extractall(extracted, filter="data")
+        (top,) = os.listdir(extracted)  # name-version, or its normalized spelling (python_ldap-3.4.8)
+        shutil.move(os.path.join(extracted, top), folder)
     return folder
 
 
@@ -172,11 +176,9 @@ def _greenify(suite: Suite) -> None:
     gevent.spawn(tick)
 
 
-def _run_psycopg2(source: str) -> Dict[str, str]:
+def _run_unittest(source: str, discover: bool) -> Dict[str, str]:
+    """psycopg2's tests.test_suite(), or (discover) the t_*.py of python-ldap's Tests/ as its tox.ini runs them."""
     import unittest
-
-    sys.path.insert(0, source)
-    import tests  # the sdist's tests package
 
     outcomes: Dict[str, str] = {}
 
@@ -206,7 +208,14 @@ def _run_psycopg2(source: str) -> Dict[str, str]:
             outcomes[test.id()] = "passed"
 
     runner = unittest.TextTestRunner(stream=sys.stderr, verbosity=1, resultclass=Result)
-    runner.run(tests.test_suite())
+    if discover:
+        os.chdir(source)
+        runner.run(unittest.defaultTestLoader.discover("Tests", pattern="t_*"))
+    else:
+        sys.path.insert(0, source)
+        import tests  # the sdist's tests package
+
+        runner.run(tests.test_suite())
     return outcomes
 
 
@@ -270,9 +279,9 @@ def child(name: str, mode: str, source: str, out_path: str) -> None:
     suite = SUITES[name]
     if mode == "greenified":
         _greenify(suite)
-    if suite.runner == "unittest":
+    if suite.runner in ("unittest", "discover"):
         def run() -> Dict[str, str]:
-            return _run_psycopg2(source)
+            return _run_unittest(source, suite.runner == "discover")
     else:
         def run() -> Dict[str, str]:
             return _run_pytest(source, suite.pytest_args, suite.deselect)
@@ -345,6 +354,17 @@ def _prepare_psycopg(postgres) -> Dict[str, str]:
                                 "sslmode=disable"}
 
 
+def _prepare_ldap(scratch: str) -> Dict[str, str]:
+    """slapdtest's settings: Debian keeps slapd and slapadd in /usr/sbin, the ldap* clients in /usr/bin."""
+    from tests.support import servers
+
+    slapd = servers.find_binary(["slapd"], "slapd", ["/usr/sbin"])
+    ldapadd = servers.find_binary(["ldapadd"], "ldap-utils", ["/usr/bin"])
+    sbin = os.path.dirname(slapd)
+    return {"SBIN": sbin, "BIN": f"{os.path.dirname(ldapadd)}:{sbin}", "SCHEMA": "/etc/ldap/schema",
+            "TMP": scratch}  # where slapdtest makes each server's folder
+
+
 def suite_source(suite: Suite) -> Tuple[str, str]:
     """The folder holding the suite's `tests`, and how the docs name it."""
     version = importlib.metadata.version(suite.installed)
@@ -412,6 +432,8 @@ def main_run(only: Optional[List[str]]) -> int:
                 env = _prepare_postgres(server("postgres"))
             elif suite == "psycopg":
                 env = _prepare_psycopg(server("postgres"))
+            elif suite == "python-ldap":
+                env = _prepare_ldap(stack.enter_context(tempfile.TemporaryDirectory(prefix="greenify-slapdtest-")))
             else:
                 env = _prepare_mariadb(server("mariadb"), source)
             runs = {mode: run_suite(suite, source, env, mode) for mode in ("stock", "greenified")}
