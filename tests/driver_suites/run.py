@@ -82,11 +82,14 @@ class Suite:
     copy: Optional[str] = None  # the folder under this one holding the tests
     # pytest: which parametrized cases (their params) are left out, by name in the docs
     deselect: Optional[Callable[[Dict[str, object]], bool]] = None
+    # patch_on_load(target), not patch_library: the library is dlopened at the first connect
+    on_load: bool = False
 
     @property
     def patched(self) -> str:
         """The call, as the docs show it."""
-        return f'patch_library("{self.target}")' if "." not in self.target else f"patch_library({self.target})"
+        call = "patch_on_load" if self.on_load else "patch_library"
+        return f'{call}("{self.target}")' if "." not in self.target else f"{call}({self.target})"
 
 
 # psycopg 3's files (psycopg-tests/): connecting, cursors, COPY, transactions,
@@ -117,6 +120,12 @@ SUITES = {
     "mysqlclient": Suite("mysqlclient", "mysqlclient", "MySQLdb", "libmariadb", "libmariadb", "pytest"),
     # the whole of python-ldap's Tests/, as its tox.ini runs them; they start their own slapd (slapdtest)
     "python-ldap": Suite("python-ldap", "python-ldap", "ldap", "ldap._ldap", "_ldap", "discover"),
+    # pyodbc's tests of MariaDB and of PostgreSQL, through unixODBC and Debian's
+    # ODBC drivers, which unixODBC dlopens at connect time
+    "pyodbc-mariadb": Suite("pyodbc", "pyodbc", "pyodbc", "libmariadb", "libmariadb", "pytest",
+                            ("tests/mysql_test.py",), on_load=True),
+    "pyodbc-postgresql": Suite("pyodbc", "pyodbc", "pyodbc", "libpq", "libpq", "pytest",
+                               ("tests/postgresql_test.py",), on_load=True),
     "psycopg": Suite("psycopg", None, "psycopg", "psycopg._cmodule._psycopg", "_psycopg", "pytest",
                      ("-m", PSYCOPG_MARKS, "-k", PSYCOPG_NAMES, *(f"tests/{name}" for name in PSYCOPG_FILES)),
                      copy="psycopg-tests", deselect=psycopg_case_deselected),
@@ -158,22 +167,28 @@ def patch_target(suite: Suite):
     return target
 
 
-def _greenify(suite: Suite) -> None:
+def _greenify(suite: Suite):
+    """greenify active, the suite's target patched, a ticker; patch_on_load's handle, if that is the call."""
     import gevent
 
     import greenify
 
     target = patch_target(suite)
     greenify.greenify()
-    report = greenify.patch_library(target)
-    if not report:
-        raise SystemExit(f"nothing patched for {suite.target}: {report!r}")
+    handle = None
+    if suite.on_load:
+        handle = greenify.patch_on_load(target)  # checked after the run (child): patched at the first connect
+    else:
+        report = greenify.patch_library(target)
+        if not report:
+            raise SystemExit(f"nothing patched for {suite.target}: {report!r}")
 
     def tick() -> None:
         while True:
             gevent.sleep(TICK_S)
 
     gevent.spawn(tick)
+    return handle
 
 
 def _run_unittest(source: str, discover: bool) -> Dict[str, str]:
@@ -277,8 +292,7 @@ def child(name: str, mode: str, source: str, out_path: str) -> None:
     import gevent
 
     suite = SUITES[name]
-    if mode == "greenified":
-        _greenify(suite)
+    handle = _greenify(suite) if mode == "greenified" else None
     if suite.runner in ("unittest", "discover"):
         def run() -> Dict[str, str]:
             return _run_unittest(source, suite.runner == "discover")
@@ -290,6 +304,9 @@ def child(name: str, mode: str, source: str, out_path: str) -> None:
     document = {"seconds": round(time.monotonic() - started, 1), "outcomes": outcomes}
     if mode == "greenified":
         import greenify
+
+        if handle is not None and not any(handle.reports):
+            raise SystemExit(f"patch_on_load({suite.target!r}) patched nothing during the run")
 
         document["waits"] = sum(entry.calls for entry in greenify.stats().values())
     with open(out_path, "w") as out:
@@ -365,6 +382,35 @@ def _prepare_ldap(scratch: str) -> Dict[str, str]:
             "TMP": scratch}  # where slapdtest makes each server's folder
 
 
+def _prepare_pyodbc(server, kind: str) -> Dict[str, str]:
+    """A pyodbc_test database and a DSN-less connection string naming Debian's ODBC driver."""
+    from tests.support import servers
+
+    if kind == "mariadb":
+        import MySQLdb
+
+        admin = MySQLdb.connect(unix_socket=server.unix_socket, user="root")
+        cursor = admin.cursor()
+        cursor.execute("DROP DATABASE IF EXISTS pyodbc_test")
+        cursor.execute("CREATE DATABASE pyodbc_test DEFAULT CHARACTER SET utf8mb4")
+        cursor.execute(f"GRANT ALL ON pyodbc_test.* TO '{server.user}'@'%'")
+        admin.close()
+        driver = servers.odbc_driver("libmaodbc.so", "odbc-mariadb")
+        return {"PYODBC_MYSQL": f"DRIVER={driver};SERVER={server.host};PORT={server.port};DATABASE=pyodbc_test;"
+                                f"UID={server.user};PWD={server.password};charset=utf8mb4"}
+    import psycopg2
+
+    admin = psycopg2.connect(f"host={server.host} port={server.port} user=postgres dbname=postgres sslmode=disable")
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute("DROP DATABASE IF EXISTS pyodbc_test")
+        cursor.execute("CREATE DATABASE pyodbc_test")
+    admin.close()
+    driver = servers.odbc_driver("psqlodbcw.so", "odbc-postgresql")
+    return {"PYODBC_POSTGRESQL": f"DRIVER={driver};SERVER={server.host};PORT={server.port};DATABASE=pyodbc_test;"
+                                 "UID=postgres;SSLMODE=disable"}
+
+
 def suite_source(suite: Suite) -> Tuple[str, str]:
     """The folder holding the suite's `tests`, and how the docs name it."""
     version = importlib.metadata.version(suite.installed)
@@ -432,6 +478,10 @@ def main_run(only: Optional[List[str]]) -> int:
                 env = _prepare_postgres(server("postgres"))
             elif suite == "psycopg":
                 env = _prepare_psycopg(server("postgres"))
+            elif suite == "pyodbc-mariadb":
+                env = _prepare_pyodbc(server("mariadb"), "mariadb")
+            elif suite == "pyodbc-postgresql":
+                env = _prepare_pyodbc(server("postgres"), "postgresql")
             elif suite == "python-ldap":
                 env = _prepare_ldap(stack.enter_context(tempfile.TemporaryDirectory(prefix="greenify-slapdtest-")))
             else:
