@@ -84,6 +84,7 @@ class Suite:
     deselect: Optional[Callable[[Dict[str, object]], bool]] = None
     # patch_on_load(target), not patch_library: the library is dlopened at the first connect
     on_load: bool = False
+    label: str = ""  # which of the suite's tests, where the docs' table must say
 
     @property
     def patched(self) -> str:
@@ -123,9 +124,10 @@ SUITES = {
     # pyodbc's tests of MariaDB and of PostgreSQL, through unixODBC and Debian's
     # ODBC drivers, which unixODBC dlopens at connect time
     "pyodbc-mariadb": Suite("pyodbc", "pyodbc", "pyodbc", "libmariadb", "libmariadb", "pytest",
-                            ("tests/mysql_test.py",), on_load=True),
+                            ("tests/mysql_test.py",), on_load=True, label="tests/mysql_test.py, MariaDB"),
     "pyodbc-postgresql": Suite("pyodbc", "pyodbc", "pyodbc", "libpq", "libpq", "pytest",
-                               ("tests/postgresql_test.py",), on_load=True),
+                               ("tests/postgresql_test.py",), on_load=True,
+                               label="tests/postgresql_test.py, PostgreSQL"),
     "psycopg": Suite("psycopg", None, "psycopg", "psycopg._cmodule._psycopg", "_psycopg", "pytest",
                      ("-m", PSYCOPG_MARKS, "-k", PSYCOPG_NAMES, *(f"tests/{name}" for name in PSYCOPG_FILES)),
                      copy="psycopg-tests", deselect=psycopg_case_deselected),
@@ -525,7 +527,7 @@ def save_results(results: dict) -> None:
 # --- the README table --------------------------------------------------------------
 
 def markdown_table(results: dict) -> str:
-    lines = ["| suite | C library patched | stock | greenified | passed stock, not greenified |",
+    lines = ["| suite | the greenify call | stock | greenified | passed stock, not greenified |",
              "|---|---|---|---|---|"]
 
     def counts(entry: Dict[str, int]) -> str:
@@ -534,6 +536,8 @@ def markdown_table(results: dict) -> str:
 
     for suite, row in results["suites"].items():
         tests_name = row["sdist"] if "(" in row["sdist"] else f"{row['sdist']} (tests of the sdist)"
+        if suite in SUITES and SUITES[suite].label:
+            tests_name += f": {SUITES[suite].label}"
         lines.append(f"| {tests_name} | `{row['patched']}` | {counts(row['stock'])} "
                      f"| {counts(row['greenified'])} | {len(row['regressions'])} |")
     for suite, row in results["suites"].items():
