@@ -120,7 +120,7 @@ SUITES = {
     "psycopg2": Suite("psycopg2-binary", "psycopg2", "psycopg2", "libpq", "libpq", "unittest"),
     "mysqlclient": Suite("mysqlclient", "mysqlclient", "MySQLdb", "libmariadb", "libmariadb", "pytest"),
     # the whole of python-ldap's Tests/, as its tox.ini runs them; they start their own slapd (slapdtest)
-    "python-ldap": Suite("python-ldap", "python-ldap", "ldap", "ldap._ldap", "_ldap", "discover"),
+    "python-ldap": Suite("python-ldap", "python-ldap", "ldap", "ldap._ldap", "libldap", "discover"),
     # pyodbc's tests of MariaDB and of PostgreSQL, through unixODBC and Debian's
     # ODBC drivers, which unixODBC dlopens at connect time
     "pyodbc-mariadb": Suite("pyodbc", "pyodbc", "pyodbc", "libmariadb", "libmariadb", "pytest",
@@ -458,36 +458,46 @@ def compare(stock: Dict[str, str], greenified: Dict[str, str]) -> dict:
                                        and greenified.get(test) == "passed")}
 
 
+class Servers:
+    """One PostgreSQL and one MariaDB for all the suites, started when first needed, stopped with `stack`."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self.stack = stack
+        self.started: Dict[str, object] = {}
+
+    def get(self, kind: str):
+        from tests.support import servers
+
+        if kind not in self.started:
+            start = servers.start_postgres(POSTGRES_SETTINGS) if kind == "postgres" else servers.start_mariadb()
+            self.started[kind] = self.stack.enter_context(start)
+        return self.started[kind]
+
+
+def prepare(suite: str, source: str, running: Servers) -> Dict[str, str]:
+    """The suite's server and database ready; the environment its tests read them from."""
+    if suite == "psycopg2":
+        return _prepare_postgres(running.get("postgres"))
+    if suite == "psycopg":
+        return _prepare_psycopg(running.get("postgres"))
+    if suite == "pyodbc-mariadb":
+        return _prepare_pyodbc(running.get("mariadb"), "mariadb")
+    if suite == "pyodbc-postgresql":
+        return _prepare_pyodbc(running.get("postgres"), "postgresql")
+    if suite == "python-ldap":  # no server: slapdtest starts its own, in this folder
+        return _prepare_ldap(running.stack.enter_context(tempfile.TemporaryDirectory(prefix="greenify-slapdtest-")))
+    return _prepare_mariadb(running.get("mariadb"), source)
+
+
 def main_run(only: Optional[List[str]]) -> int:
-    from tests.support import servers
     results = load_results(_sections().latest(RESULTS_PATH))
     status = 0
     with contextlib.ExitStack() as stack:
-        started: Dict[str, object] = {}
-
-        def server(kind: str):
-            """One PostgreSQL and one MariaDB for all the suites, started when first needed."""
-            if kind not in started:
-                start = (servers.start_postgres(POSTGRES_SETTINGS) if kind == "postgres"
-                         else servers.start_mariadb())
-                started[kind] = stack.enter_context(start)
-            return started[kind]
-
+        running = Servers(stack)
         for suite in only or list(SUITES):
             source, tests_name = suite_source(SUITES[suite])
             version = importlib.metadata.version(SUITES[suite].installed)
-            if suite == "psycopg2":
-                env = _prepare_postgres(server("postgres"))
-            elif suite == "psycopg":
-                env = _prepare_psycopg(server("postgres"))
-            elif suite == "pyodbc-mariadb":
-                env = _prepare_pyodbc(server("mariadb"), "mariadb")
-            elif suite == "pyodbc-postgresql":
-                env = _prepare_pyodbc(server("postgres"), "postgresql")
-            elif suite == "python-ldap":
-                env = _prepare_ldap(stack.enter_context(tempfile.TemporaryDirectory(prefix="greenify-slapdtest-")))
-            else:
-                env = _prepare_mariadb(server("mariadb"), source)
+            env = prepare(suite, source, running)
             runs = {mode: run_suite(suite, source, env, mode) for mode in ("stock", "greenified")}
             comparison = compare(runs["stock"]["outcomes"], runs["greenified"]["outcomes"])
             results["suites"][suite] = {

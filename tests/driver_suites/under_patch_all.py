@@ -50,23 +50,22 @@ def child(suite: str, source: str, out_path: str) -> None:
 
 
 def run(suite: str) -> int:
-    from tests.support import servers
     source, _tests_name = suites.suite_source(suites.SUITES[suite])
     stock = suites.load_results()["suites"][suite]["outcomes"]["stock"]
     with contextlib.ExitStack() as stack, tempfile.NamedTemporaryFile(suffix=".json") as out:
-        if suite == "psycopg2":
-            env = suites._prepare_postgres(stack.enter_context(servers.start_postgres(suites.POSTGRES_SETTINGS)))
-        elif suite == "psycopg":
-            env = suites._prepare_psycopg(stack.enter_context(servers.start_postgres(suites.POSTGRES_SETTINGS)))
-        else:
-            env = suites._prepare_mariadb(stack.enter_context(servers.start_mariadb()), source)
+        env = suites.prepare(suite, source, suites.Servers(stack))
         started = time.monotonic()
         log_path = os.path.join(suites.CACHE, f"{suite}-patch_all.log")
         with open(log_path, "w") as log:
             subprocess.run([sys.executable, os.path.abspath(__file__), "--child", suite, source, out.name],
                            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                            timeout=suites.SUITE_TIMEOUT_S)
-        document = json.load(open(out.name))
+        try:
+            document = json.load(open(out.name))
+        except ValueError:  # the child stopped first, saying why (e.g. patch_all() left the library alone)
+            with open(log_path) as log:
+                print(f"{suite} under patch_all(): no results; {log.readline().strip()} (log: {log_path})")
+            return 1
     comparison = suites.compare(stock, document["outcomes"])
     print(f"{suite} under patch_all(): {suites.count(document['outcomes'])}; stock (recorded): "
           f"{suites.count(stock)}; {document.get('waits')} waits; {time.monotonic() - started:.0f} s; "
