@@ -69,7 +69,6 @@ POSTGRES_SETTINGS = ("max_prepared_transactions=10", "wal_level=logical", "max_w
 TICK_S = 0.001
 
 
-
 @dataclass(frozen=True)
 class Suite:
     installed: str  # the distribution whose version is tested
@@ -95,7 +94,7 @@ class Suite:
 
 # psycopg 3's files (psycopg-tests/): connecting, cursors, COPY, transactions,
 # pipelines, notifications, cancellation and closing across threads, and its
-# wait functions.  Deselected, to keep the run near 40 s a mode:
+# wait functions.  Deselected, to keep the run near 35 s a mode:
 # * tests marked `proxy` (they need pproxy and a tools/ script outside tests/),
 #   `timing` (timed assertions, which a busy machine breaks; psycopg's own way
 #   to turn them off) and `subprocess` (psycopg in a child interpreter, stock
