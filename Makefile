@@ -59,7 +59,9 @@ test: build
 demo: $(VENV)/.base
 	$(PY) -m greenify.demo $(if $(ASYNCIO),--asyncio)
 
-# psycopg2's and mysqlclient's own test suites (sdists from PyPI), stock and
+# The drivers' own test suites (psycopg2's, mysqlclient's, python-ldap's and
+# pyodbc's from their sdists on PyPI; a named subset of psycopg 3's GitHub
+# tests, copied into tests/driver_suites/psycopg-tests/), stock and
 # greenified, against the suite's servers; fails if greenify breaks a test.
 # Its results go to .results/ (`make record` puts them in the README).
 driver-suites: build

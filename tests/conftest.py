@@ -4,6 +4,10 @@ import pytest
 pytest_plugins = ["tests.support.fixturelib", "tests.support.servers", "tests.support.compat",
                   "tests.support.protections"]
 
+# The drivers' own suites copied into tests/driver_suites/ (psycopg 3's) run
+# through `python -m tests.driver_suites.run`, each in its own interpreter.
+collect_ignore = ["driver_suites"]
+
 
 @pytest.fixture(scope="session")
 def greenified():

@@ -1,6 +1,6 @@
 """The drivers' own test suites, as their maintainers wrote them, stock and greenified.
 
-    python -m tests.driver_suites.run                     # both suites (make driver-suites)
+    python -m tests.driver_suites.run                     # all suites (make driver-suites)
     python -m tests.driver_suites.run --only psycopg2     # one of them
     python -m tests.driver_suites.run --readme docs/platforms.md  # render results.json into the README
     python -m tests.driver_suites.run --check docs/platforms.md   # exit 1 if the README's table is not results.json's
@@ -9,13 +9,16 @@
 
 For psycopg2 (the psycopg2-binary installed) and mysqlclient: downloads the
 sdist of the installed version from PyPI (``pip download --no-binary :all:
---no-deps``, kept in build/driver-suites/), extracts its tests, starts the
-test suite's own PostgreSQL and MariaDB (tests/support/servers.py), and runs each
+--no-deps``, kept in build/driver-suites/) and extracts its tests.  For
+psycopg 3, whose sdist ships no tests: a named subset of its GitHub tests,
+copied into psycopg-tests/ (its README says from where).  Starts the test
+suite's own PostgreSQL and MariaDB (tests/support/servers.py), and runs each
 suite twice, each time in a fresh interpreter:
 
 * stock: the suite as its maintainers run it;
 * greenified: ``greenify.greenify()``, the driver's C library patched
-  (``patch_library("libpq")`` / ``patch_library("libmariadb")``), a greenlet
+  (``patch_library("libpq")`` / ``patch_library("libmariadb")`` /
+  ``patch_library(psycopg._cmodule._psycopg)``, as SUITES says), a greenlet
   that ticks every millisecond, and the suite run inside a greenlet, so that
   every wait in the C library really switches to the hub and back.
 
@@ -38,7 +41,8 @@ import sys
 import tarfile
 import tempfile
 import time
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -64,12 +68,68 @@ POSTGRES_SETTINGS = ("max_prepared_transactions=10", "wal_level=logical", "max_w
                      "max_replication_slots=10")
 TICK_S = 0.001
 
-# suite -> (the installed distribution whose version is taken, the sdist to
-# download, the driver's C library as patch_library names it, the module
-# that loads it)
+
+@dataclass(frozen=True)
+class Suite:
+    installed: str  # the distribution whose version is tested
+    sdist: Optional[str]  # the sdist whose tests run; None: a copy in this folder (copy)
+    module: str  # imported before patching
+    target: str  # what patch_library patches: a library name, or a module's attribute path
+    library: str  # the file patching it must reach (under_patch_all checks patch_all reaches it)
+    runner: str  # "unittest": the sdist's tests.test_suite(); "discover": Tests/t_*.py; "pytest": pytest_args
+    pytest_args: Tuple[str, ...] = ("tests",)
+    copy: Optional[str] = None  # the folder under this one holding the tests
+    # pytest: which parametrized cases (their params) are left out, by name in the docs
+    deselect: Optional[Callable[[Dict[str, object]], bool]] = None
+    # patch_on_load(target), not patch_library: the library is dlopened at the first connect
+    on_load: bool = False
+    label: str = ""  # which of the suite's tests, where the docs' table must say
+
+    @property
+    def patched(self) -> str:
+        """The call, as the docs show it."""
+        call = "patch_on_load" if self.on_load else "patch_library"
+        return f'{call}("{self.target}")' if "." not in self.target else f"{call}({self.target})"
+
+
+# psycopg 3's files (psycopg-tests/): connecting, cursors, COPY, transactions,
+# pipelines, notifications, cancellation and closing across threads, and its
+# wait functions.  Deselected, to keep the run near 35 s a mode:
+# * tests marked `proxy` (they need pproxy and a tools/ script outside tests/),
+#   `timing` (timed assertions, which a busy machine breaks; psycopg's own way
+#   to turn them off) and `subprocess` (psycopg in a child interpreter, stock
+#   in both modes, behind 2 s start-up deadlines);
+# * test_cursor's test_leak (72 cases counting objects after a gc);
+# * test_waiting's cases of the pure-Python wait functions (wait_select,
+#   wait_epoll, ...), which greenify does not touch, and of `wait`, which is
+#   wait_c again; and its 2 s intervals (the 0.2 s ones take the same paths).
+#   Its cases of wait_c, the compiled wait loop that calls poll() (what
+#   greenify patches), stay.
+PSYCOPG_FILES = ("test_connection.py", "test_cursor.py", "test_copy.py", "test_transaction.py",
+                 "test_pipeline.py", "test_notify.py", "test_concurrency.py", "test_waiting.py")
+PSYCOPG_MARKS = "not proxy and not timing and not subprocess"
+PSYCOPG_NAMES = "not test_leak"
+
+
+def psycopg_case_deselected(params: Dict[str, object]) -> bool:
+    """test_waiting's parametrized cases left out (see above)."""
+    return params.get("waitfn", "wait_c") != "wait_c" or params.get("interval") == 2
+
 SUITES = {
-    "psycopg2": ("psycopg2-binary", "psycopg2", "libpq", "psycopg2"),
-    "mysqlclient": ("mysqlclient", "mysqlclient", "libmariadb", "MySQLdb"),
+    "psycopg2": Suite("psycopg2-binary", "psycopg2", "psycopg2", "libpq", "libpq", "unittest"),
+    "mysqlclient": Suite("mysqlclient", "mysqlclient", "MySQLdb", "libmariadb", "libmariadb", "pytest"),
+    # the whole of python-ldap's Tests/, as its tox.ini runs them; they start their own slapd (slapdtest)
+    "python-ldap": Suite("python-ldap", "python-ldap", "ldap", "ldap._ldap", "libldap", "discover"),
+    # pyodbc's tests of MariaDB and of PostgreSQL, through unixODBC and Debian's
+    # ODBC drivers, which unixODBC dlopens at connect time
+    "pyodbc-mariadb": Suite("pyodbc", "pyodbc", "pyodbc", "libmariadb", "libmariadb", "pytest",
+                            ("tests/mysql_test.py",), on_load=True, label="tests/mysql_test.py, MariaDB"),
+    "pyodbc-postgresql": Suite("pyodbc", "pyodbc", "pyodbc", "libpq", "libpq", "pytest",
+                               ("tests/postgresql_test.py",), on_load=True,
+                               label="tests/postgresql_test.py, PostgreSQL"),
+    "psycopg": Suite("psycopg", None, "psycopg", "psycopg._cmodule._psycopg", "_psycopg", "pytest",
+                     ("-m", PSYCOPG_MARKS, "-k", PSYCOPG_NAMES, *(f"tests/{name}" for name in PSYCOPG_FILES)),
+                     copy="psycopg-tests", deselect=psycopg_case_deselected),
 }
 
 
@@ -78,46 +138,63 @@ SUITES = {
 def fetch_sdist(name: str, version: str) -> str:
     """The extracted sdist folder of name==version, downloaded once."""
     folder = os.path.join(CACHE, f"{name}-{version}")
-    if os.path.isdir(os.path.join(folder, "tests")):
+    if os.path.isdir(folder):
         return folder
     os.makedirs(CACHE, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as download:
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
                         "--no-build-isolation", "--dest", download, f"{name}=={version}"], check=True)
         (archive,) = [os.path.join(download, entry) for entry in os.listdir(download)]
+        extracted = os.path.join(download, "extracted")
         with tarfile.open(archive) as tar:
-            tar.extractall(download, filter="data")
-        shutil.move(os.path.join(download, f"{name}-{version}"), folder)
+            tar.extractall(extracted, filter="data")
+        (top,) = os.listdir(extracted)  # name-version, or its normalized spelling (python_ldap-3.4.8)
+        shutil.move(os.path.join(extracted, top), folder)
     return folder
 
 
 # --- running a suite (in the child interpreter) -----------------------------------
 
-def _greenify(library: str, module: str) -> None:
+def patch_target(suite: Suite):
+    """What patch_library is given: a library name, or the module attribute named."""
     import importlib
 
+    module = importlib.import_module(suite.module)
+    if "." not in suite.target:
+        return suite.target
+    target = module
+    for attribute in suite.target.split(".")[1:]:
+        target = getattr(target, attribute)
+    return target
+
+
+def _greenify(suite: Suite):
+    """greenify active, the suite's target patched, a ticker; patch_on_load's handle, if that is the call."""
     import gevent
 
     import greenify
 
-    importlib.import_module(module)
+    target = patch_target(suite)
     greenify.greenify()
-    report = greenify.patch_library(library)
-    if not report:
-        raise SystemExit(f"nothing patched for {library}: {report!r}")
+    handle = None
+    if suite.on_load:
+        handle = greenify.patch_on_load(target)  # checked after the run (child): patched at the first connect
+    else:
+        report = greenify.patch_library(target)
+        if not report:
+            raise SystemExit(f"nothing patched for {suite.target}: {report!r}")
 
     def tick() -> None:
         while True:
             gevent.sleep(TICK_S)
 
     gevent.spawn(tick)
+    return handle
 
 
-def _run_psycopg2(source: str) -> Dict[str, str]:
+def _run_unittest(source: str, discover: bool) -> Dict[str, str]:
+    """psycopg2's tests.test_suite(), or (discover) the t_*.py of python-ldap's Tests/ as its tox.ini runs them."""
     import unittest
-
-    sys.path.insert(0, source)
-    import tests  # the sdist's tests package
 
     outcomes: Dict[str, str] = {}
 
@@ -147,11 +224,19 @@ def _run_psycopg2(source: str) -> Dict[str, str]:
             outcomes[test.id()] = "passed"
 
     runner = unittest.TextTestRunner(stream=sys.stderr, verbosity=1, resultclass=Result)
-    runner.run(tests.test_suite())
+    if discover:
+        os.chdir(source)
+        runner.run(unittest.defaultTestLoader.discover("Tests", pattern="t_*"))
+    else:
+        sys.path.insert(0, source)
+        import tests  # the sdist's tests package
+
+        runner.run(tests.test_suite())
     return outcomes
 
 
-def _run_mysqlclient(source: str) -> Dict[str, str]:
+def _run_pytest(source: str, args: Tuple[str, ...],
+                deselect: Optional[Callable[[Dict[str, object]], bool]]) -> Dict[str, str]:
     import pytest
 
     outcomes: Dict[str, str] = {}
@@ -173,11 +258,29 @@ def _run_mysqlclient(source: str) -> Dict[str, str]:
             elif report.when == "call" and report.passed:
                 outcomes[report.nodeid] = "passed"
 
-    config = os.path.join(source, "driver-suites-pytest.ini")
+        def pytest_collection_modifyitems(self, config, items):
+            if deselect is None:
+                return
+            kept, deselected = [], []
+            for item in items:
+                params = getattr(getattr(item, "callspec", None), "params", {})
+                (deselected if deselect(params) else kept).append(item)
+            if deselected:
+                config.hook.pytest_deselected(items=deselected)
+                items[:] = kept
+
+    # A fresh folder for the settings and the cache (psycopg's conftest uses
+    # the cache to notice a crashed run): the sdist's own settings stay out,
+    # so do ours, and nothing is written into the source.
+    scratch = tempfile.mkdtemp(prefix="driver-suite-")
+    config = os.path.join(scratch, "pytest.ini")
     with open(config, "w") as ini:
-        ini.write("[pytest]\n")  # the sdist's own settings stay out; so do ours
+        ini.write("[pytest]\n")
     os.chdir(source)
-    pytest.main(["-c", config, "-p", "no:cacheprovider", "-q", "tests"], plugins=[Recorder()])
+    sys.path.insert(0, source)  # its `tests` before any other (greenify's own, on PYTHONPATH)
+    pytest.main(["-c", config, "--rootdir", source, "--confcutdir", source, "-o", f"cache_dir={scratch}/cache", "-q", *args],
+                plugins=[Recorder()])
+    shutil.rmtree(scratch, ignore_errors=True)
     return outcomes
 
 
@@ -186,17 +289,25 @@ def _first_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def child(suite: str, mode: str, source: str, out_path: str) -> None:
+def child(name: str, mode: str, source: str, out_path: str) -> None:
     import gevent
 
-    if mode == "greenified":
-        _greenify(*SUITES[suite][2:4])
-    run = _run_psycopg2 if suite == "psycopg2" else _run_mysqlclient
+    suite = SUITES[name]
+    handle = _greenify(suite) if mode == "greenified" else None
+    if suite.runner in ("unittest", "discover"):
+        def run() -> Dict[str, str]:
+            return _run_unittest(source, suite.runner == "discover")
+    else:
+        def run() -> Dict[str, str]:
+            return _run_pytest(source, suite.pytest_args, suite.deselect)
     started = time.monotonic()
-    outcomes = gevent.spawn(run, source).get() if mode == "greenified" else run(source)
+    outcomes = gevent.spawn(run).get() if mode == "greenified" else run()
     document = {"seconds": round(time.monotonic() - started, 1), "outcomes": outcomes}
     if mode == "greenified":
         import greenify
+
+        if handle is not None and not any(handle.reports):
+            raise SystemExit(f"patch_on_load({suite.target!r}) patched nothing during the run")
 
         document["waits"] = sum(entry.calls for entry in greenify.stats().values())
     with open(out_path, "w") as out:
@@ -246,11 +357,75 @@ def _prepare_mariadb(mariadb, source: str) -> Dict[str, str]:
     return {"TESTDB": "driver-suites.cnf"}
 
 
+def _prepare_psycopg(postgres) -> Dict[str, str]:
+    import psycopg2
+
+    admin = psycopg2.connect(f"host={postgres.host} port={postgres.port} user=postgres dbname=postgres "
+                             "sslmode=disable")
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute("DROP DATABASE IF EXISTS psycopg_test")
+        cursor.execute("CREATE DATABASE psycopg_test")
+    admin.close()
+    # plain TCP, as psycopg's own CI connects
+    return {"PSYCOPG_TEST_DSN": f"host={postgres.host} port={postgres.port} user=postgres dbname=psycopg_test "
+                                "sslmode=disable"}
+
+
+def _prepare_ldap(scratch: str) -> Dict[str, str]:
+    """slapdtest's settings: Debian keeps slapd and slapadd in /usr/sbin, the ldap* clients in /usr/bin."""
+    from tests.support import servers
+
+    slapd = servers.find_binary(["slapd"], "slapd", ["/usr/sbin"])
+    ldapadd = servers.find_binary(["ldapadd"], "ldap-utils", ["/usr/bin"])
+    sbin = os.path.dirname(slapd)
+    return {"SBIN": sbin, "BIN": f"{os.path.dirname(ldapadd)}:{sbin}", "SCHEMA": "/etc/ldap/schema",
+            "TMP": scratch}  # where slapdtest makes each server's folder
+
+
+def _prepare_pyodbc(server, kind: str) -> Dict[str, str]:
+    """A pyodbc_test database and a DSN-less connection string naming Debian's ODBC driver."""
+    from tests.support import servers
+
+    if kind == "mariadb":
+        import MySQLdb
+
+        admin = MySQLdb.connect(unix_socket=server.unix_socket, user="root")
+        cursor = admin.cursor()
+        cursor.execute("DROP DATABASE IF EXISTS pyodbc_test")
+        cursor.execute("CREATE DATABASE pyodbc_test DEFAULT CHARACTER SET utf8mb4")
+        cursor.execute(f"GRANT ALL ON pyodbc_test.* TO '{server.user}'@'%'")
+        admin.close()
+        driver = servers.odbc_driver("libmaodbc.so", "odbc-mariadb")
+        return {"PYODBC_MYSQL": f"DRIVER={driver};SERVER={server.host};PORT={server.port};DATABASE=pyodbc_test;"
+                                f"UID={server.user};PWD={server.password};charset=utf8mb4"}
+    import psycopg2
+
+    admin = psycopg2.connect(f"host={server.host} port={server.port} user=postgres dbname=postgres sslmode=disable")
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute("DROP DATABASE IF EXISTS pyodbc_test")
+        cursor.execute("CREATE DATABASE pyodbc_test")
+    admin.close()
+    driver = servers.odbc_driver("psqlodbcw.so", "odbc-postgresql")
+    return {"PYODBC_POSTGRESQL": f"DRIVER={driver};SERVER={server.host};PORT={server.port};DATABASE=pyodbc_test;"
+                                 "UID=postgres;SSLMODE=disable"}
+
+
+def suite_source(suite: Suite) -> Tuple[str, str]:
+    """The folder holding the suite's `tests`, and how the docs name it."""
+    version = importlib.metadata.version(suite.installed)
+    if suite.copy:
+        return os.path.join(HERE, suite.copy), f"{suite.installed} {version} (its GitHub tests, a subset)"
+    return fetch_sdist(suite.sdist, version), f"{suite.sdist} {version} (tests of the sdist)"
+
+
 def run_suite(suite: str, source: str, env: Dict[str, str], mode: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, os.path.abspath(__file__), "--child", suite, mode, source, out.name]
         print(f"--- {suite}, {mode}", flush=True)
         started = time.monotonic()
+        os.makedirs(CACHE, exist_ok=True)
         log_path = os.path.join(CACHE, f"{suite}-{mode}.log")
         with open(log_path, "w") as log:
             process = subprocess.run(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
@@ -282,24 +457,51 @@ def compare(stock: Dict[str, str], greenified: Dict[str, str]) -> dict:
                                        and greenified.get(test) == "passed")}
 
 
+class Servers:
+    """One PostgreSQL and one MariaDB for all the suites, started when first needed, stopped with `stack`."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self.stack = stack
+        self.started: Dict[str, object] = {}
+
+    def get(self, kind: str):
+        from tests.support import servers
+
+        if kind not in self.started:
+            start = servers.start_postgres(POSTGRES_SETTINGS) if kind == "postgres" else servers.start_mariadb()
+            self.started[kind] = self.stack.enter_context(start)
+        return self.started[kind]
+
+
+def prepare(suite: str, source: str, running: Servers) -> Dict[str, str]:
+    """The suite's server and database ready; the environment its tests read them from."""
+    if suite == "psycopg2":
+        return _prepare_postgres(running.get("postgres"))
+    if suite == "psycopg":
+        return _prepare_psycopg(running.get("postgres"))
+    if suite == "pyodbc-mariadb":
+        return _prepare_pyodbc(running.get("mariadb"), "mariadb")
+    if suite == "pyodbc-postgresql":
+        return _prepare_pyodbc(running.get("postgres"), "postgresql")
+    if suite == "python-ldap":  # no server: slapdtest starts its own, in this folder
+        return _prepare_ldap(running.stack.enter_context(tempfile.TemporaryDirectory(prefix="greenify-slapdtest-")))
+    return _prepare_mariadb(running.get("mariadb"), source)
+
+
 def main_run(only: Optional[List[str]]) -> int:
-    from tests.support import servers
     results = load_results(_sections().latest(RESULTS_PATH))
     status = 0
     with contextlib.ExitStack() as stack:
+        running = Servers(stack)
         for suite in only or list(SUITES):
-            installed, sdist, library, _module = SUITES[suite]
-            version = importlib.metadata.version(installed)
-            source = fetch_sdist(sdist, version)
-            if suite == "psycopg2":
-                env = _prepare_postgres(stack.enter_context(servers.start_postgres(POSTGRES_SETTINGS)))
-            else:
-                env = _prepare_mariadb(stack.enter_context(servers.start_mariadb()), source)
+            source, tests_name = suite_source(SUITES[suite])
+            version = importlib.metadata.version(SUITES[suite].installed)
+            env = prepare(suite, source, running)
             runs = {mode: run_suite(suite, source, env, mode) for mode in ("stock", "greenified")}
             comparison = compare(runs["stock"]["outcomes"], runs["greenified"]["outcomes"])
             results["suites"][suite] = {
-                "sdist": f"{sdist} {version}", "installed": f"{installed} {version}",
-                "patched": f'patch_library("{library}")',
+                "sdist": tests_name, "installed": f"{SUITES[suite].installed} {version}",
+                "patched": SUITES[suite].patched,
                 "stock": count(runs["stock"]["outcomes"]), "greenified": count(runs["greenified"]["outcomes"]),
                 "seconds": {mode: runs[mode]["seconds"] for mode in runs},
                 "greenified_waits": runs["greenified"].get("waits"),
@@ -334,7 +536,7 @@ def save_results(results: dict) -> None:
 # --- the README table --------------------------------------------------------------
 
 def markdown_table(results: dict) -> str:
-    lines = ["| suite | C library patched | stock | greenified | passed stock, not greenified |",
+    lines = ["| suite | the greenify call | stock | greenified | passed stock, not greenified |",
              "|---|---|---|---|---|"]
 
     def counts(entry: Dict[str, int]) -> str:
@@ -342,7 +544,10 @@ def markdown_table(results: dict) -> str:
         return text + (f", {entry['xfailed']} expected failures" if entry["xfailed"] else "")
 
     for suite, row in results["suites"].items():
-        lines.append(f"| {row['sdist']} (tests of the sdist) | `{row['patched']}` | {counts(row['stock'])} "
+        tests_name = row["sdist"] if "(" in row["sdist"] else f"{row['sdist']} (tests of the sdist)"
+        if suite in SUITES and SUITES[suite].label:
+            tests_name += f": {SUITES[suite].label}"
+        lines.append(f"| {tests_name} | `{row['patched']}` | {counts(row['stock'])} "
                      f"| {counts(row['greenified'])} | {len(row['regressions'])} |")
     for suite, row in results["suites"].items():
         for test, outcome in row["regressions"].items():
