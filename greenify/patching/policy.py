@@ -35,7 +35,11 @@ The rule, in order (the first that applies wins):
    ``recv``, ``send``, ``getaddrinfo``, ...) that has a green twin:
    patched.  libmariadb, libpq, libmemcached, libcurl, and what they bring
    (libkrb5, libldap, libsasl2, libssh2).
-5. Everything else is left alone: a library whose blocking imports are only
+5. A driver that waits on a client's sockets in its own code: it imports a
+   readiness call (``poll``, ``select``, ``epoll_wait``) with a twin and
+   directly needs (DT_NEEDED) a network client of rule 4: patched with it
+   (psycopg 3's ``_psycopg.so`` over libpq).
+6. Everything else is left alone: a library whose blocking imports are only
    ``read``/``write``/``poll``/sleeps (libz, libstdc++, libffi, numpy's
    OpenBLAS, nghttp2's helpers) works on files, pipes and timers.  The twins
    would behave as libc there, but patching them would change nothing a
