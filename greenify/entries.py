@@ -1,21 +1,21 @@
 """Every entry from C into Python, side by side.
 
 The ``greenify_*`` functions are ``extern "Python+C"`` callbacks (declared
-in csrc/green_python.cdef) that csrc/green_python.c calls with the GIL held
+in csrc/wait/green_python.cdef) that csrc/wait/green_python.c calls with the GIL held
 and no exception pending: it set the caller's pending exception aside and
 puts it back, identical, afterwards, whatever happens here.  The last two
 are called through the CPython API: ``record_interruption`` by the wait
-below Python (csrc/green_fastwait.c, through the same helper) and
+below Python (csrc/wait/green_fastwait.c, through the same helper) and
 ``take_pending_interrupt`` by the trace function that delivers an
-interruption (csrc/green_deliver.c).  Each delegates to
+interruption (csrc/wait/green_deliver.c).  Each delegates to
 the module that owns the rule; none lets an exception reach C (the onerror
 handlers report what slips through and give C an answer that blocks
 natively or does nothing).
 
-An interruption armed for delivery (csrc/green_deliver.c) never fires in
+An interruption armed for delivery (csrc/wait/green_deliver.c) never fires in
 these functions: they run below the C call, in frames that descend from the
 frame that made it, and the exception waits for that frame.  C finds this
-module by its name (GREENIFY_ENTRIES_MODULE in csrc/green_python.h).
+module by its name (GREENIFY_ENTRIES_MODULE in csrc/wait/green_python.h).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _loaded_failed(exc_type, exc_value, traceback) -> None:
 
 @ffi.def_extern(onerror=_wait_failed)
 def greenify_wait(watches, nwatches: int, timeout_s: float) -> int:
-    """A green function would block: wait (csrc/green_core.c, green_wait)."""
+    """A green function would block: wait (csrc/wait/green_wait.c, green_wait)."""
     return _bridge.wait(watches, nwatches, timeout_s)
 
 
@@ -73,24 +73,24 @@ def greenify_closing(fd: int) -> None:
 
 @ffi.def_extern(onerror=_offload_failed)
 def greenify_offload(job) -> int:
-    """A green resolver call hands its job to a worker thread (csrc/green_resolve.c)."""
+    """A green resolver call hands its job to a worker thread (csrc/twins/green_resolve.c)."""
     return _offload.offload(job)
 
 
 @ffi.def_extern(onerror=_loaded_failed)
 def greenify_loaded() -> None:
-    """A hooked dlopen added objects (csrc/onload.c): patch what matches."""
+    """A hooked dlopen added objects (csrc/patch/onload.c): patch what matches."""
     onload.on_loaded()
 
 
 def record_interruption(current, exc: BaseException) -> int:
-    """The wait below Python (csrc/green_fastwait.c) was interrupted: keep
+    """The wait below Python (csrc/wait/green_fastwait.c) was interrupted: keep
     the exception as the bridge does."""
     return _bridge.interrupted_by(current, exc)
 
 
 def take_pending_interrupt() -> Optional[BaseException]:
-    """The trace function delivering an interruption (csrc/green_deliver.c)
+    """The trace function delivering an interruption (csrc/wait/green_deliver.c)
     takes the current greenlet's kept exception here, through the CPython
     API (and, from another greenlet, drops those of greenlets that ended)."""
     return _bridge.take_pending_interrupt()

@@ -1,4 +1,4 @@
-"""The green functions, as csrc/green.h lists them, read through cffi.
+"""The green functions, as csrc/wait/green.h lists them, read through cffi.
 
 One row per libc call greenify knows to block: its name, the address of its
 green twin (None for a call without one: greenify-inspect reports it, the
@@ -40,7 +40,7 @@ def _read_rows(entry_at=lib.green_function_entry) -> Tuple[GreenFunction, ...]:
 
 
 GREEN_FUNCTIONS: Tuple[GreenFunction, ...] = _read_rows()
-# The twins a TLS library gets (csrc/green_tls.h): green on a greenified client's descriptors only.
+# The twins a TLS library gets (csrc/twins/green_tls.h): green on a greenified client's descriptors only.
 TLS_TWINS: Tuple[GreenFunction, ...] = _read_rows(lib.green_tls_function_entry)
 
 

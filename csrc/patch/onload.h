@@ -6,7 +6,7 @@
  * Each calls glibc's function and then, only when that load added objects
  * (loaded_adds(), in loaded.h, moved) and no other hooked load of this
  * thread is still in progress, enters Python through green_python_loaded()
- * (csrc/green_python.c: takes the GIL, keeps a pending exception) before
+ * (csrc/wait/green_python.c: takes the GIL, keeps a pending exception) before
  * returning to the caller: the new library is patched before its caller can
  * call it.
  *

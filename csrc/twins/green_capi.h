@@ -1,6 +1,6 @@
 /*
  * The C API's table, for greenify/capi.py, which wraps it in the capsule
- * greenify._C_API (csrc/green_capi.c; the table's layout is
+ * greenify._C_API (csrc/twins/green_capi.c; the table's layout is
  * greenify/include/greenify.h's struct greenify_api).
  */
 #ifndef GREENIFY_GREEN_CAPI_H

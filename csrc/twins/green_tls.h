@@ -18,7 +18,7 @@
 #include "green.h"
 
 /* The calls a TLS library gets a twin for, X(name): green_tls_<name> has
-   libc's signature.  The one list: csrc/green_functions.c exports it to
+   libc's signature.  The one list: csrc/twins/green_functions.c exports it to
    Python (greenify/functions.py's tls_twins()). */
 #define GREEN_TLS_TWINS(X)                                                                                    \
     X(read) X(write) X(readv) X(writev) X(recv) X(recvfrom) X(recvmsg) X(send) X(sendto) X(sendmsg) X(close)

@@ -43,7 +43,7 @@
 
 /* Every libc call greenify knows to block, once each: the one list the
    patcher's twins, greenify-inspect's categories and greenify.stats()'
-   names are derived from (through green_function_entry(), csrc/green_functions.c).
+   names are derived from (through green_function_entry(), csrc/twins/green_functions.c).
    X(name, family): a green twin green_<name> exists, with libc's signature. */
 #define GREEN_FUNCTIONS(X)                                                                                    \
     X(connect, "socket") X(accept, "socket") X(accept4, "socket") X(recv, "socket") X(recvfrom, "socket")    \
@@ -78,7 +78,7 @@ struct green_function_entry {
 };
 /* The index-th row, NULL past the last. */
 const struct green_function_entry *green_function_entry(int index);
-/* Likewise for the TLS libraries' twins (csrc/green_tls.h): family "tls". */
+/* Likewise for the TLS libraries' twins (csrc/twins/green_tls.h): family "tls". */
 const struct green_function_entry *green_tls_function_entry(int index);
 
 /* One call's waits, as counted by greenify.stats(): the call counts once,
@@ -114,10 +114,10 @@ const struct timespec *green_time_left(int64_t deadline_ns, struct timespec *lef
 int green_ms_left(int64_t deadline_ns);
 
 /* Wait, through the bridge, until one of the watches is ready or the
-   deadline passes (csrc/green_core.c); errno is left as found. */
+   deadline passes (csrc/wait/green_wait.c); errno is left as found. */
 int green_wait(struct green_call *call, const struct green_watch *watches, int nwatches, int64_t deadline_ns);
 
-/* The common wait (one fd) below Python (csrc/green_fastwait.c):
+/* The common wait (one fd) below Python (csrc/wait/green_fastwait.c):
    GREEN_WOKEN, GREEN_TIMED_OUT, GREEN_INTERRUPTED, or GREEN_FAST_UNAVAILABLE
    where the general bridge must do it.  deadline_ends_call: whether the
    caller gives up at the deadline (or only learns something then). */
@@ -161,7 +161,7 @@ static inline int green_interrupted_here(void)
 
 /* The receive this thread last saw the kernel refuse with EAGAIN: a poll
    that asks for just that descriptor's input right after need not ask the
-   kernel first (csrc/green_poll.c).  Only a hint: poll's answer still comes
+   kernel first (csrc/twins/green_poll.c).  Only a hint: poll's answer still comes
    from the kernel. */
 extern __thread int green_last_refused_fd;
 
@@ -174,7 +174,7 @@ static inline ssize_t green_noting_refusal(ssize_t result, int fd)
 
 /* One blocking data call's wait on one fd, with what it learns on the way:
    whether the fd is O_NONBLOCK and the socket's SO_RCVTIMEO/SO_SNDTIMEO
-   (read only once the wait lasts a few milliseconds: csrc/green_core.c). */
+   (read only once the wait lasts a few milliseconds: csrc/wait/green_wait.c). */
 enum { GREEN_IO_UNKNOWN, GREEN_IO_KNOWN, GREEN_IO_TIMEOUT_UNREAD };
 struct green_io_wait {
     struct green_call call;
@@ -185,7 +185,7 @@ struct green_io_wait {
 #define GREEN_IO_WAIT_FOR(function) {{(function), 0}, GREEN_IO_UNKNOWN, GREEN_NO_DEADLINE, 0}
 #define GREEN_IO_WAIT_INIT(name) GREEN_IO_WAIT_FOR(GREEN_FN_##name)
 int green_wait_io(int fd, int events, struct green_io_wait *io_wait);
-/* Its steps, for a call that waits otherwise too (csrc/green_io.c's
+/* Its steps, for a call that waits otherwise too (csrc/twins/green_io.c's
    recv_whole, connect): the look at O_NONBLOCK before the first wait
    (GREEN_NONBLOCKING: the kernel would not wait; 0: the call's start is
    noted), and the read of SO_RCVTIMEO (GREEN_READ) or SO_SNDTIMEO
@@ -200,7 +200,7 @@ void green_set_finalizing(void);
 void green_set_interrupts_pending(int count);
 void green_set_waiters_registered(int count);
 
-/* Wait statistics (csrc/green_stats.c): a call that waited, counted once,
+/* Wait statistics (csrc/wait/green_stats.c): a call that waited, counted once,
    and the time it waited; read by greenify.stats(). */
 void green_stats_count_wait(struct green_call *call, int64_t started_ns);
 int green_stats_count(void);

@@ -1,5 +1,5 @@
 /*
- * Resolver lookups queued for worker threads (csrc/green_resolve.c).  A
+ * Resolver lookups queued for worker threads (csrc/twins/green_resolve.c).  A
  * caller whose lookup is queued asks its waiter, through
  * green_python_offload(), for a worker thread; the bridge
  * (greenify/waiting/offload.py) takes a runner from green_offload_runner_new()

@@ -1,6 +1,6 @@
 /*
  * Every entry from C into Python goes through green_python_enter() and
- * green_python_leave() (csrc/green_python.h), the one place that knows what
+ * green_python_leave() (csrc/wait/green_python.h), the one place that knows what
  * entering Python must leave as found.
  *
  * A library may call a green function while a Python exception is pending
@@ -15,7 +15,7 @@
  * being handled, the recursion depth) is balanced by Python itself.
  *
  * The Python side of each entry is a function in greenify/entries.py
- * (extern "Python+C" in csrc/green_python.cdef, defined by cffi).
+ * (extern "Python+C" in csrc/wait/green_python.cdef, defined by cffi).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -6,8 +6,8 @@
  * The Python side of each is in greenify/entries.py, the module named
  * below.  Besides the five cffi callbacks declared here, two places call
  * that module through the CPython API: the trace function that delivers an
- * interruption (csrc/green_deliver.c, take_pending_interrupt) and the wait
- * below Python (csrc/green_fastwait.c, which enters through the same helper
+ * interruption (csrc/wait/green_deliver.c, take_pending_interrupt) and the wait
+ * below Python (csrc/wait/green_fastwait.c, which enters through the same helper
  * and calls record_interruption).
  */
 #ifndef GREENIFY_GREEN_PYTHON_H
@@ -29,7 +29,7 @@ int green_python_interrupted(void);
 void green_python_closing(int fd);
 /* Hand a resolver job to a worker thread: GREEN_OFFLOAD_SUBMITTED or _NATIVE. */
 int green_python_offload(struct green_offload_job *job);
-/* A hooked dlopen added objects: patch what matches (csrc/onload.c). */
+/* A hooked dlopen added objects: patch what matches (csrc/patch/onload.c). */
 void green_python_loaded(void);
 
 #ifdef Py_PYTHON_H
@@ -77,14 +77,14 @@ static inline void green_python_leave(struct green_python_entry *entry)
 
 /* The exception kept for the calling greenlet after an interrupted wait
    (a new reference; None if there is none), for the trace function that
-   delivers it (csrc/green_deliver.c); NULL, reported, if the call failed. */
+   delivers it (csrc/wait/green_deliver.c); NULL, reported, if the call failed. */
 PyObject *green_python_take_interrupt(void);
 #endif
 
 /* After a wait reported GREEN_INTERRUPTED, in the interrupted greenlet:
    raise the kept exception once the Python frame that made the C call runs
    again, never in Python the C call runs on its way out
-   (csrc/green_deliver.c). */
+   (csrc/wait/green_deliver.c). */
 void green_arm_delivery(void);
 
 #endif

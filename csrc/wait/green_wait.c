@@ -87,7 +87,7 @@ static int wait_until(struct green_call *call, const struct green_watch *watches
     }
     __atomic_add_fetch(&green_state.waiting, 1, __ATOMIC_RELAXED);
     /* The common wait (one descriptor) below Python first
-       (csrc/green_fastwait.c); everything else, and whatever it declines,
+       (csrc/wait/green_fastwait.c); everything else, and whatever it declines,
        through the bridge. */
     result = nwatches == 1 ? green_fast_wait(watches, deadline_ns, deadline_ends_call) : GREEN_FAST_UNAVAILABLE;
     if (result == GREEN_FAST_UNAVAILABLE)

@@ -67,7 +67,7 @@ extern "C" {
 
 /* The API: the library's version and size, then one pointer per green
    function, named after the libc call it replaces.  The build of greenify
-   checks that these are exactly its green functions (csrc/green_capi.c). */
+   checks that these are exactly its green functions (csrc/twins/green_capi.c). */
 struct greenify_api {
     unsigned int version_major; /* GREENIFY_API_VERSION_MAJOR of the library that filled it */
     unsigned int version_minor;

@@ -33,7 +33,7 @@ log = logging.getLogger("greenify")
 
 @lru_cache(maxsize=None)
 def tls_twins() -> Dict[str, int]:
-    """symbol -> address of its twin for TLS libraries (csrc/green_tls.h's
+    """symbol -> address of its twin for TLS libraries (csrc/twins/green_tls.h's
     list, read by greenify.functions).  They cover data transfer and close,
     and go green only on a descriptor a patched library connected: the
     library's other users (Python's ssl module shares the system's

@@ -62,7 +62,7 @@ RELOCATION_TYPES: Dict[int, Dict[int, str]] = {
 }
 
 # libc calls that can block a thread, from the list of green functions
-# (csrc/green.h).  Only those with a green twin get patched; the others are
+# (csrc/wait/green.h).  Only those with a green twin get patched; the others are
 # read so a report can say they were left alone.
 BLOCKING_CALLS: FrozenSet[str] = _functions.blocking_calls()
 

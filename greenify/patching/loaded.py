@@ -1,7 +1,7 @@
 """The objects loaded in this process, and matching a target to them.
 
 ``loaded_objects()`` asks the dynamic loader (dl_iterate_phdr, in
-csrc/loaded.c) for every loaded object: its path, load base, PT_LOAD segments
+csrc/patch/loaded.c) for every loaded object: its path, load base, PT_LOAD segments
 as mapped and GNU build-id as found in memory.  ``find_loaded(target)``
 resolves what a user names to those objects:
 

@@ -6,7 +6,7 @@
 
 How: while a registration is active, the ``dlopen`` and ``dlmopen`` GOT
 slots (every symbol version) of each loaded object that imports them point
-at ``greenify_dlopen_hook``/``greenify_dlmopen_hook`` (csrc/onload.c): the
+at ``greenify_dlopen_hook``/``greenify_dlmopen_hook`` (csrc/patch/onload.c): the
 interpreter (its import machinery), ``_ctypes``, drivers, and every object
 loaded later.  The hook calls glibc's function and, when the load added
 objects, calls ``on_loaded`` below before returning to the caller:

@@ -100,7 +100,7 @@ class PatchReport:
 @lru_cache(maxsize=None)
 def green_twins() -> Dict[str, int]:
     """symbol -> address of its green twin, from the list of green
-    functions (csrc/green.h, read by greenify.functions)."""
+    functions (csrc/wait/green.h, read by greenify.functions)."""
     from greenify import functions as _functions
 
     return _functions.twins()

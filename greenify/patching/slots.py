@@ -10,7 +10,7 @@ imports at the green twins, and patch_on_load (greenify/patching/onload.py) poin
   build-id and PT_LOAD layout) and every slot it names lies in the object's
   own writable loaded segments;
 * write and record (``write``): all of the object's slots or none, through
-  csrc/slots.c; each slot's previous value kept in a PatchedSlot;
+  csrc/patch/slots.c; each slot's previous value kept in a PatchedSlot;
 * restore (``restore``): what each slot held before, unless someone hooked
   it since.
 
@@ -42,7 +42,7 @@ POINTER_SIZE = struct.calcsize("P")
 
 # What a slot greenify wrote now holds (PatchedSlot.purpose).
 TWIN = "green twin"          # patch_library: a blocking import -> its green twin
-DLOPEN_HOOK = "dlopen hook"  # patch_on_load: dlopen/dlmopen -> csrc/onload.c's hook
+DLOPEN_HOOK = "dlopen hook"  # patch_on_load: dlopen/dlmopen -> csrc/patch/onload.c's hook
 
 ObjectKey = Tuple[str, int]  # (real path, load base) of a loaded object
 
@@ -143,7 +143,7 @@ def slot_value(slot_address: int) -> int:
 
 def write_slots(changes: Sequence[Tuple[int, int, int]]):
     """Store every (slot address, new value, expected value or 0 for any)
-    through csrc/slots.c: all or nothing, each page's protection put back
+    through csrc/patch/slots.c: all or nothing, each page's protection put back
     exactly.  Returns the cffi array (``previous`` and ``written`` per
     entry) and None, or None and the reason nothing was written.  The one
     place greenify stores into slots; callers hold the lock."""

@@ -2,7 +2,7 @@
 
 The green functions (C) decide *when* to wait; this module decides *how*.
 Its functions are entered from C through greenify/entries.py, with the GIL
-held and no exception pending (csrc/green_python.c set the caller's aside),
+held and no exception pending (csrc/wait/green_python.c set the caller's aside),
 and never raise into C.
 
 Which waiter serves a wait, per wait: the current greenlet's own, if one was

@@ -1,5 +1,5 @@
 """Attaching a thread's gevent hub to the common wait below Python
-(csrc/green_fastwait.c).
+(csrc/wait/green_fastwait.c).
 
 The C side needs the hub's libev loop and libev's io and timer start/stop,
 event feeding, iteration count and clock update, which gevent's default

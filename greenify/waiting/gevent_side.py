@@ -128,7 +128,7 @@ class HubWaiter:
         descriptor is gone, and register the C waiters' descriptors anew
         (their number may name a new file by now)."""
         self._wake([watcher for watcher in self.waiting_watchers() if descriptor_closed(watcher.fd)])
-        for fd in _fastwait.waiting_fds():  # the waits below Python (csrc/green_fastwait.c)
+        for fd in _fastwait.waiting_fds():  # the waits below Python (csrc/wait/green_fastwait.c)
             if descriptor_closed(fd):
                 _fastwait.wake(fd)
         _fastwait.refresh()

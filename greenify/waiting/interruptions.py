@@ -33,7 +33,7 @@ def interrupted() -> int:
 
 def take_pending_interrupt() -> Optional[BaseException]:
     """The exception to raise in the current greenlet now that its
-    interrupted C call is back in Python, or None (for csrc/green_deliver.c)."""
+    interrupted C call is back in Python, or None (for csrc/wait/green_deliver.c)."""
     exc = _interrupted.pop(getcurrent(), None)
     for gone in [glet for glet in _interrupted if glet.dead]:
         del _interrupted[gone]

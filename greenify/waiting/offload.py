@@ -1,6 +1,6 @@
 """The resolver's hand-off: worker threads for libc's getaddrinfo and friends.
 
-A green resolver call (csrc/green_resolve.c) queues its job in C and enters
+A green resolver call (csrc/twins/green_resolve.c) queues its job in C and enters
 here once (entry greenify_offload) to make sure a worker thread will come.
 That worker runs a *runner*: a C loop that calls libc for queued jobs until
 none is left, without the GIL.  The runner goes to the calling greenlet's

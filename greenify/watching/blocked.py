@@ -5,7 +5,7 @@ reads:
 
 * ``/proc/PID/task/TID/syscall``: the system call the thread sleeps in, its
   arguments, its stack and instruction pointers.  The call maps to the libc
-  functions greenify knows (csrc/green.h's lists, through greenify.functions)
+  functions greenify knows (csrc/wait/green.h's lists, through greenify.functions)
   by the table below, one row per architecture;
 * the thread's stack, from ``/proc/PID/mem`` (a bad address is an error
   there, never a crash): the first word from the stack pointer up that lies
@@ -41,7 +41,7 @@ from greenify.patching import elf
 from greenify.patching import inventory
 from greenify.patching import loaded
 
-# System call number -> the functions of csrc/green.h's lists that issue it
+# System call number -> the functions of csrc/wait/green.h's lists that issue it
 # (glibc's wrappers: recv is recvfrom, poll may be ppoll, sleep is
 # clock_nanosleep).  "futex" is no libc function greenify knows: a thread
 # waiting there waits for another thread (a lock, a condition).

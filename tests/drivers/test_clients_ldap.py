@@ -11,7 +11,7 @@ What is new: libldap waits for each answer in ``poll(POLLIN|POLLPRI)``, a
 mask libev cannot watch, so the green poll waits on a private epoll set;
 closing it without telling the hub left the next set (same descriptor
 number) unreported until the hub's once-a-second sweep: 0.3 s searches took
-1.0 s (fixed in csrc/green_poll.c, tests/twins/test_green_poll_private_set.py).
+1.0 s (fixed in csrc/twins/green_poll.c, tests/twins/test_green_poll_private_set.py).
 The call a user writes: ``greenify.patch_library(ldap._ldap)`` (the extension
 module; it follows DT_NEEDED to libldap, liblber, libsasl2 and GnuTLS).
 StartTLS (GnuTLS on Debian, the server's certificate verified) runs

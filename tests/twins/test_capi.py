@@ -167,7 +167,7 @@ def test_the_header_calls_every_green_function_and_is_libc_until_given_the_api(t
     # fixtures/capi_check.c: each green_<name> of GREEN_FUNCTIONS is a call
     # through the table's member of that type (at compile time), and libc's
     # own function until Greenify_Use() (at run time); the build of greenify
-    # checked the table's members against green_twins.h (csrc/green_capi.c)
+    # checked the table's members against green_twins.h (csrc/twins/green_capi.c)
     program = tmp_path / "capi_check"
     subprocess.run([compiler(), "-Wall", "-Wextra", "-Werror", *flags, f"-I{greenify.get_include()}", f"-I{CSRC / 'wait'}", f"-I{CSRC / 'twins'}",
                     "-o", str(program), str(FIXTURES / "capi_check.c")], check=True, capture_output=True)

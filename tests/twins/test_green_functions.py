@@ -1,4 +1,4 @@
-"""The one list of green functions (csrc/green.h) and what is derived from it."""
+"""The one list of green functions (csrc/wait/green.h) and what is derived from it."""
 from __future__ import annotations
 
 import ctypes

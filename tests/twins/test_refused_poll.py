@@ -1,6 +1,6 @@
 """A driver's wait as libmariadb makes it: recv refused with EAGAIN, then
 poll on that one descriptor.  The green poll starts waiting without asking
-the kernel first (csrc/green_poll.c, refused_just_now), so these tests hold
+the kernel first (csrc/twins/green_poll.c, refused_just_now), so these tests hold
 its answers to libc's: the pointer judged as the kernel judges it, revents
 overwritten, timeouts, hang-ups and interruptions as before."""
 from __future__ import annotations

@@ -96,7 +96,7 @@ def count_syscalls(strace: str, case: str, tmp_path) -> tuple:
     "poll on a ready socket",
     "select on a ready socket",
     # Today read/write on a pipe or a regular file try recv/send first
-    # (ENOTSOCK), then poll, then read/write: three.  Once csrc/green_io.c
+    # (ENOTSOCK), then poll, then read/write: three.  Once csrc/twins/green_io.c
     # skips the socket call and the probe there, these markers go (strict: an
     # unexpected pass fails, so they and the README's claim change with it).
     pytest.param("read on a pipe", marks=THREE_TODAY),

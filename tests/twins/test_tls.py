@@ -15,7 +15,7 @@ must agree).  Timings go to .results/tests/tls-results.json (tests/support/tls_r
 
 Python's ssl module shares the system's libcrypto with libmariadb: libcrypto
 gets twins that go green only on descriptors a patched library connected
-(csrc/green_tls.c), so gevent's SSL sockets, blocking ssl in a plain thread
+(csrc/twins/green_tls.c), so gevent's SSL sockets, blocking ssl in a plain thread
 and urllib over https behave as before (same results, no wait on a hub).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The common wait below Python (csrc/green_fastwait.c): one descriptor, no
+"""The common wait below Python (csrc/wait/green_fastwait.c): one descriptor, no
 deadline, on gevent's default loop.  It must be taken where it applies and
 give way to the general bridge everywhere else, with the same results."""
 from __future__ import annotations

@@ -89,7 +89,7 @@ def run_closer(closer: str, action: Callable[[], object]) -> object:
 # --- the ways a C call waits ------------------------------------------------------
 
 def fast_recv(fd: int) -> int:
-    """One descriptor, no deadline: the wait below Python (csrc/green_fastwait.c)."""
+    """One descriptor, no deadline: the wait below Python (csrc/wait/green_fastwait.c)."""
     return call_green("recv", fd, buffer(1), 1, 0)[0]
 
 
