@@ -125,7 +125,8 @@ def verdict(entry: dict) -> str:
 
 
 def _files(entry: dict) -> str:
-    return ", ".join(f"`{name.rsplit('/', 1)[-1][:-3]}`" for name in entry["files"])
+    """The test modules' names, in order of name (not of the folders they sit in)."""
+    return ", ".join(f"`{name}`" for name in sorted(path.rsplit("/", 1)[-1][:-3] for path in entry["files"]))
 
 
 def statement(results: Dict[str, dict]) -> str:

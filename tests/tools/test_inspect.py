@@ -413,7 +413,7 @@ TLS_CLIENTS = {  # client -> the TLS library doing its socket I/O and a call it 
 
 
 @pytest.mark.parametrize("client", list(TLS_CLIENTS))
-def test_tls_client_says_which_library_does_its_socket_io_as_the_patcher_decides(client):
+def test_tls_client_says_which_library_does_its_socket_io(client):
     """The inspector's TLS line is the patcher's own decision
     (greenify.patching.companions): the library that gets the TLS twins."""
     path = system_library(Path("/usr/lib/x86_64-linux-gnu") / client)
