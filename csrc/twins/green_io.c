@@ -292,6 +292,14 @@ static ssize_t send_all(int function, int fd, const struct msghdr *msg, int flag
             result = (ssize_t)done;
             break;
         }
+        /* A non-blocking descriptor's send returns what the kernel took in
+           one attempt, as libc's does: it is asked only after a partial
+           send (the common send moves everything at once). */
+        if (done > 0 && io_wait.looked_up == GREEN_IO_UNKNOWN &&
+            green_io_wait_begin(fd, &io_wait) == GREEN_NONBLOCKING) {
+            result = (ssize_t)done;
+            break;
+        }
         rest.msg_iov = cursor.iov;
         rest.msg_iovlen = (size_t)cursor.iovcnt;
         n = send_some(fd, &rest, flags, vfs, 1);

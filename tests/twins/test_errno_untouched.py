@@ -296,3 +296,33 @@ def test_a_zero_length_receive_at_the_socket_timeout_answers_as_the_kernel(kind,
             os.close(a)
             os.close(b)
     assert outcomes["green"] == outcomes["libc"]
+
+
+def test_a_send_on_a_non_blocking_socket_returns_what_one_attempt_took_while_the_peer_drains():
+    """libc's send on a non-blocking socket returns after the kernel's one
+    attempt; the twin may not go on sending what the draining peer makes
+    room for (psycopg2's flush loop never saw a partial write)."""
+    import threading
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    data = b"x" * (64 << 20)
+    stop = threading.Event()
+
+    def drain():
+        b.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                b.recv(1 << 20)
+            except (socket.timeout, OSError):
+                pass
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        sent, err = gevent.spawn(green_errno_after, "send", a.fileno(), data, len(data), 0).get(timeout=30)
+    finally:
+        stop.set()
+        reader.join()
+        a.close()
+        b.close()
+    assert 0 < sent < len(data), sent  # one attempt: at most what the socket buffers held
+    assert err == SENTINEL
