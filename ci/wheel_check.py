@@ -35,6 +35,7 @@ run(sys.executable, "-m", "greenify.demo")
 # checkout (the installed wheel's greenify, not the source tree's)
 _spec = importlib.util.spec_from_file_location("servers", os.path.join(tests_dir, "support", "servers.py"))
 servers = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = servers  # its dataclasses look their module up
 _spec.loader.exec_module(servers)
 
 with servers.start_mariadb() as mariadb:
