@@ -31,7 +31,7 @@ from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequ
 
 from greenify import functions as _functions
 from greenify.patching import elf
-from greenify.patching import loaded
+from greenify.patching import loaded, policy
 from greenify.patching.imports import read_target_file
 from greenify.patching import slots
 from greenify.errors import GreenifyError, StaticExecutableError, WrongMachineError
@@ -336,9 +336,6 @@ def _rank(libraries: Sequence[LibraryReport]) -> List[LibraryReport]:
     return sorted(ranked, key=order)
 
 
-POLL_SYMBOLS: FrozenSet[str] = elf.with_fortified_forms(_functions.blocking_calls("poll"))
-
-
 def _recommend_drivers_that_wait(ranked: List[LibraryReport], children: Sequence[Sequence[int]],
                                  users_reach: Set[int]) -> List[LibraryReport]:
     """A driver that waits on its client library's sockets in its own code
@@ -350,7 +347,7 @@ def _recommend_drivers_that_wait(ranked: List[LibraryReport], children: Sequence
     for position, library in enumerate(ranked):
         if library.recommended or position not in users_reach or _is_runtime(library):
             continue
-        waits = sorted({imp.symbol for imp in library.patchable if imp.symbol in POLL_SYMBOLS})
+        waits = sorted({imp.symbol for imp in library.patchable if imp.symbol in policy.READINESS_CALLS})
         clients = [ranked[child].patch_name for child in children[position] if ranked[child].recommended]
         if waits and clients:
             result[position] = dataclasses.replace(library, recommended=True, note=(
