@@ -24,7 +24,7 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 CSRC = HERE / "csrc"
 LAYERS = [CSRC / "wait", CSRC / "twins", CSRC / "patch"]  # bottom up
-OUR_PREFIXES = ("green", "slots_", "loaded_", "onload_")
+OUR_PREFIXES = ("green", "slots_", "loaded_", "onload_", "relocs_")
 
 _PROTOTYPE = re.compile(r"^(?:extern (?:\"Python\+C\" )?)?(?!typedef|struct|return)[\w\s\*]+?[\s\*](\w+)\s*\((.*)\)$")
 

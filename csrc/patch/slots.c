@@ -150,13 +150,10 @@ static int store_slot(struct slots_write *write, uintptr_t value, uintptr_t expe
     return SLOTS_OK;
 }
 
-int slots_write_all(struct slots_write *writes, int count, char *error, size_t error_size)
+/* One object's writes, all or nothing, checked against the maps read. */
+static int write_group(const struct maps *maps, struct slots_write *writes, int count, char *error,
+                       size_t error_size)
 {
-    struct maps maps;
-    if (read_maps(&maps) != 0) {
-        set_error(error, error_size, "cannot read /proc/self/maps: %s", strerror(errno));
-        return SLOTS_MAPS_UNREADABLE;
-    }
     int *prots = calloc(count > 0 ? (size_t)count : 1, sizeof(int));
     int result = prots ? SLOTS_OK : SLOTS_MAPS_UNREADABLE;
     if (!prots)
@@ -172,7 +169,7 @@ int slots_write_all(struct slots_write *writes, int count, char *error, size_t e
             result = SLOTS_MISALIGNED;
             break;
         }
-        const struct mapping *mapping = find_mapping(&maps, slot);
+        const struct mapping *mapping = find_mapping(maps, slot);
         if (!mapping || slot + sizeof(uintptr_t) > mapping->end || !(mapping->prot & PROT_READ)) {
             set_error(error, error_size, "slot %#lx is not in a readable mapping of /proc/self/maps",
                       (unsigned long)slot);
@@ -200,6 +197,35 @@ int slots_write_all(struct slots_write *writes, int count, char *error, size_t e
         }
     }
     free(prots);
+    return result;
+}
+
+int slots_write_all(struct slots_write *writes, int count, char *error, size_t error_size)
+{
+    struct maps maps;
+    if (read_maps(&maps) != 0) {
+        set_error(error, error_size, "cannot read /proc/self/maps: %s", strerror(errno));
+        return SLOTS_MAPS_UNREADABLE;
+    }
+    int result = write_group(&maps, writes, count, error, error_size);
     free(maps.mappings);
     return result;
+}
+
+int slots_write_groups(struct slots_write *writes, const int *ends, int groups, int *statuses, char *errors)
+{
+    struct maps maps;
+    if (read_maps(&maps) != 0) {
+        for (int g = 0; g < groups; g++) {
+            statuses[g] = SLOTS_MAPS_UNREADABLE;
+            set_error(errors + (size_t)g * SLOTS_ERROR_MAX, SLOTS_ERROR_MAX, "cannot read /proc/self/maps: %s",
+                      strerror(errno));
+        }
+        return SLOTS_MAPS_UNREADABLE;
+    }
+    for (int g = 0, start = 0; g < groups; start = ends[g], g++)
+        statuses[g] = write_group(&maps, writes + start, ends[g] - start, errors + (size_t)g * SLOTS_ERROR_MAX,
+                                  SLOTS_ERROR_MAX);
+    free(maps.mappings);
+    return SLOTS_OK;
 }

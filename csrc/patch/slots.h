@@ -36,4 +36,12 @@ struct slots_write {
    error[0..error_size). */
 int slots_write_all(struct slots_write *writes, int count, char *error, size_t error_size);
 
+/* slots_write_all() for several objects with one read of /proc/self/maps
+   (patch_all() writes into dozens; the maps are most of a small write's
+   cost): group g is writes[ends[g-1] .. ends[g]) (from 0 for the first),
+   written all or nothing on its own, its result in statuses[g] and its
+   message in errors[g * SLOTS_ERROR_MAX ..].  Returns SLOTS_MAPS_UNREADABLE
+   when nothing could be checked (every group says so), else SLOTS_OK. */
+int slots_write_groups(struct slots_write *writes, const int *ends, int groups, int *statuses, char *errors);
+
 #endif

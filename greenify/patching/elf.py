@@ -25,6 +25,7 @@ import mmap
 import os
 import stat
 import struct
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
@@ -168,6 +169,8 @@ class ElfClass:
     def __init__(self, bits: int, byte_order: str) -> None:
         is64 = bits == 64
         self.bits = bits
+        # in this machine's byte order: csrc/patch/relocs.c can read it
+        self.native = (byte_order == "<") == (sys.byteorder == "little")
 
         def bind(name: str, layout64: Layout, layout32: Optional[Layout] = None) -> Structure:
             return Structure(name, layout64 if is64 or layout32 is None else layout32, byte_order)
@@ -447,21 +450,10 @@ def _read(image: _Image, wanted: FrozenSet[str]) -> ElfImports:
     # and a file whose table holds none of them has no relocation to read.
     if wanted and reloc_types and "DT_SYMTAB" in tags:
         symbols = _Symbols(image, tags, strings)
-        by_bytes, longest = _wanted_bytes(wanted)
-        wanted_name: Dict[int, Optional[str]] = {}  # symbol index -> its name if wanted, else None
-        seen: Set[int] = set()
-        for r_offset, r_sym, r_type, r_addend in _relocations(image, tags):
-            type_name = reloc_types.get(r_type)
-            if type_name is None or r_sym == 0 or r_offset in seen:
-                continue
-            if r_sym in wanted_name:
-                name = wanted_name[r_sym]
-            else:  # the symbol's name compared as bytes, never decoded: most are not wanted
-                name = wanted_name[r_sym] = by_bytes.get(strings.raw(f"name of symbol {r_sym}",
-                                                                     symbols.name_offset(r_sym), longest))
-            if name is None:
-                continue
-            seen.add(r_offset)
+        found = _wanted_relocations_fast(image, tags, strings, symbols, wanted, reloc_types)
+        if found is None:  # a bulk check failed: the careful path reads it entry by entry, and says what is wrong
+            found = list(_wanted_relocations(image, tags, strings, symbols, wanted, reloc_types))
+        for name, r_offset, r_sym, type_name, r_addend in found:
             defined = symbols.is_defined(r_sym)
             entry = BlockingImport(name, symbols.version(r_sym, defined), type_name, r_offset, r_addend)
             (self_defined if defined else imports).append(entry)
@@ -512,8 +504,92 @@ class _StringTable:
         return self.image.string(what, self.start + offset, self.end)
 
 
-def _relocations(image: _Image, tags: Dict[str, int]) -> Iterator[Tuple[int, int, int, int]]:
-    """(r_offset, r_info_sym, r_info_type, r_addend) of DT_JMPREL, DT_RELA and DT_REL."""
+# One relocation of a wanted symbol: (name, r_offset, symbol index, type name, r_addend)
+_Wanted = Tuple[str, int, int, str, int]
+
+
+def _wanted_relocations(image: _Image, tags: Dict[str, int], strings: "_StringTable", symbols: "_Symbols",
+                        wanted: FrozenSet[str], reloc_types: Dict[int, str]) -> Iterator[_Wanted]:
+    """The relocations of a known type that name a wanted symbol, in table
+    order, the first one of each r_offset: the careful path, one relocation
+    and one symbol at a time, each checked as it is read."""
+    by_bytes, longest = _wanted_bytes(wanted)
+    wanted_name: Dict[int, Optional[str]] = {}  # symbol index -> its name if wanted, else None
+    seen: Set[int] = set()
+    for r_offset, r_sym, r_type, r_addend in _relocations(image, tags):
+        type_name = reloc_types.get(r_type)
+        if type_name is None or r_sym == 0 or r_offset in seen:
+            continue
+        if r_sym in wanted_name:
+            name = wanted_name[r_sym]
+        else:  # the symbol's name compared as bytes, never decoded: most are not wanted
+            name = wanted_name[r_sym] = by_bytes.get(strings.raw(f"name of symbol {r_sym}",
+                                                                 symbols.name_offset(r_sym), longest))
+        if name is None:
+            continue
+        seen.add(r_offset)
+        yield name, r_offset, r_sym, type_name, r_addend
+
+
+def _wanted_relocations_fast(image: _Image, tags: Dict[str, int], strings: "_StringTable", symbols: "_Symbols",
+                             wanted: FrozenSet[str], reloc_types: Dict[int, str]) -> Optional[List[_Wanted]]:
+    """_wanted_relocations' answer from csrc/patch/relocs.c, which walks the
+    tables in C (patch_all() reads every loaded object: tens of thousands of
+    relocations).  It makes the careful path's checks on everything it reads
+    and gives exactly its answer, or None where a check fails (or the file is
+    not in this machine's byte order): the careful path then reads the file
+    and names what is wrong (tests/patching/test_elf_fast_read.py compares
+    the two on every loaded object and on damaged files)."""
+    if not image.elf.native or strings.start is None:
+        return None
+    from greenify._green import ffi, lib
+
+    try:
+        tables = list(_relocation_tables(image, tags))
+    except NotElfError:
+        return None  # the careful path raises it, where it would
+    names, c_names, known, _buffers = _c_wanted(wanted, tuple(sorted(reloc_types)))
+    c_tables = ffi.new("struct relocs_table[]", max(len(tables), 1))
+    for entry, (_tag, start, size, is_rela) in zip(c_tables, tables):
+        entry.offset, entry.size, entry.is_rela = start, size, is_rela
+    layout = ffi.new("struct relocs_layout *", {
+        "is64": image.elf.bits == 64, "symtab": symbols._table_at, "symtab_end": symbols._table_end,
+        "strtab": strings.start, "strtab_end": strings.end})
+    data = ffi.from_buffer("unsigned char[]", image.data)
+    capacity = 256
+    while True:
+        found = ffi.new("struct relocs_found[]", capacity)
+        count = lib.relocs_find_wanted(data, len(image.data), c_tables, len(tables), layout, c_names, len(names),
+                                       known, len(known), found, capacity)
+        if count < 0:
+            return None
+        if count <= capacity:
+            break
+        capacity = count
+    return [(names[entry.name], entry.r_offset, entry.symbol, reloc_types[entry.type], entry.r_addend)
+            for entry in found[0:count]]
+
+
+@lru_cache(maxsize=16)
+def _c_wanted(wanted: FrozenSet[str], types: Tuple[int, ...]):
+    """The wanted names in strcmp's order, as a C array of strings, the
+    known types as a table indexed by type, and the buffers the strings
+    point into (cached with the array, so they live as long as it does)."""
+    from greenify._green import ffi
+
+    names = sorted(wanted, key=lambda name: name.encode())
+    buffers = [ffi.new("char[]", name.encode()) for name in names]
+    c_names = ffi.new("const char *[]", buffers)
+    known = ffi.new("unsigned char[]", (max(types) + 1) if types else 1)
+    for r_type in types:
+        known[r_type] = 1
+    return names, c_names, known, buffers
+
+
+def _relocation_tables(image: _Image, tags: Dict[str, int]) -> Iterator[Tuple[str, int, int, bool]]:
+    """(tag, file offset, size, is_rela) of DT_JMPREL, DT_RELA and DT_REL,
+    each checked to lie in the file part of one PT_LOAD, less their leading
+    relative relocations."""
     elf = image.elf
     tables: List[Tuple[str, int, int, bool]] = []  # (tag, vaddr, size, is_rela)
     if "DT_JMPREL" in tags and tags.get("DT_PLTRELSZ"):
@@ -522,7 +598,6 @@ def _relocations(image: _Image, tags: Dict[str, int]) -> Iterator[Tuple[int, int
         tables.append(("DT_RELA", tags["DT_RELA"], tags["DT_RELASZ"], True))
     if "DT_REL" in tags and tags.get("DT_RELSZ"):
         tables.append(("DT_REL", tags["DT_REL"], tags["DT_RELSZ"], False))
-    sym_shift, type_mask = elf.r_sym_shift, elf.r_type_mask
     for tag, vaddr, size, is_rela in tables:
         structure = elf.rela if is_rela else elf.rel
         size -= size % structure.size
@@ -532,7 +607,15 @@ def _relocations(image: _Image, tags: Dict[str, int]) -> Iterator[Tuple[int, int
         # without reading their type, so they import nothing here either.
         relative = tags.get("DT_RELACOUNT" if is_rela else "DT_RELCOUNT", 0) if tag != "DT_JMPREL" else 0
         skipped = min(relative * structure.size, size)
-        start, size = start + skipped, size - skipped
+        yield tag, start + skipped, size - skipped, is_rela
+
+
+def _relocations(image: _Image, tags: Dict[str, int]) -> Iterator[Tuple[int, int, int, int]]:
+    """(r_offset, r_info_sym, r_info_type, r_addend) of DT_JMPREL, DT_RELA and DT_REL."""
+    elf = image.elf
+    sym_shift, type_mask = elf.r_sym_shift, elf.r_type_mask
+    for _tag, start, size, is_rela in _relocation_tables(image, tags):
+        structure = elf.rela if is_rela else elf.rel
         view = memoryview(image.data)[start:start + size]
         try:
             if is_rela:

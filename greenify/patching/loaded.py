@@ -65,13 +65,20 @@ class LoadedObject:
 
     @functools.cached_property
     def realpath(self) -> str:
-        # cached: patch_all() asks it of every loaded object several times
-        return os.path.realpath(self.path)
+        return _realpath(self.path, self.base, self.build_id)
 
     def holds_slot(self, address: int, size: int) -> bool:
         """Whether [address, address+size) lies inside one of its writable
         PT_LOAD segments (RELRO slots belong to the writable PT_LOAD too)."""
         return any(seg.writable and seg.start <= address and address + size <= seg.end for seg in self.segments)
+
+
+@lru_cache(maxsize=1024)
+def _realpath(path: str, base: int, build_id: Optional[bytes]) -> str:
+    # One resolution per loaded object, not per LoadedObject made of it:
+    # patch_all() lists the loaded objects several times and asks each its
+    # real path (its records' key) again and again.
+    return os.path.realpath(path)
 
 
 def loaded_objects(with_missing_files: bool = False) -> List[LoadedObject]:

@@ -125,22 +125,28 @@ def _install_hooks(objects: Iterable[LoadedObject]) -> None:
     """Point the dlopen/dlmopen slots of each object that may be hooked at
     the hooks, through the one write path (plan, check, write, record)."""
     hooked = slots.written_slots(purpose=slots.DLOPEN_HOOK)
-    for obj in objects:
-        if slots.object_key(obj) in hooked or not _may_hook(obj):
-            continue
-        try:
-            imports = _dlopen_imports(obj)
-        except GreenifyError as exc:
-            log.debug("greenify: cannot read %s for its dlopen: %s", obj.path, exc)
-            continue
-        changes = [(imp, _hook_address(imp.symbol)) for imp in imports.imports if imp.r_addend == 0]
-        if not changes:
-            continue
-        try:
-            slots.check_object(obj, imports)
-            slots.write(obj, slots.DLOPEN_HOOK, changes)
-        except GreenifyError as exc:
-            log.warning("greenify: %s; its dlopen is not hooked", exc)
+    planned = []
+    with slots.locked():
+        for obj in objects:
+            if slots.object_key(obj) in hooked or not _may_hook(obj):
+                continue
+            try:
+                imports = _dlopen_imports(obj)
+            except GreenifyError as exc:
+                log.debug("greenify: cannot read %s for its dlopen: %s", obj.path, exc)
+                continue
+            changes = [(imp, _hook_address(imp.symbol)) for imp in imports.imports if imp.r_addend == 0]
+            if not changes:
+                continue
+            try:
+                slots.check_object(obj, imports)
+            except GreenifyError as exc:
+                log.warning("greenify: %s; its dlopen is not hooked", exc)
+                continue
+            planned.append((obj, slots.DLOPEN_HOOK, changes))
+        for result in slots.write_each(planned):  # each object all or nothing, one read of the maps
+            if isinstance(result, GreenifyError):
+                log.warning("greenify: %s; its dlopen is not hooked", result)
 
 
 def _remove_hooks() -> None:

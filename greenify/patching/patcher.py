@@ -196,8 +196,9 @@ def patch_library(target: Target, *, functions: "Optional[Iterable[str] | str]" 
     """Point every blocking import that has a green twin, in every loaded
     object ``target`` names, at the twin; ``functions`` (names, or one name)
     narrows the symbols.  Each object is checked completely before anything
-    is written, and is patched all or nothing; patching again changes
-    nothing.  Raises a GreenifyError subclass, naming the target, when it
+    is written, and the call patches all or nothing (a write the system
+    refuses in one object puts back what it wrote in the others); patching
+    again changes nothing.  Raises a GreenifyError subclass, naming the target, when it
     cannot patch (TypeError for a target or name of the wrong type)."""
     target = loaded.as_target(target, "patch_library")
     wanted = wanted_functions(functions)
@@ -213,8 +214,15 @@ def patch_library(target: Target, *, functions: "Optional[Iterable[str] | str]" 
         for companion in tls.values():
             plans.append((companion.obj,) + _plan(companion.obj, wanted, companions.tls_twins()))
             plans[-1][1].reason = companion.reason
-        for obj, object_report, changes in plans:  # write and record, all or nothing per object
-            object_report.patched, object_report.already_patched = slots.write(obj, slots.TWIN, changes)
+        results = slots.write_each([(obj, slots.TWIN, changes) for obj, _report, changes in plans])
+        failure = next((result for result in results if isinstance(result, GreenifyError)), None)
+        if failure is not None:  # all or nothing: what this call wrote in the other objects is put back
+            for (obj, _report, _changes), result in zip(plans, results):
+                if not isinstance(result, GreenifyError) and result[0]:
+                    slots.restore(slots.object_key(obj), obj.path, [slot.slot_address for slot in result[0]])
+            raise failure
+        for (_obj, object_report, _changes), result in zip(plans, results):
+            object_report.patched, object_report.already_patched = result
             report.objects.append(object_report)
         return report
 
@@ -235,15 +243,23 @@ def patch_objects(objects: Sequence[LoadedObject], reasons: Dict[str, str],
             (obj, None, reasons.get(obj.realpath, "")) for obj in objects]
         plans += [(companion.obj, companions.tls_twins(), companion.reason) for companion in found
                   if companion.obj.realpath not in {obj.realpath for obj in objects}]
+        ready = []  # (obj, report, changes) of the objects read and checked
         for obj, twins, reason in plans:
             try:
                 object_report, changes = _plan(obj, functions, twins)
-                object_report.reason = reason or None
-                object_report.patched, object_report.already_patched = slots.write(obj, slots.TWIN, changes)
             except GreenifyError as exc:
                 log.warning("greenify: could not patch %s: %s", obj.path, exc)
                 failed.append((obj.path, str(exc)))
                 continue
+            object_report.reason = reason or None
+            ready.append((obj, object_report, changes))
+        results = slots.write_each([(obj, slots.TWIN, changes) for obj, _report, changes in ready])
+        for (obj, object_report, _changes), result in zip(ready, results):
+            if isinstance(result, GreenifyError):
+                log.warning("greenify: could not patch %s: %s", obj.path, result)
+                failed.append((obj.path, str(result)))
+                continue
+            object_report.patched, object_report.already_patched = result
             done.append(object_report)
     return done, failed
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import logging
 import os
 import struct
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from greenify.originals import get_original
 
@@ -141,60 +142,96 @@ def slot_value(slot_address: int) -> int:
     return ctypes.c_void_p.from_address(slot_address).value or 0
 
 
-def write_slots(changes: Sequence[Tuple[int, int, int]]):
-    """Store every (slot address, new value, expected value or 0 for any)
-    through csrc/patch/slots.c: all or nothing, each page's protection put back
-    exactly.  Returns the cffi array (``previous`` and ``written`` per
-    entry) and None, or None and the reason nothing was written.  The one
-    place greenify stores into slots; callers hold the lock."""
+Change = Tuple[int, int, int]  # (slot address, new value, expected value or 0 for any)
+
+
+def write_slots(groups: Sequence[Sequence[Change]]) -> List[Tuple[Optional[List[Tuple[int, int]]], Optional[str]]]:
+    """Store each group's changes through csrc/patch/slots.c, each group all
+    or nothing (one group per object), each page's protection put back
+    exactly, with one read of /proc/self/maps for them all.  Returns per
+    group the (previous value, written) of each change and None, or None and
+    the reason nothing of that group was written.  The one place greenify
+    stores into slots; callers hold the lock."""
     from greenify._green import ffi, lib
 
-    writes = ffi.new("struct slots_write[]", len(changes))
+    changes = [change for group in groups for change in group]
+    writes = ffi.new("struct slots_write[]", max(len(changes), 1))
     for entry, (slot_address, value, expected) in zip(writes, changes):
         entry.slot = slot_address
         entry.value = value
         entry.expected = expected
-    error = ffi.new("char[]", lib.SLOTS_ERROR_MAX)
-    if lib.slots_write_all(writes, len(changes), error, len(error)) != lib.SLOTS_OK:
-        return None, ffi.string(error).decode()
-    return writes, None
+    ends = ffi.new("int[]", list(itertools.accumulate(len(group) for group in groups)) or [0])
+    statuses = ffi.new("int[]", max(len(groups), 1))
+    errors = ffi.new("char[]", lib.SLOTS_ERROR_MAX * max(len(groups), 1))
+    lib.slots_write_groups(writes, ends, len(groups), statuses, errors)
+    results: List[Tuple[Optional[List[Tuple[int, int]]], Optional[str]]] = []
+    start = 0
+    for g, group in enumerate(groups):
+        if statuses[g] != lib.SLOTS_OK:
+            results.append((None, ffi.string(errors + g * lib.SLOTS_ERROR_MAX).decode()))
+        else:
+            results.append(([(writes[i].previous, writes[i].written) for i in range(start, start + len(group))], None))
+        start += len(group)
+    return results
 
 
-def write(obj: LoadedObject, purpose: str,
-          changes: Sequence[Tuple[elf.BlockingImport, int]]) -> Tuple[List[PatchedSlot], List[PatchedSlot]]:
+Written = Tuple[List[PatchedSlot], List[PatchedSlot]]
+
+
+def write(obj: LoadedObject, purpose: str, changes: Sequence[Tuple[elf.BlockingImport, int]]) -> Written:
     """Write each (import, value) into ``obj``'s slot for it, all or none,
     and record it.  ``obj`` must have passed ``check_object``.  Returns the
     slots written now and those that already held their value from an earlier
     write (a record whose slot no longer holds its value is stale: the object
     was reloaded or someone re-hooked the slot, and it is written again).
     Raises SlotWriteError, with nothing written, when the system refuses."""
-    key = object_key(obj)
+    (result,) = write_each([(obj, purpose, changes)])
+    if isinstance(result, SlotWriteError):
+        raise result
+    return result
+
+
+def write_each(items: Sequence[Tuple[LoadedObject, str, Sequence[Tuple[elf.BlockingImport, int]]]]
+               ) -> List[Union[Written, SlotWriteError]]:
+    """``write`` for several objects (obj, purpose, changes) at once, each
+    all or nothing on its own: per object, what ``write`` returns, or the
+    SlotWriteError it would raise (nothing written in that object)."""
     with locked():
-        record = _records.get(key, {})
-        already: List[PatchedSlot] = []
-        to_write: List[Tuple[elf.BlockingImport, int, int]] = []
-        for imp, value in changes:
-            slot_address = obj.base + imp.r_offset
-            held = record.get(slot_address)
-            if held is not None and held.value == value and slot_value(slot_address) == value:
-                already.append(held)
-            else:
-                to_write.append((imp, slot_address, value))
-        if not to_write:
-            return [], already
-        writes, error = write_slots([(slot_address, value, 0) for _imp, slot_address, value in to_write])
-        if writes is None:
-            raise SlotWriteError(f"{obj.path}: {error}; nothing was written", obj.path)
-        record = _records.setdefault(key, {})
-        written = []
-        for i, (imp, slot_address, value) in enumerate(to_write):
-            slot = PatchedSlot(imp.symbol, imp.version, imp.relocation_type, slot_address, writes[i].previous, value,
-                               purpose)
-            record[slot_address] = slot
-            written.append(slot)
-        log.info("greenify: wrote %d %s slot(s) of %s: %s", len(written), purpose, obj.path,
-                 ", ".join(sorted({slot.symbol for slot in written})))
-        return written, already
+        results: List[Union[Written, SlotWriteError, None]] = []
+        pending: List[Tuple[int, LoadedObject, str, List[Tuple[elf.BlockingImport, int, int]]]] = []
+        already_of: List[List[PatchedSlot]] = []
+        for obj, purpose, changes in items:
+            record = _records.get(object_key(obj), {})
+            already: List[PatchedSlot] = []
+            to_write: List[Tuple[elf.BlockingImport, int, int]] = []
+            for imp, value in changes:
+                slot_address = obj.base + imp.r_offset
+                held = record.get(slot_address)
+                if held is not None and held.value == value and slot_value(slot_address) == value:
+                    already.append(held)
+                else:
+                    to_write.append((imp, slot_address, value))
+            already_of.append(already)
+            results.append(([], already) if not to_write else None)
+            if to_write:
+                pending.append((len(results) - 1, obj, purpose, to_write))
+        outcomes = write_slots([[(slot_address, value, 0) for _imp, slot_address, value in to_write]
+                                for _index, _obj, _purpose, to_write in pending]) if pending else []
+        for (index, obj, purpose, to_write), (writes, error) in zip(pending, outcomes):
+            if writes is None:
+                results[index] = SlotWriteError(f"{obj.path}: {error}; nothing was written", obj.path)
+                continue
+            record = _records.setdefault(object_key(obj), {})
+            written = []
+            for (imp, slot_address, value), (previous, _written) in zip(to_write, writes):
+                slot = PatchedSlot(imp.symbol, imp.version, imp.relocation_type, slot_address, previous, value,
+                                   purpose)
+                record[slot_address] = slot
+                written.append(slot)
+            log.info("greenify: wrote %d %s slot(s) of %s: %s", len(written), purpose, obj.path,
+                     ", ".join(sorted({slot.symbol for slot in written})))
+            results[index] = (written, already_of[index])
+        return results  # type: ignore[return-value]  # every entry is filled above
 
 
 def restore(key: ObjectKey, path: str, slot_addresses: Iterable[int]) -> int:
@@ -207,17 +244,17 @@ def restore(key: ObjectKey, path: str, slot_addresses: Iterable[int]) -> int:
         slots = [record[address] for address in slot_addresses if address in record]
         if not slots:
             return 0
-        writes, error = write_slots([(slot.slot_address, slot.previous, slot.value) for slot in slots])
+        ((writes, error),) = write_slots([[(slot.slot_address, slot.previous, slot.value) for slot in slots]])
         if writes is None:
             raise SlotWriteError(f"{path}: {error}; nothing was put back", path)
-        for i, slot in enumerate(slots):
-            if not writes[i].written:
+        for slot, (previous, written) in zip(slots, writes):
+            if not written:
                 log.warning("greenify: %s slot %#x of %s no longer holds greenify's %s (holds %#x): left as is",
-                            path, slot.slot_address, slot.symbol, slot.purpose, writes[i].previous)
+                            path, slot.slot_address, slot.symbol, slot.purpose, previous)
             del record[slot.slot_address]
         if not record:
             _records.pop(key, None)
-        return sum(writes[i].written for i in range(len(slots)))
+        return sum(written for _previous, written in writes)
 
 
 def restore_all(obj: Optional[LoadedObject] = None, purpose: Optional[str] = None) -> int:

@@ -20,6 +20,10 @@ names the copy it was reading.  The damage (seeded, so a failure repeats):
 * random flips in the dynamic symbols, versions, strings, relocations and
   notes; and flips in .text and in the section headers, which the reader
   never reads: those copies must give the original's result.
+
+Each copy is read a second time with the relocations walked by elf.py's
+careful path alone: a record with "fast_differs" is one where the C walk
+(csrc/patch/relocs.c) gave another result or error.
 """
 from __future__ import annotations
 
@@ -233,7 +237,30 @@ def run(paths: List[str], seed: int, scratch: str) -> None:
                 record["equal_to_original"] = result == original
                 record["imports"] = len(result["imports"])
             record["elapsed"] = time.perf_counter() - start
+            careful = careful_read(scratch)  # the C walk of the relocations must change nothing
+            fast = record["error"] if "error" in record else None if "unexpected" in record else result
+            if careful != fast:
+                record["fast_differs"] = careful
             emit(record)
+
+
+def careful_read(path: str):
+    """read_blocking_imports(path) with the relocations walked by elf.py's
+    careful path only (never csrc/patch/relocs.c): its describe()d result,
+    or the error as run() records it."""
+    from greenify.patching import elf
+    from greenify.errors import GreenifyError
+
+    fast = elf._wanted_relocations_fast
+    elf._wanted_relocations_fast = lambda *args: None
+    try:
+        return describe(elf.read_blocking_imports(path))
+    except GreenifyError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:  # noqa: BLE001 - run() reports the fast read's; this one's differs or not
+        return None
+    finally:
+        elf._wanted_relocations_fast = fast
 
 
 def main(argv: List[str]) -> int:

@@ -46,7 +46,7 @@ def rewrite_slot(slot_address: int, value: int) -> None:
     """Store ``value`` into a slot behind greenify's records (as another
     hooking library would), with the page protection put back."""
     with slots.locked():
-        writes, error = slots.write_slots([(slot_address, value, 0)])
+        ((writes, error),) = slots.write_slots([[(slot_address, value, 0)]])
     assert writes is not None, error
 
 
