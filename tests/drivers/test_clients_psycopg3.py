@@ -33,7 +33,7 @@ import pytest
 
 import greenify
 import greenify.asyncio as gasyncio
-from tests.support import servers
+from tests.support import children_env, module_command, servers
 from tests.support.client_support import patched_as_recommended
 from tests.support.fault_support import INTERRUPT_BOUND_S, LONG_WAIT_S
 from tests.wait.test_asyncio import run_on
@@ -313,3 +313,51 @@ def test_what_greenify_inspect_recommends_for_psycopg_makes_it_concurrent(psycop
     assert any(name.startswith("_psycopg") for name in names), names
     assert rows == expected_rows(COUNT)
     assert_together(elapsed, COUNT)
+
+
+# --- psycopg[c]: the implementation built from source, against Debian's libpq ---------
+
+def impl_run(postgres, impl: str, scenario: str, count: int = COUNT) -> dict:
+    """tests/support/psycopg_impl_child.py with PSYCOPG_IMPL=impl."""
+    result = subprocess.run(module_command("tests.support.psycopg_impl_child", scenario, postgres.dsn, str(count)),
+                            capture_output=True, text=True, timeout=120,
+                            env={**children_env(), "PSYCOPG_IMPL": impl})
+    assert result.returncode == 0, f"{impl} {scenario}: {result.stderr[-4000:]}"
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["impl"] == impl and found["wait"] == "wait_c", found
+    return found
+
+
+@pytest.fixture(scope="module")
+def psycopg_c_built(psycopg):
+    """psycopg[c] installed: psycopg_c, compiled on this machine against the system's libpq."""
+    import importlib.util
+    if importlib.util.find_spec("psycopg_c") is None:
+        servers.missing("psycopg_c is not installed: pip install 'psycopg[c]' (and apt-get install libpq-dev "
+                        "gcc to build it)")
+
+
+@pytest.mark.compat("psycopg[c]")
+def test_psycopg_c_waits_in_its_own_wait_c_over_the_systems_libpq_and_unpatched_is_serial(postgres,
+                                                                                        psycopg_c_built):
+    found = impl_run(postgres, "c", "unpatched", UNPATCHED)
+    assert "psycopg_c" in found["module"], found
+    assert found["libpq"] and all(path.startswith(("/usr/lib", "/lib")) for path in found["libpq"]), found
+    assert found["rows"] == [[[index, ""]] for index in range(UNPATCHED)]
+    assert_serial(found["elapsed"], UNPATCHED, SLEEP_S, "psycopg[c] pg_sleep")
+
+
+@pytest.mark.compat("psycopg[c]")
+@pytest.mark.parametrize("scenario", ["patch_library", "recommended", "patch_all"])
+def test_psycopg_c_patched_sleeps_finish_together_and_a_timeout_ends_one_at_once(postgres, psycopg_c_built,
+                                                                                  scenario):
+    """The same call as for psycopg[binary]: the compiled module (its poll),
+    and the libpq it needs (here Debian's libpq.so.5) with it."""
+    found = impl_run(postgres, "c", scenario)
+    assert any("psycopg_c" in path for path in found["patched"]), found
+    assert any("libpq" in os.path.basename(path) for path in found["patched"]), found
+    assert found["rows"] == [[[index, ""]] for index in range(COUNT)]
+    assert_together(found["elapsed"], COUNT)
+    assert found["timeout_late"] < INTERRUPT_BOUND_S, found
+    if scenario == "recommended":
+        assert any(name.startswith("_psycopg") or "psycopg_c" in name for name in found["names"]), found

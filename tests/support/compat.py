@@ -128,6 +128,10 @@ ROWS: Dict[str, Row] = {row.driver: row for row in [
     Row("psycopg", ("psycopg", "psycopg-binary"),
         "`psycopg_binary/_psycopg.so` (its `wait_c` calls `poll` itself) and the libpq it needs, as "
         "`psycopg._cmodule._psycopg`", "psycopg", _psycopg3_libpq_version),
+    Row("psycopg[c]", ("psycopg", "psycopg-c"),
+        "`psycopg_c/_psycopg.so`, built from source on this machine (its `wait_c` calls `poll` itself), and "
+        "Debian's libpq.so.5 it links, as `psycopg._cmodule._psycopg` (tests in children with "
+        "`PSYCOPG_IMPL=c`)", "psycopg", _debian_versions("libpq5")),
     Row("pyodbc, MariaDB ODBC", ("pyodbc",),
         "libmariadb.so.3, which unixODBC's `dlopen` of the driver `libmaodbc.so` loads at connect time, as "
         "`greenify.patch_on_load(\"libmariadb\")` before the first connect",

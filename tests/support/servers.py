@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import glob
 import importlib
+import importlib.util
 import os
 import pwd
 import shutil
@@ -1132,6 +1133,12 @@ if pytest is not None:
 
     @pytest.fixture(scope="session")
     def psycopg():
+        # In process, the wheel's implementation (psycopg[binary]), which the
+        # compatibility row names; psycopg would prefer psycopg[c] where both
+        # are installed.  psycopg[c] runs in children of its own
+        # (tests/support/psycopg_impl_child.py).
+        if importlib.util.find_spec("psycopg_binary") is not None:
+            os.environ.setdefault("PSYCOPG_IMPL", "binary")
         return require_module("psycopg", "psycopg[binary]")
 
     @pytest.fixture(scope="session")
