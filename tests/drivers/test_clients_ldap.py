@@ -14,7 +14,7 @@ number) unreported until the hub's once-a-second sweep: 0.3 s searches took
 1.0 s (fixed in csrc/twins/green_poll.c, tests/twins/test_green_poll_private_set.py).
 The call a user writes: ``greenify.patch_library(ldap._ldap)`` (the extension
 module; it follows DT_NEEDED to libldap, liblber, libsasl2 and GnuTLS).
-StartTLS (GnuTLS on Debian, the server's certificate verified) runs
+StartTLS and ldaps:// (GnuTLS on Debian, the server's certificate verified) run
 together too, with GnuTLS's own recv/sendmsg/poll patched under libldap.
 """
 from __future__ import annotations
@@ -116,15 +116,17 @@ def test_what_greenify_inspect_recommends_for_ldap_makes_it_concurrent(ldap, sla
 
 # --- StartTLS: libldap's TLS is GnuTLS on Debian ------------------------------------------
 
-def tls_slow_searcher(ldap, slapd, sleep_s: float = SLEEP_S):
-    """Searches over StartTLS, the server's certificate verified."""
+def tls_slow_searcher(ldap, slapd, sleep_s: float = SLEEP_S, how: str = "starttls"):
+    """Searches over StartTLS (or, ``how="ldaps"``, over ldaps://, TLS from
+    the first byte), the server's certificate verified."""
     def search(index: int):
-        connection = ldap.initialize(slapd.url)
+        connection = ldap.initialize(slapd.ldaps_url if how == "ldaps" else slapd.url)
         connection.protocol_version = 3
         connection.set_option(ldap.OPT_X_TLS_CACERTFILE, slapd.tls.certificate)
         connection.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
         connection.set_option(ldap.OPT_X_TLS_NEWCTX, 0)
-        connection.start_tls_s()
+        if how == "starttls":
+            connection.start_tls_s()
         connection.simple_bind_s(slapd.admin_dn, slapd.admin_password)
         try:
             return connection.search_s(slapd.slow_dn, ldap.SCOPE_SUBTREE, f"(cn=sleep-{sleep_s}-{index})")
@@ -133,19 +135,28 @@ def tls_slow_searcher(ldap, slapd, sleep_s: float = SLEEP_S):
     return search
 
 
-def test_patched_10_slow_searches_over_starttls_finish_together(ldap, slapd, patched_ldap):
+@pytest.mark.parametrize("how", ["starttls", "ldaps"])
+def test_patched_10_slow_searches_over_tls_finish_together(ldap, slapd, patched_ldap, how):
     gnutls = [obj for obj in patched_ldap.objects if os.path.basename(obj.path).startswith("libgnutls")]
     assert gnutls and {"recv", "sendmsg"} <= {slot.symbol for slot in gnutls[0].patched}, repr(patched_ldap)
-    elapsed, results = run_together(tls_slow_searcher(ldap, slapd), COUNT)
+    elapsed, results = run_together(tls_slow_searcher(ldap, slapd, how=how), COUNT)
     assert results == expected_results(slapd, COUNT)
-    assert elapsed < TOGETHER_BOUND_S, f"{COUNT} StartTLS searches of {SLEEP_S} s took {elapsed:.2f} s"
+    assert elapsed < TOGETHER_BOUND_S, f"{COUNT} {how} searches of {SLEEP_S} s took {elapsed:.2f} s"
 
 
-def test_a_timeout_in_a_slow_search_over_starttls_raises_itself_at_once(ldap, slapd, patched_ldap):
-    raised, timeout, took = interrupted_by_timeout(lambda: tls_slow_searcher(ldap, slapd, LONG_WAIT_S)(0))
+def test_unpatched_slow_searches_over_ldaps_run_one_after_another(ldap, slapd):
+    """The comparison the ldaps:// case needs: unpatched, its waits are serial."""
+    elapsed, results = run_together(tls_slow_searcher(ldap, slapd, how="ldaps"), UNPATCHED)
+    assert results == expected_results(slapd, UNPATCHED)
+    assert_serial(elapsed, UNPATCHED, SLEEP_S, "ldaps:// search")
+
+
+@pytest.mark.parametrize("how", ["starttls", "ldaps"])
+def test_a_timeout_in_a_slow_search_over_tls_raises_itself_at_once(ldap, slapd, patched_ldap, how):
+    raised, timeout, took = interrupted_by_timeout(lambda: tls_slow_searcher(ldap, slapd, LONG_WAIT_S, how)(0))
     assert raised is timeout
     assert took < INTERRUPT_BOUND_S
-    assert tls_slow_searcher(ldap, slapd, 0)(3) == expected_results(slapd, 4)[3]
+    assert tls_slow_searcher(ldap, slapd, 0, how)(3) == expected_results(slapd, 4)[3]
 
 
 # --- timeouts, kills and faults --------------------------------------------------------

@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 60.0
@@ -717,10 +717,15 @@ class Slapd:
     process: Process = field(repr=False)
     responder: Process = field(repr=False)
     tls: Optional[TLSFiles] = None  # StartTLS on the same port (slapd's TLS is GnuTLS on Debian)
+    ldaps_port: Optional[int] = None  # LDAP over TLS from the first byte, with the same certificate
 
     @property
     def url(self) -> str:
         return f"ldap://{self.host}:{self.port}"
+
+    @property
+    def ldaps_url(self) -> str:
+        return f"ldaps://{self.host}:{self.ldaps_port}"
 
 
 SLAPD_PEOPLE = 200
@@ -805,8 +810,14 @@ def start_slapd() -> Iterator[Slapd]:
         try:
             responder.wait_ready(lambda: os.path.exists(socket_path))
 
+            ldaps_ports: Dict[int, int] = {}
+
             def command(port: int) -> List[str]:
-                return [slapd, "-f", config, "-h", f"ldap://{HOST}:{port}/", "-d", "256"]
+                # ldaps on a second free port; taken meanwhile, slapd says "Address already in use" and
+                # running_on_free_port starts it again on other ports
+                ldaps_ports[port] = free_port()
+                return [slapd, "-f", config, "-h", f"ldap://{HOST}:{port}/ ldaps://{HOST}:{ldaps_ports[port]}/",
+                        "-d", "256"]
 
             def answers_bind(port: int) -> bool:
                 # an anonymous LDAPv3 bind request; a BindResponse (0x61) comes back
@@ -815,7 +826,7 @@ def start_slapd() -> Iterator[Slapd]:
             # SIGKILL: slapd's SIGTERM waits for the searches the responder still sleeps on.
             with running_on_free_port("slapd", command, log_path, answers_bind, signal.SIGKILL) as (process, port):
                 yield Slapd(HOST, port, base_dn, slow_dn, admin_dn, admin_password, log_path,
-                            time.monotonic() - started, process, responder, tls)
+                            time.monotonic() - started, process, responder, tls, ldaps_ports[port])
         finally:
             responder.stop()
 
