@@ -338,20 +338,17 @@ def _rank(libraries: Sequence[LibraryReport]) -> List[LibraryReport]:
 
 def _recommend_drivers_that_wait(ranked: List[LibraryReport], children: Sequence[Sequence[int]],
                                  users_reach: Set[int]) -> List[LibraryReport]:
-    """A driver that waits on its client library's sockets in its own code
-    (psycopg 3's ``wait_c`` calls ``poll`` in ``_psycopg.so`` over a
-    non-blocking libpq) must be patched with that library: recommend an
-    object outside Python and gevent that imports a poll call with a twin
-    and directly needs a recommended network client."""
+    """Recommend too an object outside Python and gevent that waits on the
+    sockets of a recommended network client it directly needs
+    (policy.waits_on_clients, patch_all()'s rule)."""
     result = list(ranked)
     for position, library in enumerate(ranked):
         if library.recommended or position not in users_reach or _is_runtime(library):
             continue
-        waits = sorted({imp.symbol for imp in library.patchable if imp.symbol in policy.READINESS_CALLS})
         clients = [ranked[child].patch_name for child in children[position] if ranked[child].recommended]
-        if waits and clients:
-            result[position] = dataclasses.replace(library, recommended=True, note=(
-                f"waits ({', '.join(waits)}) on the sockets of {', '.join(clients)} itself: patch it too"))
+        waiter = policy.waits_on_clients((imp.symbol for imp in library.patchable), clients)
+        if waiter is not None:
+            result[position] = dataclasses.replace(library, recommended=True, note=f"{waiter}: patch it too")
     return result
 
 

@@ -235,15 +235,27 @@ def decide(obj: LoadedObject, include: Optional[Selection] = None, exclude: Opti
     network = sorted(set(twinned) & NETWORK_CLIENT_CALLS)
     if network:
         return Decision(True, PATCH, f"network client: imports {', '.join(network)}")
-    waits = sorted(set(twinned) & READINESS_CALLS)
-    client = _needed_network_client(imports, objects) if waits else None
-    if client is not None:
-        return Decision(True, PATCH, f"waits ({', '.join(waits)}) on the sockets of {client}, a network client it "
-                                     "needs")
+    client = _needed_network_client(imports, objects) if set(twinned) & READINESS_CALLS else None
+    waiter = waits_on_clients(twinned, [client] if client else [])
+    if waiter is not None:
+        return Decision(True, PATCH, waiter)
     if twinned:
         return Decision(False, NOT_A_CLIENT, f"not a network client: imports only {', '.join(twinned)} (files, pipes, "
                                              "timers); include= it to patch it")
     return Decision(False, NO_BLOCKING, "imports no blocking call that has a green twin")
+
+
+def waits_on_clients(twinned: Iterable[str], clients: Sequence[str]) -> Optional[str]:
+    """Why an object that imports ``twinned`` (its blocking calls with a
+    twin) and directly needs the network clients ``clients`` is patched with
+    them, or None: a driver that waits on its client library's sockets in
+    its own code (psycopg 3's ``wait_c`` calls ``poll`` in ``_psycopg.so``
+    over a non-blocking libpq).  The one statement of the rule, for
+    patch_all() (decide) and greenify-inspect's recommendations."""
+    waits = sorted(set(twinned) & READINESS_CALLS)
+    if not waits or not clients:
+        return None
+    return f"waits ({', '.join(waits)}) on the sockets of {', '.join(clients)}, a network client it needs"
 
 
 def _needed_network_client(imports: elf.ElfImports, objects: Sequence[LoadedObject]) -> Optional[str]:
