@@ -144,20 +144,22 @@ VERSION_BASE_TESTS = tests/twins/test_green_io.py tests/twins/test_green_poll.py
 VERSION_TESTS ?= $(VERSION_BASE_TESTS) tests/twins/test_capi.py tests/wait/test_wake_after_reuse.py \
 	tests/wait/test_interrupt_reaches_caller.py tests/twins/test_errno_untouched.py \
 	--deselect tests/wait/test_interrupt_reaches_caller.py::test_every_timeout_around_a_fresh_psycopg2_connection_surfaces_as_itself
-# ... and on aarch64 also the ELF reader, the inspector and MySQLdb
-AARCH64_TESTS ?= $(VERSION_BASE_TESTS) tests/patching/test_elf.py tests/tools/test_inspect.py \
-	tests/drivers/test_mysqldb.py tests/drivers/test_mysqldb_interrupt.py
+# ... and on aarch64 also the ELF reader (its C walk of the relocations against
+# the careful one), the inspector, MySQLdb, the C API, wakes after a reused
+# descriptor and errno
+AARCH64_TESTS ?= $(VERSION_BASE_TESTS) tests/patching/test_elf.py tests/patching/test_elf_fast_read.py \
+	tests/tools/test_inspect.py tests/drivers/test_mysqldb.py tests/drivers/test_mysqldb_interrupt.py \
+	tests/twins/test_capi.py tests/wait/test_wake_after_reuse.py tests/twins/test_errno_untouched.py
 AARCH64_ROOT ?= $(CACHE)/aarch64-root
 
 # The suite against a build of libgreenify with ASan (heap and globals) and
 # UBSan in $(CACHE)/sanitize; the differential test under UBSan alone
-# (ci/sanitize.sh says why); not the ELF reader's tests, pure Python that
-# runs no C of ours (test_elf_damaged alone starts 6,000 interpreters); nor
-# the inspector's case that imports a module from its current folder, which
-# PYTHONSAFEPATH (ci/sanitize.sh) keeps off sys.path.  Any sanitizer report
-# fails the run.
+# (ci/sanitize.sh says why); the ELF reader's tests too, the seeded damaged
+# copies included: its walk of the relocations is C (csrc/patch/relocs.c);
+# not the inspector's case that imports a module from its current folder,
+# which PYTHONSAFEPATH (ci/sanitize.sh) keeps off sys.path.  Any sanitizer
+# report fails the run.
 SANITIZE_TESTS ?= tests --ignore=tests/twins/test_differential.py \
-	--ignore=tests/patching/test_elf.py --ignore=tests/patching/test_elf_damaged.py \
 	--deselect 'tests/tools/test_inspect.py::test_bad_input_is_one_line_on_stderr_and_exit_status_2[module that fails to import]'
 SANITIZE_UBSAN_TESTS ?= tests/twins/test_differential.py
 sanitize: build

@@ -9,7 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static uint64_t word(const unsigned char *at, int is64)
+/* An Elf_Addr/Elf_Word (8 bytes in ELFCLASS64, 4 in ELFCLASS32) at ``at``;
+   a 4-byte Sword sign-extended when ``is_signed``. */
+static uint64_t word(const unsigned char *at, int is64, int is_signed)
 {
     if (is64) {
         uint64_t value;
@@ -18,19 +20,7 @@ static uint64_t word(const unsigned char *at, int is64)
     }
     uint32_t value;
     memcpy(&value, at, sizeof value);
-    return value;
-}
-
-static int64_t signed_word(const unsigned char *at, int is64)
-{
-    if (is64) {
-        int64_t value;
-        memcpy(&value, at, sizeof value);
-        return value;
-    }
-    int32_t value;
-    memcpy(&value, at, sizeof value);
-    return value;
+    return is_signed ? (uint64_t)(int64_t)(int32_t)value : value;
 }
 
 /* symbol_name()'s answer for a name that is not wanted (not an error code). */
@@ -89,12 +79,12 @@ long relocs_find_wanted(const unsigned char *data, size_t size, const struct rel
         const unsigned char *at = data + tables[t].offset;
         const unsigned char *end = at + tables[t].size - tables[t].size % relocation_size;
         for (; at < end; at += relocation_size) {
-            uint64_t info = word(at + (is64 ? 8 : 4), is64);
+            uint64_t info = word(at + (is64 ? 8 : 4), is64, 0);
             uint64_t symbol = is64 ? info >> 32 : info >> 8;
             uint32_t type = (uint32_t)(is64 ? info & 0xffffffffu : info & 0xffu);
             if (type >= (uint32_t)nknown || !known[type] || symbol == 0)
                 continue;
-            uint64_t r_offset = word(at, is64);
+            uint64_t r_offset = word(at, is64, 0);
             int seen = 0;
             for (size_t i = 0; i < count && !seen; i++)
                 seen = all[i].r_offset == r_offset;
@@ -127,7 +117,7 @@ long relocs_find_wanted(const unsigned char *data, size_t size, const struct rel
                 .r_offset = r_offset,
                 .symbol = symbol,
                 .type = type,
-                .r_addend = tables[t].is_rela ? signed_word(at + (is64 ? 16 : 8), is64) : 0,
+                .r_addend = tables[t].is_rela ? (int64_t)word(at + (is64 ? 16 : 8), is64, 1) : 0,
                 .name = names[symbol] - 1,
             };
         }
