@@ -241,3 +241,37 @@ def test_functions_given_as_one_string_is_one_name(fixture_libs):
     ctypes.CDLL(str(path))
     with greenify.patched(str(path), functions="recv") as report:
         assert [slot.symbol for slot in report.patched_slots] == ["recv"]
+
+
+def test_a_write_refused_in_one_object_puts_back_what_the_call_wrote_in_the_others(monkeypatch):
+    """patch_library writes all the objects of its target with one call
+    (slots.write_slots, one group per object); when the system refuses the
+    writes of one, the call raises and leaves no slot of the others written."""
+    from greenify.errors import SlotWriteError
+    from greenify.patching import slots
+    from tests.support.servers import require_module
+
+    mysql = require_module("MySQLdb._mysql", "mysqlclient")
+    greenify.unpatch_library(mysql)
+    with greenify.patched(mysql) as report:  # the case: a target of two objects, both written
+        assert len([obj for obj in report.objects if obj.patched]) >= 2, repr(report)
+    records = recorded_slots()
+    real = slots.write_slots
+    refused = []
+
+    def refuse_the_last_object(groups):
+        if refused:  # once: the putting back goes through
+            return real(groups)
+        refused.append(len(groups))
+        return real(groups[:-1]) + [(None, "refused by the test")]
+
+    monkeypatch.setattr(slots, "write_slots", refuse_the_last_object)
+    with pytest.raises(SlotWriteError, match="refused by the test"):
+        greenify.patch_library(mysql)
+    assert refused and refused[0] >= 2
+    assert recorded_slots() == records
+    twins = set(patcher.green_twins().values())
+    for obj in loaded.module_objects(mysql)[0]:
+        imports = imports_matching_the_loaded_object(obj)
+        assert imports is not None
+        assert not {slot_value(obj.base + imp.r_offset) for imp in imports.imports} & twins, obj.path
