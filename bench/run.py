@@ -56,10 +56,21 @@ from typing import Callable, Dict, Iterator, List, Optional
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS_PATH = HERE / "results.json"  # recorded: the README's tables
-from tests.support import readme_sections  # noqa: E402 - run as `python -m bench.run` from the root
 
-FRESH_PATH = Path(readme_sections.fresh_path(str(RESULTS_PATH)))  # a full run's results
-QUICK_PATH = FRESH_PATH.with_name("quick.json")  # a quick run's, never recorded
+
+def _sections():
+    """tests/support/readme_sections.py.  Not imported at the top: the seed's
+    interpreter runs this file by its path (--as-peer) from outside the
+    checkout, where `tests` (and our greenify) must not be imported."""
+    from tests.support import readme_sections
+
+    return readme_sections
+
+
+def fresh_path() -> Path:
+    """Where a full run writes its results (`make record` copies them)."""
+    return Path(_sections().fresh_path(str(RESULTS_PATH)))
+
 DB_WORKER = HERE / "db_worker.py"
 PEER_LABEL = "douban greenify 0.5.0"
 
@@ -975,21 +986,22 @@ def main(argv=None) -> int:
     parser.add_argument("--as-peer", action="store_true", help=argparse.SUPPRESS)  # run by --peer-python
     options = parser.parse_args(argv)
     if options.record:
-        if readme_sections.record(str(RESULTS_PATH)):
-            readme_sections.record(str(RESULTS_PATH.with_suffix(".png")))
+        if _sections().record(str(RESULTS_PATH)):
+            _sections().record(str(RESULTS_PATH.with_suffix(".png")))
         options.readme = options.record
     rendering = options.markdown or options.readme or options.check
     if options.output is None:
-        options.output = str(RESULTS_PATH if rendering else QUICK_PATH if options.quick else FRESH_PATH)
+        fresh = fresh_path()
+        options.output = str(RESULTS_PATH if rendering else fresh.with_name("quick.json") if options.quick else fresh)
     if options.chart is None:
         options.chart = str(Path(options.output).with_suffix(".png"))
     Path(options.output).parent.mkdir(parents=True, exist_ok=True)
     if rendering:
         tables = "\n".join(table_lines(json.loads(Path(options.output).read_text()), markdown=True))
         if options.readme:
-            readme_sections.write(options.readme, README_SECTION, tables)
+            _sections().write(options.readme, README_SECTION, tables)
         elif options.check:
-            differences = readme_sections.differences(options.check, README_SECTION, tables, options.output)
+            differences = _sections().differences(options.check, README_SECTION, tables, options.output)
             print("\n".join(differences), file=sys.stderr)
             return 1 if differences else 0
         else:
