@@ -33,9 +33,15 @@ from typing import Dict, List
 
 HERE = Path(__file__).resolve().parent
 RESULTS_PATH = HERE / "asyncio-results.json"  # recorded: the README's table; replaced only by --record
-from tests.support import readme_sections  # noqa: E402 - run as `python -m bench.asyncio_bench` from the root
 
-FRESH_PATH = Path(readme_sections.fresh_path(str(RESULTS_PATH)))  # what the last full run measured
+
+def _sections():
+    """tests/support/readme_sections.py.  Not imported at the top: a worker
+    runs this file by its path, where `tests` is not importable."""
+    from tests.support import readme_sections
+
+    return readme_sections
+
 SLEEP_S = 0.5
 CONCURRENCY_GOAL = 1.2  # greenify.asyncio within 1.2x of the 0.5 s floor
 THROUGHPUT_GOAL = 5.0  # rows/s at least 5x aiomysql's
@@ -270,14 +276,14 @@ def main(argv=None) -> int:
     parser.add_argument("--record", metavar="README", help="record the last full run and write its table into README")
     options = parser.parse_args(argv)
     if options.record:
-        readme_sections.record(str(RESULTS_PATH))
+        _sections().record(str(RESULTS_PATH))
         options.readme = options.record
     if options.markdown or options.readme or options.check:
         table = markdown(json.loads(RESULTS_PATH.read_text()))
         if options.readme:
-            readme_sections.write(options.readme, README_SECTION, table)
+            _sections().write(options.readme, README_SECTION, table)
         elif options.check:
-            differences = readme_sections.differences(options.check, README_SECTION, table, str(RESULTS_PATH))
+            differences = _sections().differences(options.check, README_SECTION, table, str(RESULTS_PATH))
             print("\n".join(differences), file=sys.stderr)
             return 1 if differences else 0
         else:
@@ -285,7 +291,7 @@ def main(argv=None) -> int:
         return 0
     results = measure(options)
     if not options.quick:
-        readme_sections.replace_file(str(FRESH_PATH), json.dumps(results, indent=2) + "\n")
+        _sections().replace_file(_sections().fresh_path(str(RESULTS_PATH)), json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     return 0
 
