@@ -31,17 +31,14 @@ static int compare_names(const void *key, const void *element)
     return strcmp((const char *)key, *(const char *const *)element);
 }
 
-/* What symbol ``index`` is named: the index of its wanted name, NOT_WANTED,
+/* What the symbol table's entry at ``entry`` (inside the table's PT_LOAD,
+   checked by the caller) is named: the index of its wanted name, NOT_WANTED,
    or RELOCS_UNCHECKED where the careful path must look. */
-static int symbol_name(const unsigned char *data, const struct relocs_layout *layout, uint64_t index,
+static int symbol_name(const unsigned char *data, const struct relocs_layout *layout, const unsigned char *entry,
                        const char *const *wanted, int nwanted)
 {
-    size_t entry_size = layout->is64 ? 24 : 16;
-    size_t entries = (layout->symtab_end - layout->symtab) / entry_size;
-    if (index >= entries) /* beyond the table's PT_LOAD: elf.py looks in the others */
-        return RELOCS_UNCHECKED;
     uint32_t st_name; /* the first field of Elf32_Sym and of Elf64_Sym */
-    memcpy(&st_name, data + layout->symtab + index * entry_size, sizeof st_name);
+    memcpy(&st_name, entry, sizeof st_name);
     if (st_name >= layout->strtab_end - layout->strtab)
         return RELOCS_UNCHECKED;
     const char *name = (const char *)data + layout->strtab + st_name;
@@ -95,7 +92,7 @@ long relocs_find_wanted(const unsigned char *data, size_t size, const struct rel
                 goto done;
             }
             if (names[symbol] == 0) {
-                int name = symbol_name(data, layout, symbol, wanted, nwanted);
+                int name = symbol_name(data, layout, data + layout->symtab + symbol * entry_size, wanted, nwanted);
                 if (name == RELOCS_UNCHECKED) {
                     result = RELOCS_UNCHECKED;
                     goto done;

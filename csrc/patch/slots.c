@@ -200,18 +200,6 @@ static int write_group(const struct maps *maps, struct slots_write *writes, int 
     return result;
 }
 
-int slots_write_all(struct slots_write *writes, int count, char *error, size_t error_size)
-{
-    struct maps maps;
-    if (read_maps(&maps) != 0) {
-        set_error(error, error_size, "cannot read /proc/self/maps: %s", strerror(errno));
-        return SLOTS_MAPS_UNREADABLE;
-    }
-    int result = write_group(&maps, writes, count, error, error_size);
-    free(maps.mappings);
-    return result;
-}
-
 int slots_write_groups(struct slots_write *writes, const int *ends, int groups, int *statuses, char *errors)
 {
     struct maps maps;

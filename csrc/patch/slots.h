@@ -2,10 +2,11 @@
  * Writing GOT slots of loaded objects (greenify/patching/slots.py drives this, under
  * its one lock).
  *
- * slots_write_all() stores pointers into slots: it checks every page in
- * /proc/self/maps first, makes a read-only (RELRO) page writable only for the
- * store, puts back exactly the protection it found, and writes all slots or,
- * on any failure, none.
+ * slots_write_groups() stores pointers into slots, one group of slots per
+ * object: it checks every page of a group in /proc/self/maps first, makes a
+ * read-only (RELRO) page writable only for the store, puts back exactly the
+ * protection it found, and writes all the group's slots or, on any failure,
+ * none.
  */
 #ifndef GREENIFY_SLOTS_H
 #define GREENIFY_SLOTS_H
@@ -13,7 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Room for the message slots_write_all() leaves on failure. */
+/* Room for the message slots_write_groups() leaves for a group that failed. */
 #define SLOTS_ERROR_MAX 256
 
 /* One slot to write.  With expected != 0 the store happens only if the slot
@@ -32,16 +33,13 @@ struct slots_write {
 #define SLOTS_MISALIGNED 3
 #define SLOTS_MPROTECT_FAILED 4
 
-/* Returns SLOTS_OK or an error code, with a message naming the address in
-   error[0..error_size). */
-int slots_write_all(struct slots_write *writes, int count, char *error, size_t error_size);
-
-/* slots_write_all() for several objects with one read of /proc/self/maps
-   (patch_all() writes into dozens; the maps are most of a small write's
-   cost): group g is writes[ends[g-1] .. ends[g]) (from 0 for the first),
-   written all or nothing on its own, its result in statuses[g] and its
-   message in errors[g * SLOTS_ERROR_MAX ..].  Returns SLOTS_MAPS_UNREADABLE
-   when nothing could be checked (every group says so), else SLOTS_OK. */
+/* Group g is writes[ends[g-1] .. ends[g]) (from 0 for the first), written
+   all or nothing on its own; statuses[g] gets SLOTS_OK or an error code and
+   errors[g * SLOTS_ERROR_MAX ..] a message naming the address.  One read of
+   /proc/self/maps serves every group (patch_all() writes into dozens of
+   objects; the maps are most of a small write's cost).  Returns
+   SLOTS_MAPS_UNREADABLE when nothing could be checked (every group says so),
+   else SLOTS_OK. */
 int slots_write_groups(struct slots_write *writes, const int *ends, int groups, int *statuses, char *errors);
 
 #endif

@@ -445,9 +445,8 @@ def _read(image: _Image, wanted: FrozenSet[str]) -> ElfImports:
     reloc_types = RELOCATION_TYPES.get(header.e_machine, {})
     imports: List[BlockingImport] = []
     self_defined: List[BlockingImport] = []
-    # Where a wanted name can start in DT_STRTAB: a symbol is named by its
-    # offset there, so symbols are matched by offset without decoding names,
-    # and a file whose table holds none of them has no relocation to read.
+    # The relocations of wanted symbols, walked in C where every check it
+    # makes holds, else the careful way, which names what is wrong.
     if wanted and reloc_types and "DT_SYMTAB" in tags:
         symbols = _Symbols(image, tags, strings)
         found = _wanted_relocations_fast(image, tags, strings, symbols, wanted, reloc_types)

@@ -198,8 +198,8 @@ def write_each(items: Sequence[Tuple[LoadedObject, str, Sequence[Tuple[elf.Block
     SlotWriteError it would raise (nothing written in that object)."""
     with locked():
         results: List[Union[Written, SlotWriteError, None]] = []
-        pending: List[Tuple[int, LoadedObject, str, List[Tuple[elf.BlockingImport, int, int]]]] = []
-        already_of: List[List[PatchedSlot]] = []
+        # (index in results, obj, purpose, (import, slot, value) to write, slots that already hold theirs)
+        pending: List[Tuple[int, LoadedObject, str, List[Tuple[elf.BlockingImport, int, int]], List[PatchedSlot]]] = []
         for obj, purpose, changes in items:
             record = _records.get(object_key(obj), {})
             already: List[PatchedSlot] = []
@@ -211,13 +211,12 @@ def write_each(items: Sequence[Tuple[LoadedObject, str, Sequence[Tuple[elf.Block
                     already.append(held)
                 else:
                     to_write.append((imp, slot_address, value))
-            already_of.append(already)
             results.append(([], already) if not to_write else None)
             if to_write:
-                pending.append((len(results) - 1, obj, purpose, to_write))
+                pending.append((len(results) - 1, obj, purpose, to_write, already))
         outcomes = write_slots([[(slot_address, value, 0) for _imp, slot_address, value in to_write]
-                                for _index, _obj, _purpose, to_write in pending]) if pending else []
-        for (index, obj, purpose, to_write), (writes, error) in zip(pending, outcomes):
+                                for _index, _obj, _purpose, to_write, _already in pending]) if pending else []
+        for (index, obj, purpose, to_write, already), (writes, error) in zip(pending, outcomes):
             if writes is None:
                 results[index] = SlotWriteError(f"{obj.path}: {error}; nothing was written", obj.path)
                 continue
@@ -230,7 +229,7 @@ def write_each(items: Sequence[Tuple[LoadedObject, str, Sequence[Tuple[elf.Block
                 written.append(slot)
             log.info("greenify: wrote %d %s slot(s) of %s: %s", len(written), purpose, obj.path,
                      ", ".join(sorted({slot.symbol for slot in written})))
-            results[index] = (written, already_of[index])
+            results[index] = (written, already)
         return results  # type: ignore[return-value]  # every entry is filled above
 
 
